@@ -1,0 +1,5 @@
+import sys
+
+from gemmatune.cli import main
+
+sys.exit(main())

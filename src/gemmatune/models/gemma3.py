@@ -1,0 +1,42 @@
+"""Gemma 3 (text, and the 270M the project embeds)."""
+
+from gemmatune.models import SEVEN_PROJECTIONS, ModelFamily
+
+# Gemma's chat format, text-only. A GGUF carries no template, so the embedded model gets this one.
+# The system turn is folded into the first user turn, as in Google's template.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}"
+)
+
+FAMILY = ModelFamily(
+    name="gemma3",
+    model_types=("gemma3_text", "gemma3"),
+    lora_targets=SEVEN_PROJECTIONS,
+    chat_template=CHAT_TEMPLATE,
+    stop_tokens=("<end_of_turn>",),
+    known_ids=(
+        "google/gemma-3-270m", "google/gemma-3-270m-it", "google/gemma-3-1b-pt", "google/gemma-3-1b-it",
+        "google/gemma-3-4b-pt", "google/gemma-3-4b-it", "google/gemma-3-12b-pt", "google/gemma-3-12b-it",
+        "google/gemma-3-27b-pt", "google/gemma-3-27b-it",
+    ),
+    text_config_attr="text_config",
+)

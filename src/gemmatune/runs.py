@@ -1,0 +1,161 @@
+"""The run folder: what a finished (or interrupted) run leaves behind, written so a crash loses nothing.
+
+runs/<name>/
+  adapter_config.json, adapter_model.safetensors   the adapter, PEFT format
+  tokenizer files                                  the tokenizer and chat template used
+  config.yaml                                      the resolved config
+  run.json                                         base model, versions, data hashes, counts, figures
+  metrics.jsonl                                    one line per logging/eval step
+  loss.png                                         train and eval loss curves
+  checkpoints/                                     Trainer checkpoints, for --resume
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gemmatune.config import Config, dump_config, load_config
+from gemmatune.errors import GemmatuneError
+
+CONFIG_FILE = "config.yaml"
+RECORD_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+CHECKPOINTS = "checkpoints"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path` and rename it over: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_dir_for(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / (cfg.train.run_name or "run")
+
+
+def open_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """Check the run folder against the request before any work; nothing is created here."""
+    run_dir = run_dir_for(cfg)
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        if resume:
+            raise GemmatuneError(f"--resume: {run_dir} has no run to resume; drop --resume to start it")
+        return run_dir
+    if overwrite:
+        return run_dir
+    if not resume:
+        raise GemmatuneError(
+            f"{run_dir} already holds a run; add --resume to continue it, --overwrite to replace it, "
+            "or --set train.run_name=NEW"
+        )
+    saved = run_dir / CONFIG_FILE
+    if saved.is_file():
+        before = load_config(saved).to_dict()
+        now = cfg.to_dict()
+        changed = [
+            f"{s}.{k}" for s in now for k in now[s]
+            if before[s].get(k) != now[s][k] and (s, k) not in _RESUMABLE_CHANGES
+        ]
+        if changed:
+            raise GemmatuneError(
+                f"--resume: the config differs from the one {run_dir} was started with ({', '.join(changed)}); "
+                "resume with the same config or start a new run"
+            )
+    return run_dir
+
+
+# Keys a user may change when resuming without changing what is being learned.
+_RESUMABLE_CHANGES = {
+    ("train", "num_train_epochs"), ("train", "max_steps"), ("train", "logging_steps"), ("train", "save_steps"),
+    ("train", "eval_steps"), ("train", "save_total_limit"), ("train", "num_threads"),
+    ("train", "early_stopping_patience"), ("data", "test_file"),
+}
+
+
+def start_run_dir(run_dir: Path, cfg: Config, overwrite: bool, resume: bool) -> None:
+    if overwrite and run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / CONFIG_FILE, dump_config(cfg))
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    write_atomic(run_dir / RECORD_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / RECORD_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def save_adapter(peft_model, tokenizer, run_dir: Path) -> None:
+    """Save adapter + tokenizer into a temporary folder, then move the files into place."""
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".adapter-") as tmp:
+        peft_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for item in Path(tmp).iterdir():
+            os.replace(item, run_dir / item.name)
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png from metrics.jsonl: train loss per logging step, eval loss per evaluation."""
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and not r.get("final")]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / PLOT_FILE
+    tmp = run_dir / f".{PLOT_FILE}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,107 @@
+"""Prompt templates: turn a row into token ids plus labels that are -100 outside the loss.
+
+Prompt and response are tokenized separately, exactly as generation will see them (the prompt is
+tokenized alone, the model continues it), so no token straddles the boundary. The response always
+ends with the stop token the model must learn: EOS for the Alpaca templates, the end-of-turn
+marker of the chat template for chat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gemmatune.errors import GemmatuneError
+
+IGNORE = -100
+
+ALPACA_ZH = ("### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n", "### 指令:\n{instruction}\n\n### 回答:\n")
+ALPACA_EN = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n",
+)
+_ALPACA = {"alpaca-zh": ALPACA_ZH, "alpaca-en": ALPACA_EN}
+TEMPLATE_FORMATS = {"alpaca-zh": ("alpaca",), "alpaca-en": ("alpaca",), "chat": ("alpaca", "messages"), "text": ("text",)}
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def default_template(fmt: str) -> str:
+    return {"alpaca": "alpaca-en", "messages": "chat", "text": "text"}[fmt]
+
+
+def check_template(template: str, fmt: str, tokenizer) -> None:
+    if fmt not in TEMPLATE_FORMATS[template]:
+        allowed = ", ".join(t for t, fmts in TEMPLATE_FORMATS.items() if fmt in fmts)
+        raise GemmatuneError(f"config key data.template: {template} does not fit {fmt} rows; use one of: {allowed}")
+    if template == "chat" and not tokenizer.chat_template:
+        raise GemmatuneError(
+            "config key data.template: chat needs a tokenizer with a chat template, and this one has none; "
+            "use alpaca-en or alpaca-zh"
+        )
+
+
+def alpaca_messages(row: dict) -> list[dict]:
+    user = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+    return [{"role": "user", "content": user}]
+
+
+def prompt_text(row: dict, template: str, tokenizer) -> str:
+    """The text the model sees before its answer; used for generation and evaluation."""
+    if template in _ALPACA:
+        with_input, without = _ALPACA[template]
+        return (with_input if row.get("input") else without).format(**{"input": "", **row})
+    if template == "chat":
+        messages = row["messages"] if "messages" in row else alpaca_messages(row)
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise GemmatuneError(f"template {template} has no prompt/response split; generation needs alpaca or chat")
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def tokenize_row(row: dict, template: str, tokenizer, train_on_prompt: bool = False) -> Tokenized:
+    if template == "text":
+        ids = _encode(tokenizer, row["text"], True) + [tokenizer.eos_token_id]
+        return Tokenized(ids, list(ids))
+    if template in _ALPACA:
+        prompt = _encode(tokenizer, prompt_text(row, template, tokenizer), True)
+        response = _encode(tokenizer, row["output"], False) + [tokenizer.eos_token_id]
+        prompt_labels = list(prompt) if train_on_prompt else [IGNORE] * len(prompt)
+        return Tokenized(prompt + response, prompt_labels + response)
+    messages = row["messages"] if "messages" in row else alpaca_messages(row) + [
+        {"role": "assistant", "content": row["output"]}
+    ]
+    return _tokenize_chat(messages, tokenizer, train_on_prompt)
+
+
+def _tokenize_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> Tokenized:
+    """Label every assistant turn (through its end-of-turn marker), by rendering growing prefixes."""
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (through.startswith(before) and before.startswith(rendered)):
+            raise GemmatuneError(
+                "the tokenizer's chat template renders a reply differently from its prompt; use an alpaca template"
+            )
+        prompt_part = _encode(tokenizer, before[len(rendered):], False)
+        reply_part = _encode(tokenizer, through[len(before):], False)
+        ids += prompt_part + reply_part
+        labels += (list(prompt_part) if train_on_prompt else [IGNORE] * len(prompt_part)) + reply_part
+        rendered = through
+    return Tokenized(ids, labels)

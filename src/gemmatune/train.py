@@ -1,0 +1,187 @@
+"""`gemmatune train`: setup -> train -> save, on the transformers Trainer. Reads top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from gemmatune import runs
+from gemmatune.callbacks import MetricsCallback
+from gemmatune.config import Config
+from gemmatune.data import ExampleDataset, PadCollator, prepare
+from gemmatune.errors import GemmatuneError
+from gemmatune.hardware import device_kind, set_threads
+from gemmatune.loading import load_model
+from gemmatune.lora import attach_lora
+
+log = logging.getLogger("gemmatune")
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    """Fine-tune per `cfg`; returns the run folder. Raises GemmatuneError for anything the user can fix."""
+    started = time.perf_counter()
+
+    # --- setup: everything that can fail on bad input happens before the run folder is touched
+    run_dir = runs.open_run_dir(cfg, resume, overwrite)
+    threads = set_threads(cfg.train.num_threads)
+    loaded = load_model(cfg.model, cfg.train.precision)
+    tokenizer, family = loaded.tokenizer, loaded.family
+    data = prepare(cfg.data, tokenizer, cfg.train.seed)
+    log.info("model: %s (%s), precision %s, %d threads on %s", loaded.source.describe(),
+             type(loaded.model).__name__, loaded.precision, threads, device_kind())
+    log.info("data: %s rows as %s with template %s", data.train.report.rows, data.fmt, data.template)
+    log.info(data.train.report.line("train", cfg.data.max_length))
+    if data.eval:
+        log.info(data.eval.report.line("eval", cfg.data.max_length))
+    disable_cache(loaded.model, family)
+    model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit")
+    log.info(report.line())
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision)
+
+    # --- train
+    runs.start_run_dir(run_dir, cfg, overwrite, resume)
+    checkpoint = True if resume and any((run_dir / runs.CHECKPOINTS).glob("checkpoint-*")) else None
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
+    metrics_cb.final = True
+    final_eval = trainer.evaluate() if data.eval else {}
+
+    # --- save
+    runs.save_adapter(model, tokenizer, run_dir)
+    runs.plot_losses(run_dir)
+    record = run_record(cfg, loaded, data, report, result, final_eval, metrics_cb.tokens_per_second,
+                        threads, time.perf_counter() - started)
+    runs.write_record(run_dir, record)
+    log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
+             f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
+    return run_dir
+
+
+def disable_cache(model, family) -> None:
+    """No KV cache in training: with a cache, packed sequences would attend to each other."""
+    model.config.use_cache = False
+    text_config = getattr(model.config, family.text_config_attr or "", None)
+    if text_config is not None:
+        text_config.use_cache = False
+
+
+def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str):
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    from gemmatune.callbacks import LossProgressCallback
+
+    t = cfg.train
+    has_eval = data.eval is not None
+    eval_steps = t.eval_steps or t.save_steps
+    best_at_end = has_eval and t.load_best_model_at_end
+    if best_at_end and t.save_steps % eval_steps:
+        raise GemmatuneError(
+            f"config key train.eval_steps: with load_best_model_at_end, save_steps ({t.save_steps}) must be a "
+            f"multiple of eval_steps ({eval_steps})"
+        )
+    if t.early_stopping_patience and not has_eval:
+        raise GemmatuneError("config key train.early_stopping_patience: needs an eval set (data.eval_file or eval_ratio)")
+    args = TrainingArguments(
+        output_dir=str(run_dir / runs.CHECKPOINTS),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        eval_on_start=has_eval,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=best_at_end,
+        metric_for_best_model="eval_loss" if best_at_end else None,
+        greater_is_better=False if best_at_end else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=device_kind() == "cpu",
+        disable_tqdm=False,
+    )
+    callbacks = [MetricsCallback(run_dir)]
+    if t.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ExampleDataset(data.train.examples),
+        eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgressCallback())
+    return trainer
+
+
+def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall) -> dict:
+    import peft
+    import transformers
+
+    metrics = runs.read_metrics(runs.run_dir_for(cfg))
+    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    eval_losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    tps = sorted(tokens_per_second)
+    return {
+        "finished": runs.now(),
+        "base_model": {
+            "source": cfg.model.name,
+            "resolved": loaded.source.describe(),
+            "kind": loaded.source.kind,
+            "class": type(loaded.model).__name__,
+            "model_type": loaded.model.config.model_type,
+            "family": loaded.family.name,
+        },
+        "data": {
+            "format": data.fmt,
+            "template": data.template,
+            "files": data.files,
+            "train": vars(data.train.report),
+            "eval": vars(data.eval.report) if data.eval else None,
+        },
+        "lora": {"trainable_params": report.trainable, "total_params": report.total,
+                 "wrapped_modules": report.wrapped_modules},
+        "training": {
+            "precision": loaded.precision,
+            "device": device_kind(),
+            "threads": threads,
+            "global_steps": result.global_step,
+            "train_loss_first": train_losses[0] if train_losses else None,
+            "train_loss_last": train_losses[-1] if train_losses else None,
+            "eval_loss_first": eval_losses[0] if eval_losses else None,
+            "eval_loss_final": final_eval.get("eval_loss"),
+            "tokens_per_second_median": round(tps[len(tps) // 2], 1) if tps else None,
+            "wall_seconds": round(wall, 1),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
