@@ -51,8 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gemmatune.train import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"run folder: {run_dir}")
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"run folder: {result.run_dir}")
     return 0
 
 

@@ -264,7 +264,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Range and choice checks; each failure names the key."""
     m, lo, d, t = cfg.model, cfg.lora, cfg.data, cfg.train
-    _check(m.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", f"must be auto, bf16, fp16 or fp32, got {m.dtype!r}")
+    _check(m.dtype in PRECISIONS, "model.dtype", f"must be one of {', '.join(PRECISIONS)}, got {m.dtype!r}")
     _check(m.quantization in ("none", "4bit"), "model.quantization", f"must be none or 4bit, got {m.quantization!r}")
     _check(lo.r > 0, "lora.r", f"must be > 0, got {lo.r}")
     _check(lo.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lo.lora_alpha}")

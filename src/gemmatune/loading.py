@@ -69,7 +69,8 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
         )
         tokenizer.chat_template = CHAT_TEMPLATE
         out = Path(tmp) / "model"
-        model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+        end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         try:

@@ -140,9 +140,9 @@ def plot_losses(run_dir: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
     if evals:
-        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o")
+        ax.plot(*zip(*evals, strict=True), label="eval loss", color="tab:orange", marker="o")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (response tokens)")
     ax.set_title(run_dir.name)

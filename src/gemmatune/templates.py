@@ -24,7 +24,12 @@ ALPACA_EN = (
     "### Instruction:\n{instruction}\n\n### Response:\n",
 )
 _ALPACA = {"alpaca-zh": ALPACA_ZH, "alpaca-en": ALPACA_EN}
-TEMPLATE_FORMATS = {"alpaca-zh": ("alpaca",), "alpaca-en": ("alpaca",), "chat": ("alpaca", "messages"), "text": ("text",)}
+TEMPLATE_FORMATS = {
+    "alpaca-zh": ("alpaca",),
+    "alpaca-en": ("alpaca",),
+    "chat": ("alpaca", "messages"),
+    "text": ("text",),
+}
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +22,16 @@ from gemmatune.lora import attach_lora
 log = logging.getLogger("gemmatune")
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    """Fine-tune per `cfg`; returns the run folder. Raises GemmatuneError for anything the user can fix."""
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: object  # the PeftModel, adapters in memory
+    tokenizer: object
+    record: dict
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Fine-tune per `cfg` into its run folder. Raises GemmatuneError for anything the user can fix."""
     started = time.perf_counter()
 
     # --- setup: everything that can fail on bad input happens before the run folder is touched
@@ -58,7 +67,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     runs.write_record(run_dir, record)
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
-    return run_dir
+    return TrainResult(run_dir, model, tokenizer, record)
 
 
 def disable_cache(model, family) -> None:
@@ -85,7 +94,9 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
             f"multiple of eval_steps ({eval_steps})"
         )
     if t.early_stopping_patience and not has_eval:
-        raise GemmatuneError("config key train.early_stopping_patience: needs an eval set (data.eval_file or eval_ratio)")
+        raise GemmatuneError(
+            "config key train.early_stopping_patience: needs an eval set (data.eval_file or data.eval_ratio)"
+        )
     args = TrainingArguments(
         output_dir=str(run_dir / runs.CHECKPOINTS),
         num_train_epochs=t.num_train_epochs,
