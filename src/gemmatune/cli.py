@@ -52,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"run folder: {result.run_dir}")
+    if result.is_main_process:
+        print(f"run folder: {result.run_dir}")
     return 0
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 
 from gemmatune import runs
 from gemmatune.callbacks import MetricsCallback
@@ -28,6 +29,7 @@ class TrainResult:
     model: object  # the PeftModel, adapters in memory
     tokenizer: object
     record: dict
+    is_main_process: bool = True
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -35,7 +37,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     started = time.perf_counter()
 
     # --- setup: everything that can fail on bad input happens before the run folder is touched
+    dist = distributed_state()
     run_dir = runs.open_run_dir(cfg, resume, overwrite)
+    dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
     threads = set_threads(cfg.train.num_threads)
     loaded = load_model(cfg.model, cfg.train.precision)
     tokenizer, family = loaded.tokenizer, loaded.family
@@ -47,27 +51,48 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     if data.eval:
         log.info(data.eval.report.line("eval", cfg.data.max_length))
     disable_cache(loaded.model, family)
+    set_seed(cfg.train.seed)  # LoRA A is random: the same seed gives the same start on every rank and rerun
     model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit")
     log.info(report.line())
     trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision)
+    t = cfg.train
+    log.info("global batch: %d examples per optimizer step (%d per device x %d accumulation x %d processes)",
+             t.per_device_train_batch_size * t.gradient_accumulation_steps * dist.num_processes,
+             t.per_device_train_batch_size, t.gradient_accumulation_steps, dist.num_processes)
 
     # --- train
-    runs.start_run_dir(run_dir, cfg, overwrite, resume)
+    if dist.is_main_process:
+        runs.start_run_dir(run_dir, cfg, overwrite, resume)
+    dist.wait_for_everyone()
     checkpoint = True if resume and any((run_dir / runs.CHECKPOINTS).glob("checkpoint-*")) else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
     metrics_cb.final = True
     final_eval = trainer.evaluate() if data.eval else {}
 
-    # --- save
-    runs.save_adapter(model, tokenizer, run_dir)
-    runs.plot_losses(run_dir)
+    # --- save (rank 0 only; the others wait so no process exits while files are being written)
     record = run_record(cfg, loaded, data, report, result, final_eval, metrics_cb.tokens_per_second,
-                        threads, time.perf_counter() - started)
-    runs.write_record(run_dir, record)
+                        threads, time.perf_counter() - started, dist.num_processes)
+    # Under FSDP the weights are sharded: gathering them is collective, so every rank takes part.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if dist.is_main_process:
+        runs.save_adapter(model, tokenizer, run_dir, state_dict)
+        runs.plot_losses(run_dir)
+        runs.write_record(run_dir, record)
+    dist.wait_for_everyone()
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
-    return TrainResult(run_dir, model, tokenizer, record)
+    return TrainResult(run_dir, model, tokenizer, record, dist.is_main_process)
+
+
+def distributed_state():
+    """accelerate's view of the launch: one process, or a rank under torchrun / accelerate launch."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device_kind() == "cpu")
+    if not state.is_main_process:
+        logging.getLogger("gemmatune").setLevel(logging.WARNING)  # one log, from rank 0
+    return state
 
 
 def disable_cache(model, family) -> None:
@@ -129,6 +154,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in each forward
         dataloader_num_workers=0,
         use_cpu=device_kind() == "cpu",
         disable_tqdm=False,
@@ -150,7 +176,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     return trainer
 
 
-def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall) -> dict:
+def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall, processes) -> dict:
     import peft
     import transformers
 
@@ -181,6 +207,8 @@ def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second,
             "precision": loaded.precision,
             "device": device_kind(),
             "threads": threads,
+            "processes": processes,
+            "global_batch": cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * processes,
             "global_steps": result.global_step,
             "train_loss_first": train_losses[0] if train_losses else None,
             "train_loss_last": train_losses[-1] if train_losses else None,
