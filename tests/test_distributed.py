@@ -39,7 +39,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_twice_the_batch_and_resume(tiny_gemma3, alpaca_file, tmp_path):
-    one = _train([sys.executable, "-m", "gemmatune"], tiny_gemma3, alpaca_file, tmp_path, "one", 4,
+    _train([sys.executable, "-m", "gemmatune"], tiny_gemma3, alpaca_file, tmp_path, "one", 4,
                  "--set", "train.max_steps=4")
     two = _train(TORCHRUN, tiny_gemma3, alpaca_file, tmp_path, "two", 2, "--set", "train.max_steps=4",
                  "--set", "train.save_steps=2")
@@ -57,3 +57,11 @@ def test_two_processes_match_one_with_twice_the_batch_and_resume(tiny_gemma3, al
     resumed = _losses(tmp_path / "two")
     assert len(resumed) == 6
     assert resumed == pytest.approx(_losses(tmp_path / "one6"), abs=1e-4)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_example_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2 and config.mixed_precision == "no"  # precision is gemmatune's call
