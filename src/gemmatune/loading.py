@@ -152,7 +152,7 @@ class Loaded:
 
 def load_model(cfg: ModelConfig, precision: str = "auto") -> Loaded:
     """Load the base model and tokenizer; `precision` (auto|bf16|fp16|fp32) is checked against the family."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if cfg.quantization == "4bit" and not torch.cuda.is_available():
         raise GemmatuneError(
@@ -181,12 +181,50 @@ def load_model(cfg: ModelConfig, precision: str = "auto") -> Loaded:
     if cfg.quantization == "4bit":
         kwargs["quantization_config"] = _bnb_4bit_config()
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model_class = choose_model_class(cfg, config.model_type, family, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = model_class.from_pretrained(source.path, **kwargs)
     except OSError as exc:
         raise _hub_error(source, exc) from exc
     tokenizer = load_tokenizer(source, family, cfg.trust_remote_code)
     return Loaded(model, tokenizer, family, source, precision)
+
+
+def choose_model_class(cfg: ModelConfig, model_type: str, family: ModelFamily, source: ModelSource):
+    """The transformers class to load: the language model alone for text, the full model on request.
+
+    Which classes exist is family data (`text_class`, `multimodal_class`); nothing here names a model.
+    """
+    import transformers
+
+    multimodal_checkpoint = model_type in family.multimodal_model_types
+    if cfg.multimodal:
+        if family.multimodal_class is None or not multimodal_checkpoint:
+            raise GemmatuneError(
+                f"config key model.multimodal: {source.describe()} ({model_type}) has no multimodal model to load; "
+                "set model.multimodal: false"
+            )
+        missing = [name for name in family.multimodal_requires if not _imports(name)]
+        if missing:
+            raise GemmatuneError(
+                f"config key model.multimodal: the full {family.name} model needs {', '.join(missing)} (and a "
+                "torchvision built for this torch): pip install 'gemmatune[multimodal]', or set model.multimodal: false"
+            )
+        return getattr(transformers, family.multimodal_class)
+    if multimodal_checkpoint and family.text_class:
+        return getattr(transformers, family.text_class)
+    return transformers.AutoModelForCausalLM
+
+
+def _imports(module: str) -> bool:
+    # Importing (not just finding) catches a torchvision built for another torch, which fails at import.
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # any import failure means the extra is not usable
+        return False
+    return True
 
 
 def _auto_dtype(precision: str) -> torch.dtype:
