@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,19 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         )
     known = all_known_ids()
     if name.lower().startswith("google/gemma") and name not in known:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        hint = f"; did you mean {close}?" if (close := closest_known_id(name, known)) else ""
         raise GemmatuneError(f"model.name: {name} is not a Gemma model on the hub{hint}")
     return ModelSource("hub", name, revision=cfg.revision)
+
+
+def closest_known_id(name: str, known: tuple[str, ...]) -> str | None:
+    """The known id a mistyped one most likely meant, within the same series (gemma-3n-4b-it -> gemma-3n-E4B-it,
+    not gemma-3-4b-it: the series name is what users get right; the size spelling is what they get wrong)."""
+    series = re.match(r"google/gemma-?\d*n?", name.lower())
+    same = [k for k in known if series and re.match(r"google/gemma-?\d*n?", k.lower()).group(0) == series.group(0)]
+    lowered = {k.lower(): k for k in (same or known)}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[close[0]] if close else None
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> GemmatuneError:
