@@ -60,7 +60,8 @@ def main() -> None:
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for name, arch, targets in (("gemma3-270m", GEMMA3_270M, seven), ("gemma3n-e4b", e4b, LANGUAGE_MODEL_PROJECTIONS)):
         hidden = arch["hidden_size"]
-        inter = arch["intermediate_size"][0] if isinstance(arch["intermediate_size"], list) else arch["intermediate_size"]
+        inter = arch["intermediate_size"]
+        inter = inter[0] if isinstance(inter, list) else inter
         t1, t2 = 128, 256
         per_layer = {}
         for layers in (2, 4):
@@ -69,9 +70,10 @@ def main() -> None:
             per_layer[layers] = (b - a) / (t2 - t1)
             del model
         per_layer_token = (per_layer[4] - per_layer[2]) / 2
+        outside = per_layer[2] - 2 * per_layer_token
         print(json.dumps({"model": name, "bytes_per_layer_per_token": round(per_layer_token),
                           "per_hidden_unit": round(per_layer_token / hidden, 2), "hidden": hidden,
-                          "intermediate": inter, "outside_layers_per_token": round(per_layer[2] - 2 * per_layer_token)}))
+                          "intermediate": inter, "outside_layers_per_token": round(outside)}))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class ModelShape:
     """Base model parameters (tied weights once)."""
     quantizable_params: int
     """Weights of Linear layers that bitsandbytes 4-bit converts (all but the output/tied/last modules)."""
+    linear_params: int
+    """Weights of all Linear layers, the output projection included even when tied to the embedding."""
     layers: int
     hidden: int
     intermediate: list[int]
@@ -99,9 +101,11 @@ def measure(cfg: Config) -> ModelShape:
         m.weight.numel() for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and name not in keep and not any(k and name.startswith(k + ".") for k in keep)
     )
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     text = config.get_text_config()
     intermediate = text.intermediate_size
-    intermediate = list(intermediate) if isinstance(intermediate, (list, tuple)) else [intermediate] * text.num_hidden_layers
+    if not isinstance(intermediate, (list, tuple)):
+        intermediate = [intermediate] * text.num_hidden_layers
     try:
         peft_model = get_peft_model(model, peft_lora_config(cfg.lora, family))
     except ValueError as exc:
@@ -113,7 +117,7 @@ def measure(cfg: Config) -> ModelShape:
                    for n in wrapped if hasattr(modules[n].base_layer, "in_features"))
     return ModelShape(
         source=where, model_class=type(model).__name__, family=family, total_params=total,
-        quantizable_params=quantizable, layers=text.num_hidden_layers, hidden=text.hidden_size,
-        intermediate=intermediate, vocab=text.vocab_size, streams=getattr(text, "altup_num_inputs", 1) or 1,
+        quantizable_params=quantizable, linear_params=linear, layers=text.num_hidden_layers, hidden=text.hidden_size,
+        intermediate=list(intermediate), vocab=text.vocab_size, streams=getattr(text, "altup_num_inputs", 1) or 1,
         heads=text.num_attention_heads, wrapped=wrapped, lora_params=lora_params, lora_params_per_rank=per_rank,
     )

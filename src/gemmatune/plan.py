@@ -90,6 +90,8 @@ def estimate(shape: ModelShape, s: Settings, path: TrainingPath) -> Estimate:
         weights = shape.quantizable_params * per + (shape.total_params - shape.quantizable_params) * kept
     else:
         weights = shape.total_params * _DTYPE_BYTES[s.weights]
+    # Autocast casts each fp32 frozen weight to bf16 per matmul and autograd keeps that copy for backward.
+    cast_copies = shape.linear_params * 2 if s.weights == "fp32" and s.precision == "bf16" else 0
     lora = s.rank * shape.lora_params_per_rank  # PEFT keeps adapters in fp32
     act_scale = 2.0 if s.precision == "fp32" else 1.0
     per_layer_token = shape.hidden * (path.hidden_bytes + (shape.streams - 1) * path.stream_bytes)
@@ -102,6 +104,7 @@ def estimate(shape: ModelShape, s: Settings, path: TrainingPath) -> Estimate:
         activations = tokens * act_scale * full_layers
     return Estimate({
         "weights": weights,
+        "bf16 weight copies": cast_copies,
         "LoRA parameters": lora * 4,
         "gradients": lora * 4,
         "optimizer state": lora * _OPTIMIZER_BYTES.get(s.optim, 8),
@@ -135,7 +138,9 @@ class Plan:
     def lines(self) -> list[str]:
         sh, s, est = self.shape, self.settings, self.estimate
         share = 100 * sh.lora_params / max(1, sh.total_params)
-        weights = "nf4 4-bit" + (" + double quantization" if s.double_quant else "") if s.weights == "nf4" else s.weights
+        weights = s.weights
+        if s.weights == "nf4":
+            weights = "nf4 4-bit" + (" + double quantization" if s.double_quant else "")
         out = [
             f"model: {sh.model_class} from {sh.source}: {sh.total_params:,} parameters, {sh.layers} layers",
             f"LoRA r={s.rank}: {len(sh.wrapped)} modules wrapped ({sh.wrapped_summary()}); "
@@ -148,8 +153,9 @@ class Plan:
             f"memory per device (estimate; activations/logits from the '{self.path.name}' path):",
         ]
         for part, size in est.parts.items():
-            out.append(f"  {part:<16} {size / GIB:8.2f} GiB")
-        out.append(f"  {'total':<16} {est.total / GIB:8.2f} GiB")
+            if size:
+                out.append(f"  {part:<18} {size / GIB:8.2f} GiB")
+        out.append(f"  {'total':<18} {est.total / GIB:8.2f} GiB")
         if self.device_memory:
             fits = est.total <= self.device_memory
             out.append(f"fits {self.device_memory / GIB:.0f} GiB: {'yes' if fits else 'no'}")
@@ -204,6 +210,21 @@ def suggest(shape: ModelShape, s: Settings, path: TrainingPath, limit: int, grad
     return None
 
 
+def longest_example(cfg: Config) -> int | None:
+    """Tokens in the longest training example, when the data is a local file and the tokenizer is local;
+    None otherwise (a hub model's tokenizer is not downloaded for a plan)."""
+    from gemmatune.data import is_local, prepare
+    from gemmatune.loading import load_tokenizer, resolve_source
+
+    if not cfg.data.train_file or not is_local(cfg.data.train_file):
+        return None
+    source = resolve_source(cfg.model)
+    if source.kind == "hub":
+        return None
+    data = prepare(cfg.data, load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code), cfg.train.seed)
+    return max((len(e.input_ids) for e in data.train.examples), default=None)
+
+
 def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1, device: str | None = None,
               seq_len: int | None = None) -> Plan:
     if world_size < 1:
@@ -216,6 +237,9 @@ def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1
     seq_note = "data.max_length"
     if seq_len is not None:
         settings.seq_len, seq_note = seq_len, "--seq-len"
+    elif (longest := longest_example(cfg)) is not None:
+        # Batches are padded to their longest row, so the longest example sets the peak.
+        settings.seq_len, seq_note = longest, f"the longest training example; data.max_length={cfg.data.max_length}"
     path = CUDA_FULL_LOGITS if device == "cuda" else CPU_FULL_LOGITS
     est = estimate(shape, settings, path)
     suggestion = None
