@@ -98,3 +98,12 @@ def test_parse_size(text, size):
 def test_parse_size_refuses_garbage():
     with pytest.raises(GemmatuneError, match="--device-memory"):
         parse_size("lots")
+
+
+@pytest.mark.slow
+def test_quickstart_plan_is_within_25_percent_of_its_measured_peak_rss():
+    from gemmatune.plan import QUICKSTART_PEAK_RSS
+
+    plan = make_plan(load_config(EXAMPLES_DIR / "quickstart.yaml", ["train.precision=bf16"]), device="cpu")
+    assert "the longest training example" in plan.seq_note
+    assert abs(plan.estimate.total / QUICKSTART_PEAK_RSS - 1) < 0.25
