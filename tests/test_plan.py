@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 
 from gemmatune.cli import main
@@ -107,3 +109,22 @@ def test_quickstart_plan_is_within_25_percent_of_its_measured_peak_rss():
     plan = make_plan(load_config(EXAMPLES_DIR / "quickstart.yaml", ["train.precision=bf16"]), device="cpu")
     assert "the longest training example" in plan.seq_note
     assert abs(plan.estimate.total / QUICKSTART_PEAK_RSS - 1) < 0.25
+
+
+def test_plan_of_a_multimodal_checkpoint_plans_the_language_model(tmp_path):
+    from transformers import Gemma3nConfig
+
+    from tests.conftest import gemma3n_config
+
+    Gemma3nConfig(text_config=gemma3n_config().to_dict()).save_pretrained(tmp_path)
+    plan = make_plan(load_config(None, [f"model.name={tmp_path}", "train.precision=fp32"]), device="cpu")
+    assert plan.shape.model_class == "Gemma3nForCausalLM"
+    assert len(plan.shape.wrapped) == 5 * 10 + 2 * 5  # q/o/gate/up/down x 10 layers, k/v x 5
+    multimodal = load_config(None, [f"model.name={tmp_path}", "model.multimodal=true", "train.precision=fp32"])
+    if importlib.util.find_spec("timm") is None:
+        with pytest.raises(GemmatuneError, match="model.multimodal: the full gemma3n model needs timm"):
+            make_plan(multimodal, device="cpu")
+    else:
+        full = make_plan(multimodal, device="cpu")
+        assert full.shape.model_class == "Gemma3nForConditionalGeneration" and full.shape.wrapped == [
+            n.replace(".model.layers.", ".model.language_model.layers.") for n in plan.shape.wrapped]

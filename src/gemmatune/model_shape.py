@@ -90,6 +90,10 @@ def measure(cfg: Config) -> ModelShape:
             return where
 
     model_class = choose_model_class(cfg.model, config.model_type, family, _Source())
+    wanted = getattr(model_class, "config_class", None)
+    if wanted is not None and not isinstance(config, wanted):
+        # The text class from a multimodal checkpoint: from_pretrained picks the text sub-config; so do we.
+        config = config.get_text_config()
     with torch.device("meta"):
         if hasattr(model_class, "from_config"):
             model = model_class.from_config(config)
