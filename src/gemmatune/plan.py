@@ -46,19 +46,22 @@ class TrainingPath:
     overhead_bytes: float
 
 
-# Calibrated on the embedded Gemma 3 270M quick start (examples/quickstart.yaml, 6 steps) with the
-# foundation's train.py: Trainer, batch padded to its longest row, full [tokens, vocab] logits, fp32 frozen
-# weights with bf16 autocast, 2 threads. hidden/mlp/stream are counts of saved tensors x dtype size; the
-# logits_bytes was set from the loss' tensor count before measuring (bf16 logits, fp32 copy, log-softmax,
-# two gradients = 16). Check: measured peak RSS (/usr/bin/time -v, 6 steps, batch 8, longest example 64
-# tokens) 4.66 GiB; planned 4.82 GiB (+3%). QUICKSTART_PEAK_RSS below keeps that figure for a test.
+# Calibrated on this CPU with the foundation's train.py path: Trainer, batch padded to its longest row, full
+# [tokens, vocab] logits, fp32 frozen weights with bf16 autocast, LoRA r=16 with dropout.
+# - Per-layer factors: benchmarks/activation_bytes.py counts the bytes autograd saves per layer per token on
+#   real-width layers: 70,676 (Gemma 3 270M: hidden 640, MLP 2048) and 491,498 (Gemma 3n E4B: hidden 2048,
+#   MLP 16384, 4 AltUp streams). With mlp_bytes fixed at 16 (gate, up, activation, product, down-proj LoRA
+#   input and its dropout mask), hidden_bytes=59 and stream_bytes=17.6 reproduce both totals; how the total
+#   splits between hidden and MLP is the assumption.
+# - logits_bytes=16 counts the loss' vocab-wide tensors (bf16 logits, fp32 copy, log-softmax, two gradients).
+# - Check against a whole run: the quick start (examples/quickstart.yaml, 6 steps, batch 8, longest example
+#   64 tokens) peaked at 4.66 GiB RSS (/usr/bin/time -v); the plan says 5.06 GiB (+9%).
 # Packing, a chunked loss or bf16 frozen weights change logits_bytes and weights: re-measure and update.
-CPU_FULL_LOGITS = TrainingPath("cpu, padded batches, full logits, bf16 autocast", hidden_bytes=34, stream_bytes=8,
-                               mlp_bytes=10, logits_bytes=16, overhead_bytes=0.9 * GIB)
-# The same Trainer path on CUDA: bf16 logits, their fp32 copy in the loss, log-softmax and two gradients
-# (16 bytes, as measured on CPU); the CUDA context (~0.5 GiB) is outside torch.cuda.max_memory_allocated.
+CPU_FULL_LOGITS = TrainingPath("cpu, padded batches, full logits, bf16 autocast", hidden_bytes=59, stream_bytes=17.6,
+                               mlp_bytes=16, logits_bytes=16, overhead_bytes=0.9 * GIB)
+# The same Trainer path on CUDA (not measured on a GPU yet: benchmarks/gpu_smoke.py compares); the CUDA
+# context (~0.5 GiB) is outside torch.cuda.max_memory_allocated.
 CUDA_FULL_LOGITS = replace(CPU_FULL_LOGITS, name="cuda, padded batches, full logits, bf16", overhead_bytes=0.5 * GIB)
-
 
 QUICKSTART_PEAK_RSS = 4_886_408 * 1024  # bytes, examples/quickstart.yaml with the path above
 
