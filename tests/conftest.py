@@ -15,6 +15,7 @@ from gemmatune.models.gemma3 import CHAT_TEMPLATE
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 VOCAB = 272  # 6 specials + 256 bytes, rounded up
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(autouse=True, scope="session")

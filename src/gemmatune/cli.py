@@ -43,7 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "plan",
+        help="show what a config trains and the memory it needs, without loading weights",
+        description="Count wrapped modules and trainable parameters exactly (model on the meta device) and "
+        "estimate memory per device; offline for local models and the bundled Gemma 3n E2B/E4B configs.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (omit to use defaults and --set only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 16GiB: says whether it fits")
+    p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (default 1)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: cuda for 4-bit, "
+                   "else this machine's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence instead of data.max_length")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_plan)
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gemmatune.config import load_config
+    from gemmatune.plan import make_plan, parse_size
+
+    cfg = load_config(args.config, args.overrides)
+    memory = parse_size(args.device_memory) if args.device_memory else None
+    plan = make_plan(cfg, memory, args.world_size, args.device, args.seq_len)
+    print("\n".join(plan.lines()))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -49,6 +49,12 @@ class ModelConfig:
     cache_dir: str | None = _f(
         None, "Where the embedded model is converted and cached; None means ~/.cache/gemmatune."
     )
+    multimodal: bool = _f(
+        False,
+        "Load the full multimodal model (Gemma 3n: audio and vision towers, kept frozen) instead of the "
+        "language model alone; LoRA still goes only into the language model. Needs pip install "
+        "'gemmatune[multimodal]'.",
+    )
 
 
 @dataclass

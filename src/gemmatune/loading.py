@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,19 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         )
     known = all_known_ids()
     if name.lower().startswith("google/gemma") and name not in known:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        hint = f"; did you mean {close}?" if (close := closest_known_id(name, known)) else ""
         raise GemmatuneError(f"model.name: {name} is not a Gemma model on the hub{hint}")
     return ModelSource("hub", name, revision=cfg.revision)
+
+
+def closest_known_id(name: str, known: tuple[str, ...]) -> str | None:
+    """The known id a mistyped one most likely meant, within the same series (gemma-3n-4b-it -> gemma-3n-E4B-it,
+    not gemma-3-4b-it: the series name is what users get right; the size spelling is what they get wrong)."""
+    series = re.match(r"google/gemma-?\d*n?", name.lower())
+    same = [k for k in known if series and re.match(r"google/gemma-?\d*n?", k.lower()).group(0) == series.group(0)]
+    lowered = {k.lower(): k for k in (same or known)}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[close[0]] if close else None
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> GemmatuneError:
@@ -152,7 +162,7 @@ class Loaded:
 
 def load_model(cfg: ModelConfig, precision: str = "auto") -> Loaded:
     """Load the base model and tokenizer; `precision` (auto|bf16|fp16|fp32) is checked against the family."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if cfg.quantization == "4bit" and not torch.cuda.is_available():
         raise GemmatuneError(
@@ -181,12 +191,50 @@ def load_model(cfg: ModelConfig, precision: str = "auto") -> Loaded:
     if cfg.quantization == "4bit":
         kwargs["quantization_config"] = _bnb_4bit_config()
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model_class = choose_model_class(cfg, config.model_type, family, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = model_class.from_pretrained(source.path, **kwargs)
     except OSError as exc:
         raise _hub_error(source, exc) from exc
     tokenizer = load_tokenizer(source, family, cfg.trust_remote_code)
     return Loaded(model, tokenizer, family, source, precision)
+
+
+def choose_model_class(cfg: ModelConfig, model_type: str, family: ModelFamily, source: ModelSource):
+    """The transformers class to load: the language model alone for text, the full model on request.
+
+    Which classes exist is family data (`text_class`, `multimodal_class`); nothing here names a model.
+    """
+    import transformers
+
+    multimodal_checkpoint = model_type in family.multimodal_model_types
+    if cfg.multimodal:
+        if family.multimodal_class is None or not multimodal_checkpoint:
+            raise GemmatuneError(
+                f"config key model.multimodal: {source.describe()} ({model_type}) has no multimodal model to load; "
+                "set model.multimodal: false"
+            )
+        missing = [name for name in family.multimodal_requires if not _imports(name)]
+        if missing:
+            raise GemmatuneError(
+                f"config key model.multimodal: the full {family.name} model needs {', '.join(missing)} (and a "
+                "torchvision built for this torch): pip install 'gemmatune[multimodal]', or set model.multimodal: false"
+            )
+        return getattr(transformers, family.multimodal_class)
+    if multimodal_checkpoint and family.text_class:
+        return getattr(transformers, family.text_class)
+    return transformers.AutoModelForCausalLM
+
+
+def _imports(module: str) -> bool:
+    # Importing (not just finding) catches a torchvision built for another torch, which fails at import.
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # any import failure means the extra is not usable
+        return False
+    return True
 
 
 def _auto_dtype(precision: str) -> torch.dtype:

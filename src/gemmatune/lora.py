@@ -44,15 +44,26 @@ def peft_lora_config(cfg: LoraSection, family: ModelFamily):
 
 def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = False):
     """Freeze the base model and wrap the target modules; returns (peft_model, report)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        freeze_quantized(model)
     try:
         peft_model = get_peft_model(model, peft_lora_config(cfg, family))
     except ValueError as exc:
         raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
     return peft_model, trainable_report(peft_model)
+
+
+def freeze_quantized(model) -> None:
+    """Freeze a 4-bit model for QLoRA, keeping its non-quantized weights in their loaded dtype.
+
+    Not `peft.prepare_model_for_kbit_training`: it casts every bf16 weight that is not 4-bit to fp32 —
+    for Gemma 3n that is the embeddings and per-layer embeddings (2.9B parameters in E4B, +5.8 GB),
+    which alone defeats QLoRA on a 16 GB GPU. With bf16 compute the norms need no fp32 copy.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
 
 
 def wrapped_module_names(peft_model) -> list[str]:

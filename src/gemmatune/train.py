@@ -12,7 +12,7 @@ import torch
 from transformers import set_seed
 
 from gemmatune import runs
-from gemmatune.callbacks import MetricsCallback
+from gemmatune.callbacks import MetricsCallback, NonFiniteLossCallback
 from gemmatune.config import Config
 from gemmatune.data import ExampleDataset, PadCollator, prepare
 from gemmatune.errors import GemmatuneError
@@ -159,7 +159,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         use_cpu=device_kind() == "cpu",
         disable_tqdm=False,
     )
-    callbacks = [MetricsCallback(run_dir)]
+    callbacks = [MetricsCallback(run_dir), NonFiniteLossCallback()]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer = Trainer(

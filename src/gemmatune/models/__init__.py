@@ -27,19 +27,47 @@ class ModelFamily:
     """Real hub ids of this family, for 'did you mean' on near misses."""
     text_config_attr: str | None = None
     """Attribute holding the text config on multimodal configs (flags like use_cache live there)."""
+    multimodal_model_types: tuple[str, ...] = ()
+    """`config.model_type` values of full multimodal checkpoints (language model + towers)."""
+    text_class: str | None = None
+    """transformers class that loads the language model alone from a multimodal checkpoint (text data);
+    None: AutoModelForCausalLM decides."""
+    multimodal_class: str | None = None
+    """transformers class of the full model, for `model.multimodal: true`; None: not offered."""
+    multimodal_requires: tuple[str, ...] = ()
+    """Import names the full model needs beyond gemmatune's dependencies (the `multimodal` extra)."""
+    tower_modules: tuple[str, ...] = ()
+    """Module-name parts of the non-language towers: frozen, never given adapters."""
+    bundled_text_configs: tuple[tuple[str, str], ...] = ()
+    """(hub id, JSON file in this package) pairs: real text configs, so `plan` works offline."""
+
+
+def bundled_config_file(model_id: str):
+    """The bundled text config (a Path) for a known hub id, or None."""
+    from importlib.resources import files
+
+    for family in _families():
+        for hub_id, filename in family.bundled_text_configs:
+            if hub_id == model_id:
+                return files("gemmatune.models").joinpath(filename)
+    return None
+
+
+def _families() -> tuple[ModelFamily, ...]:
+    from gemmatune.models import gemma3, gemma3n
+
+    return (gemma3.FAMILY, gemma3n.FAMILY)
 
 
 def family_for(model_type: str) -> ModelFamily:
     """The family of a `config.model_type`; the generic family for anything we have no notes on."""
-    from gemmatune.models import gemma3, gemma3n, generic
+    from gemmatune.models import generic
 
-    for family in (gemma3.FAMILY, gemma3n.FAMILY):
+    for family in _families():
         if model_type in family.model_types:
             return family
     return generic.FAMILY
 
 
 def all_known_ids() -> tuple[str, ...]:
-    from gemmatune.models import gemma3, gemma3n
-
-    return gemma3.FAMILY.known_ids + gemma3n.FAMILY.known_ids
+    return tuple(i for family in _families() for i in family.known_ids)

@@ -1,9 +1,12 @@
 """Gemma 3n (E2B, E4B): a multimodal checkpoint whose language model is what we tune.
 
+- Text data loads `Gemma3nForCausalLM` from the multimodal checkpoint: the language model alone, no timm,
+  same logits as the full model on text. `model.multimodal: true` loads the full model; its towers stay frozen.
 - LoRA stays inside the language model: the 7 projection names would also hit the audio tower.
 - KV-shared layers have no k_proj/v_proj, so k/v get adapters only in the first layers.
 - fp16 overflows (activations past 65,504 are reported), so fp16 is refused.
 - Training flags such as use_cache live in `config.text_config` on the multimodal class.
+- The real E2B / E4B text configs are bundled (gemma3n_e2b_text.json, gemma3n_e4b_text.json) for `plan`.
 """
 
 from gemmatune.models import ModelFamily
@@ -12,6 +15,9 @@ from gemmatune.models.gemma3 import CHAT_TEMPLATE
 LANGUAGE_MODEL_PROJECTIONS = (
     r"^(?!.*(?:audio_tower|vision_tower)).*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 )
+
+_E2B = "gemma3n_e2b_text.json"
+_E4B = "gemma3n_e4b_text.json"
 
 FAMILY = ModelFamily(
     name="gemma3n",
@@ -22,4 +28,14 @@ FAMILY = ModelFamily(
     fp16_safe=False,
     known_ids=("google/gemma-3n-E2B", "google/gemma-3n-E2B-it", "google/gemma-3n-E4B", "google/gemma-3n-E4B-it"),
     text_config_attr="text_config",
+    multimodal_model_types=("gemma3n",),
+    text_class="Gemma3nForCausalLM",
+    multimodal_class="Gemma3nForConditionalGeneration",
+    # The vision tower is a timm MobileNetV5; timm imports torchvision, which must match torch.
+    multimodal_requires=("timm", "PIL", "torchvision"),
+    tower_modules=("audio_tower", "vision_tower", "embed_audio", "embed_vision"),
+    bundled_text_configs=(
+        ("google/gemma-3n-E2B", _E2B), ("google/gemma-3n-E2B-it", _E2B),
+        ("google/gemma-3n-E4B", _E4B), ("google/gemma-3n-E4B-it", _E4B),
+    ),
 )

@@ -1,0 +1,80 @@
+"""Measure the bytes autograd keeps for backward, per token and per layer, for the planner's TrainingPath.
+
+Builds real-width layers with random weights (no download): the embedded Gemma 3 270M architecture and the
+Gemma 3n E4B text architecture, each with 2 and 4 layers and a small vocabulary, attaches the default LoRA
+(r=16) and runs one forward under bf16 autocast (the CPU training path) at two sequence lengths.
+Saved tensors are counted once per storage; parameters themselves are excluded (they are weights).
+Differences between 4 and 2 layers and between the two lengths give bytes per layer per token.
+
+    flock /tmp/gemmatune-heavy.lock python benchmarks/activation_bytes.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gemmatune.models import bundled_config_file
+from gemmatune.models.gemma3n import LANGUAGE_MODEL_PROJECTIONS
+
+GEMMA3_270M = {  # the embedded model's architecture (config.json of the converted GGUF)
+    "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+}
+
+
+def saved_bytes(model, tokens: int, bf16: bool) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    ids = torch.randint(3, 250, (1, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)  # logits are measured elsewhere
+    return sum(seen.values())
+
+
+def build(arch: dict, layers: int, targets):
+    data = dict(arch, num_hidden_layers=layers, vocab_size=256, max_position_embeddings=4096)
+    if "num_kv_shared_layers" in data:
+        data.update(vocab_size_per_layer_input=256, num_kv_shared_layers=0, layer_types=None,
+                    activation_sparsity_pattern=[0.95] * layers, intermediate_size=data["intermediate_size"][0])
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    return get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def main() -> None:
+    torch.set_flush_denormal(True)
+    e4b = json.loads(bundled_config_file("google/gemma-3n-E4B-it").read_text())
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name, arch, targets in (("gemma3-270m", GEMMA3_270M, seven), ("gemma3n-e4b", e4b, LANGUAGE_MODEL_PROJECTIONS)):
+        hidden = arch["hidden_size"]
+        inter = arch["intermediate_size"]
+        inter = inter[0] if isinstance(inter, list) else inter
+        t1, t2 = 128, 256
+        per_layer = {}
+        for layers in (2, 4):
+            model = build(arch, layers, targets)
+            a, b = saved_bytes(model, t1, True), saved_bytes(model, t2, True)
+            per_layer[layers] = (b - a) / (t2 - t1)
+            del model
+        per_layer_token = (per_layer[4] - per_layer[2]) / 2
+        outside = per_layer[2] - 2 * per_layer_token
+        print(json.dumps({"model": name, "bytes_per_layer_per_token": round(per_layer_token),
+                          "per_hidden_unit": round(per_layer_token / hidden, 2), "hidden": hidden,
+                          "intermediate": inter, "outside_layers_per_token": round(outside)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The shape of a model and its LoRA, counted exactly on the meta device: no weights are read or allocated.
+
+The planner needs parameter counts per storage kind (what 4-bit quantization converts, what it leaves),
+the wrapped modules and the LoRA parameter count; PEFT attached to a meta model gives all of them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemmatune.config import Config
+from gemmatune.errors import GemmatuneError
+from gemmatune.loading import choose_model_class, resolve_source
+from gemmatune.models import ModelFamily, bundled_config_file, family_for
+
+
+@dataclass
+class ModelShape:
+    source: str
+    """Where the architecture came from (bundled config file, local folder...)."""
+    model_class: str
+    family: ModelFamily
+    total_params: int
+    """Base model parameters (tied weights once)."""
+    quantizable_params: int
+    """Weights of Linear layers that bitsandbytes 4-bit converts (all but the output/tied/last modules)."""
+    linear_params: int
+    """Weights of all Linear layers, the output projection included even when tied to the embedding."""
+    layers: int
+    hidden: int
+    intermediate: list[int]
+    """Per layer."""
+    vocab: int
+    streams: int
+    """Parallel residual streams (Gemma 3n AltUp: 4); 1 for ordinary transformers."""
+    heads: int
+    wrapped: list[str]
+    """Module paths that get LoRA."""
+    lora_params: int
+    """Trainable parameters PEFT reports for the configured rank."""
+    lora_params_per_rank: int
+    """Sum of in+out features over wrapped Linear modules: LoRA parameters = rank x this."""
+
+    def wrapped_summary(self) -> str:
+        counts = Counter(name.rsplit(".", 1)[-1] for name in self.wrapped)
+        return ", ".join(f"{leaf} {n}" for leaf, n in counts.items())
+
+
+def load_architecture(cfg: Config):
+    """(transformers config, description) for `cfg.model`, without downloading weights.
+
+    Known hub ids use the bundled config; local folders and the embedded model read their config.json.
+    """
+    from transformers import AutoConfig
+
+    name = cfg.model.name
+    bundled = bundled_config_file(name) if "/" in name and not Path(name).exists() else None
+    if bundled is not None:
+        data = json.loads(bundled.read_text(encoding="utf-8"))
+        return AutoConfig.for_model(data.pop("model_type"), **data), f"bundled config {Path(str(bundled)).name}"
+    source = resolve_source(cfg.model)  # near-miss ids fail here with 'did you mean'
+    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoConfig.from_pretrained(source.path, local_files_only=True, **kwargs), source.describe()
+    except OSError:
+        raise GemmatuneError(
+            f"model.name: no bundled config for {name} and none in the local cache; plan needs a local model "
+            "folder, a .gguf file, 'embedded' or one of the bundled ids"
+        ) from None
+
+
+def measure(cfg: Config) -> ModelShape:
+    from peft import get_peft_model
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from gemmatune.lora import peft_lora_config, wrapped_module_names
+
+    config, where = load_architecture(cfg)
+    family = family_for(config.model_type)
+
+    class _Source:  # choose_model_class only describes the source in its errors
+        def describe(self) -> str:
+            return where
+
+    model_class = choose_model_class(cfg.model, config.model_type, family, _Source())
+    wanted = getattr(model_class, "config_class", None)
+    if wanted is not None and not isinstance(config, wanted):
+        # The text class from a multimodal checkpoint: from_pretrained picks the text sub-config; so do we.
+        config = config.get_text_config()
+    with torch.device("meta"):
+        if hasattr(model_class, "from_config"):
+            model = model_class.from_config(config)
+        else:
+            model = model_class(config)
+    total = sum(p.numel() for p in model.parameters())
+    keep = set(get_keys_to_not_convert(model))
+    quantizable = sum(
+        m.weight.numel() for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name not in keep and not any(k and name.startswith(k + ".") for k in keep)
+    )
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    text = config.get_text_config()
+    intermediate = text.intermediate_size
+    if not isinstance(intermediate, (list, tuple)):
+        intermediate = [intermediate] * text.num_hidden_layers
+    try:
+        peft_model = get_peft_model(model, peft_lora_config(cfg.lora, family))
+    except ValueError as exc:
+        raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
+    wrapped = wrapped_module_names(peft_model)
+    lora_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    modules = dict(peft_model.named_modules())
+    per_rank = sum(modules[n].base_layer.in_features + modules[n].base_layer.out_features
+                   for n in wrapped if hasattr(modules[n].base_layer, "in_features"))
+    return ModelShape(
+        source=where, model_class=type(model).__name__, family=family, total_params=total,
+        quantizable_params=quantizable, linear_params=linear, layers=text.num_hidden_layers, hidden=text.hidden_size,
+        intermediate=list(intermediate), vocab=text.vocab_size, streams=getattr(text, "altup_num_inputs", 1) or 1,
+        heads=text.num_attention_heads, wrapped=wrapped, lora_params=lora_params, lora_params_per_rank=per_rank,
+    )

@@ -1,0 +1,257 @@
+"""`gemmatune plan CONFIG`: what will train and how much memory it takes, before loading any weights.
+
+Parameter counts are exact (PEFT on a meta-device model, see model_shape.py). Memory is an estimate:
+weights per storage kind, LoRA parameters, gradients, optimizer state, activations and logits for the
+configured batch and length, and the runtime's own baseline. Activations and logits follow `TrainingPath`,
+a handful of named per-token factors: one measured path is calibrated, the others derived from it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from gemmatune.config import Config
+from gemmatune.errors import GemmatuneError
+from gemmatune.hardware import device_kind, resolve_precision
+from gemmatune.model_shape import ModelShape, measure
+
+GIB = 1024**3
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# bitsandbytes nf4: 4 bits per weight, one absmax per 64 weights; double quantization stores that absmax
+# in 8 bits with one fp32 constant per 256 blocks, instead of an fp32 absmax per block.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+NF4_BYTES_NO_DOUBLE_QUANT = 0.5 + 4 / 64
+# Optimizer state bytes per trainable (fp32) parameter.
+_OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "adafactor": 4, "sgd": 0,
+                    "adamw_bnb_8bit": 2, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
+
+
+@dataclass(frozen=True)
+class TrainingPath:
+    """Bytes kept for backward per token, as a few named factors (bf16 compute; fp32 doubles activations).
+
+    hidden_bytes:   per decoder layer, per hidden unit (norm inputs, LoRA inputs and dropout masks, attention in/out)
+    stream_bytes:   per layer, per hidden unit, per extra residual stream (Gemma 3n AltUp keeps 4 streams)
+    mlp_bytes:      per layer, per MLP intermediate unit (gate, up, activation, product, down-proj LoRA input)
+    logits_bytes:   per vocabulary entry at the loss peak (logits, their fp32 copy, log-softmax, gradients)
+    overhead_bytes: the process' own baseline (CPU: Python + libraries + allocator slack; CUDA: context)
+    """
+
+    name: str
+    hidden_bytes: float
+    stream_bytes: float
+    mlp_bytes: float
+    logits_bytes: float
+    overhead_bytes: float
+
+
+# Calibrated on this CPU with the foundation's train.py path: Trainer, batch padded to its longest row, full
+# [tokens, vocab] logits, fp32 frozen weights with bf16 autocast, LoRA r=16 with dropout.
+# - Per-layer factors: benchmarks/activation_bytes.py counts the bytes autograd saves per layer per token on
+#   real-width layers: 70,676 (Gemma 3 270M: hidden 640, MLP 2048) and 491,498 (Gemma 3n E4B: hidden 2048,
+#   MLP 16384, 4 AltUp streams). With mlp_bytes fixed at 16 (gate, up, activation, product, down-proj LoRA
+#   input and its dropout mask), hidden_bytes=59 and stream_bytes=17.6 reproduce both totals; how the total
+#   splits between hidden and MLP is the assumption.
+# - logits_bytes=16 counts the loss' vocab-wide tensors (bf16 logits, fp32 copy, log-softmax, two gradients).
+# - Check against a whole run: the quick start (examples/quickstart.yaml, 6 steps, batch 8, longest example
+#   64 tokens) peaked at 4.66 GiB RSS (/usr/bin/time -v); the plan says 5.06 GiB (+9%).
+# Packing, a chunked loss or bf16 frozen weights change logits_bytes and weights: re-measure and update.
+CPU_FULL_LOGITS = TrainingPath("cpu, padded batches, full logits, bf16 autocast", hidden_bytes=59, stream_bytes=17.6,
+                               mlp_bytes=16, logits_bytes=16, overhead_bytes=0.9 * GIB)
+# The same Trainer path on CUDA (not measured on a GPU yet: benchmarks/gpu_smoke.py compares); the CUDA
+# context (~0.5 GiB) is outside torch.cuda.max_memory_allocated.
+CUDA_FULL_LOGITS = replace(CPU_FULL_LOGITS, name="cuda, padded batches, full logits, bf16", overhead_bytes=0.5 * GIB)
+
+QUICKSTART_PEAK_RSS = 4_886_408 * 1024  # bytes, examples/quickstart.yaml with the path above
+
+
+@dataclass
+class Settings:
+    """What the estimate depends on besides the model; suggestions vary these."""
+
+    device: str
+    precision: str
+    weights: str  # fp32 | bf16 | fp16 | nf4
+    double_quant: bool
+    rank: int
+    batch: int
+    seq_len: int
+    gradient_checkpointing: bool
+    optim: str
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float]  # bytes per device
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def estimate(shape: ModelShape, s: Settings, path: TrainingPath) -> Estimate:
+    tokens = s.batch * s.seq_len
+    if s.weights == "nf4":
+        per = NF4_BYTES if s.double_quant else NF4_BYTES_NO_DOUBLE_QUANT
+        kept = 2  # non-converted weights stay in the compute dtype (bf16); lora.freeze_quantized keeps them so
+        weights = shape.quantizable_params * per + (shape.total_params - shape.quantizable_params) * kept
+    else:
+        weights = shape.total_params * _DTYPE_BYTES[s.weights]
+    # Autocast casts each fp32 frozen weight to bf16 per matmul and autograd keeps that copy for backward.
+    cast_copies = shape.linear_params * 2 if s.weights == "fp32" and s.precision == "bf16" else 0
+    lora = s.rank * shape.lora_params_per_rank  # PEFT keeps adapters in fp32
+    act_scale = 2.0 if s.precision == "fp32" else 1.0
+    per_layer_token = shape.hidden * (path.hidden_bytes + (shape.streams - 1) * path.stream_bytes)
+    full_layers = sum(per_layer_token + i * path.mlp_bytes for i in shape.intermediate)
+    if s.gradient_checkpointing:
+        # Only each layer's input streams are kept; one layer's activations exist at a time in backward.
+        kept_inputs = shape.layers * shape.streams * shape.hidden * 2
+        activations = tokens * act_scale * (kept_inputs + full_layers / shape.layers)
+    else:
+        activations = tokens * act_scale * full_layers
+    return Estimate({
+        "weights": weights,
+        "bf16 weight copies": cast_copies,
+        "LoRA parameters": lora * 4,
+        "gradients": lora * 4,
+        "optimizer state": lora * _OPTIMIZER_BYTES.get(s.optim, 8),
+        "activations": activations,
+        "logits and loss": tokens * shape.vocab * path.logits_bytes,
+        "runtime": path.overhead_bytes,
+    })
+
+
+def parse_size(text: str) -> int:
+    """'16GiB', '24GB', '16G', '8192MiB' -> bytes (GB and G are read as GiB: what GPU vendors' cards hold)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise GemmatuneError(f"--device-memory: {text!r} is not a size like 16GiB or 24GB")
+    scale = {"": GIB, "K": 1024, "M": 1024**2, "G": GIB, "T": 1024**4}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    settings: Settings
+    path: TrainingPath
+    estimate: Estimate
+    world_size: int
+    grad_accum: int
+    seq_note: str
+    device_memory: int | None
+    suggestion: tuple[list[str], Estimate] | None
+
+    def lines(self) -> list[str]:
+        sh, s, est = self.shape, self.settings, self.estimate
+        share = 100 * sh.lora_params / max(1, sh.total_params)
+        weights = s.weights
+        if s.weights == "nf4":
+            weights = "nf4 4-bit" + (" + double quantization" if s.double_quant else "")
+        out = [
+            f"model: {sh.model_class} from {sh.source}: {sh.total_params:,} parameters, {sh.layers} layers",
+            f"LoRA r={s.rank}: {len(sh.wrapped)} modules wrapped ({sh.wrapped_summary()}); "
+            f"{sh.lora_params:,} trainable parameters ({share:.3f}%)",
+            f"training: {s.device}, {s.precision} compute, weights {weights}, optimizer {s.optim}"
+            + (", gradient checkpointing" if s.gradient_checkpointing else ""),
+            f"batch per device: {s.batch} x {s.seq_len} tokens ({self.seq_note}); world size {self.world_size}: "
+            f"{s.batch * self.world_size * self.grad_accum} sequences per optimizer step (weights are replicated "
+            "on every device under data parallelism; only the batch is split)",
+            f"memory per device (estimate; activations/logits from the '{self.path.name}' path):",
+        ]
+        for part, size in est.parts.items():
+            if size:
+                out.append(f"  {part:<18} {size / GIB:8.2f} GiB")
+        out.append(f"  {'total':<18} {est.total / GIB:8.2f} GiB")
+        if self.device_memory:
+            fits = est.total <= self.device_memory
+            out.append(f"fits {self.device_memory / GIB:.0f} GiB: {'yes' if fits else 'no'}")
+            if not fits and self.suggestion:
+                sets, sug = self.suggestion
+                out.append(f"suggested: {' '.join('--set ' + x for x in sets)} -> {sug.total / GIB:.2f} GiB")
+            elif not fits:
+                out.append("suggested: nothing within these settings fits; use a larger device or a smaller model")
+        return out
+
+
+def _settings(cfg: Config, device: str) -> Settings:
+    if device == device_kind():
+        precision = resolve_precision(cfg.train.precision)
+    else:
+        precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
+    if cfg.model.quantization == "4bit":
+        weights = "nf4"
+    elif cfg.model.dtype != "auto":
+        weights = cfg.model.dtype
+    else:  # as loading._auto_dtype: GPUs keep frozen weights in the compute dtype, CPUs in fp32
+        weights = precision if device == "cuda" and precision != "fp32" else "fp32"
+    return Settings(device, precision, weights, True, cfg.lora.r, cfg.train.per_device_train_batch_size,
+                    cfg.data.max_length, cfg.train.gradient_checkpointing, cfg.train.optim)
+
+
+def suggest(shape: ModelShape, s: Settings, path: TrainingPath, limit: int, grad_accum: int):
+    """The first change (in order of least harm to the result) that fits: a smaller batch with more
+    accumulation (same effective batch), gradient checkpointing, 4-bit weights (GPU), then a smaller rank."""
+    tried: list[tuple[list[str], Settings]] = []
+    batch = s.batch
+    while batch > 1:
+        batch //= 2
+        accum = grad_accum * s.batch // batch
+        tried.append(([f"train.per_device_train_batch_size={batch}", f"train.gradient_accumulation_steps={accum}"],
+                      replace(s, batch=batch)))
+    one = replace(s, batch=1)
+    base_sets = tried[-1][0] if tried else []
+    tried.append((base_sets + ["train.gradient_checkpointing=true"], replace(one, gradient_checkpointing=True)))
+    ckpt = tried[-1]
+    if s.device == "cuda" and s.weights != "nf4":
+        tried.append((ckpt[0] + ["model.quantization=4bit"], replace(ckpt[1], weights="nf4")))
+    last = tried[-1]
+    rank = s.rank
+    while rank > 4:
+        rank //= 2
+        tried.append((last[0] + [f"lora.r={rank}"], replace(last[1], rank=rank)))
+    for sets, settings in tried:
+        est = estimate(shape, settings, path)
+        if est.total <= limit:
+            return sets, est
+    return None
+
+
+def longest_example(cfg: Config) -> int | None:
+    """Tokens in the longest training example, when the data is a local file and the tokenizer is local;
+    None otherwise (a hub model's tokenizer is not downloaded for a plan)."""
+    from gemmatune.data import is_local, prepare
+    from gemmatune.loading import load_tokenizer, resolve_source
+
+    if not cfg.data.train_file or not is_local(cfg.data.train_file):
+        return None
+    source = resolve_source(cfg.model)
+    if source.kind == "hub":
+        return None
+    data = prepare(cfg.data, load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code), cfg.train.seed)
+    return max((len(e.input_ids) for e in data.train.examples), default=None)
+
+
+def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1, device: str | None = None,
+              seq_len: int | None = None) -> Plan:
+    if world_size < 1:
+        raise GemmatuneError(f"--world-size must be >= 1, got {world_size}")
+    device = device or ("cuda" if cfg.model.quantization == "4bit" else device_kind())
+    shape = measure(cfg)
+    settings = _settings(cfg, device)
+    if not shape.family.fp16_safe and settings.precision == "fp16":
+        raise GemmatuneError("config key train.precision: fp16 overflows in this model family; use bf16 or fp32")
+    seq_note = "data.max_length"
+    if seq_len is not None:
+        settings.seq_len, seq_note = seq_len, "--seq-len"
+    elif (longest := longest_example(cfg)) is not None:
+        # Batches are padded to their longest row, so the longest example sets the peak.
+        settings.seq_len, seq_note = longest, f"the longest training example; data.max_length={cfg.data.max_length}"
+    path = CUDA_FULL_LOGITS if device == "cuda" else CPU_FULL_LOGITS
+    est = estimate(shape, settings, path)
+    suggestion = None
+    if device_memory and est.total > device_memory:
+        suggestion = suggest(shape, settings, path, device_memory, cfg.train.gradient_accumulation_steps)
+    return Plan(shape, settings, path, est, world_size, cfg.train.gradient_accumulation_steps, seq_note,
+                device_memory, suggestion)

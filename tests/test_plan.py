@@ -1,0 +1,130 @@
+import importlib.util
+
+import pytest
+
+from gemmatune.cli import main
+from gemmatune.config import load_config
+from gemmatune.errors import GemmatuneError
+from gemmatune.plan import GIB, NF4_BYTES, estimate, make_plan, parse_size
+from tests.conftest import EXAMPLES_DIR
+
+E4B_EXAMPLE = str(EXAMPLES_DIR / "gemma3n-e4b-qlora.yaml")
+
+
+def _lora_params_gemma3n(r, layers, kv_layers, hidden=2048, q=2048, kv=512, inter=16384):
+    """r x sum(in + out) over q/k/v/o/gate/up/down, k/v only in layers that do not share KV."""
+    base = (hidden + q) + (q + hidden) + 3 * (hidden + inter)
+    return r * (layers * base + kv_layers * 2 * (hidden + kv))
+
+
+def test_plan_counts_match_a_real_peft_model_on_the_tiny_gemma3n(tiny_gemma3n):
+    from gemmatune.loading import load_model
+    from gemmatune.lora import attach_lora, wrapped_module_names
+
+    cfg = load_config(None, [f"model.name={tiny_gemma3n}", "train.precision=fp32"])
+    plan = make_plan(cfg)
+    model, report = attach_lora(load_model(cfg.model, "fp32").model, cfg.lora, plan.shape.family)
+    assert plan.shape.lora_params == report.trainable
+    assert plan.shape.total_params == report.total - report.trainable
+    assert plan.shape.wrapped == wrapped_module_names(model)
+    assert plan.estimate.parts["LoRA parameters"] == 4 * report.trainable
+
+
+def test_plan_e4b_example_offline(capsys):
+    assert main(["plan", E4B_EXAMPLE, "--device-memory", "16GiB"]) == 0
+    out = capsys.readouterr().out
+    assert f"{_lora_params_gemma3n(16, 35, 20):,} trainable" in out  # 37,191,680
+    assert "Gemma3nForCausalLM" in out and "6,835,235,568 parameters" in out
+    assert "q_proj 35, k_proj 20, v_proj 20, o_proj 35, gate_proj 35, up_proj 35, down_proj 35" in out
+    assert "weights nf4" in out and "fits 16 GiB: no" in out and "suggested: --set" in out
+
+
+@pytest.fixture(scope="module")
+def e2b_plan():
+    cfg = load_config(E4B_EXAMPLE, ["model.name=google/gemma-3n-E2B-it"])
+    return cfg, make_plan(cfg, device_memory=12 * GIB)
+
+
+def test_plan_e2b_and_world_size(e2b_plan):
+    cfg, plan = e2b_plan
+    assert plan.shape.layers == 30 and plan.shape.total_params == 4_435_182_688
+    assert plan.shape.lora_params == _lora_params_gemma3n(16, 30, 20, inter=8192)  # 20,008,960
+    # weights are replicated under data parallelism: per-device memory does not shrink with more devices
+    wide = make_plan(cfg, world_size=8)
+    assert wide.estimate.total == plan.estimate.total
+    assert "world size 8: 128 sequences per optimizer step" in "\n".join(wide.lines())
+
+
+def test_nf4_weights_and_suggestion_fit(e2b_plan):
+    from dataclasses import replace
+
+    _, small = e2b_plan
+    shape = small.shape
+    expected = shape.quantizable_params * NF4_BYTES + (shape.total_params - shape.quantizable_params) * 2
+    assert small.estimate.parts["weights"] == pytest.approx(expected)
+    bf16 = estimate(shape, replace(small.settings, weights="bf16"), small.path)
+    assert bf16.parts["weights"] == shape.total_params * 2
+    sets, est = small.suggestion
+    assert est.total <= 12 * GIB and any("per_device_train_batch_size" in s for s in sets)
+    assert estimate(shape, small.settings, small.path).total > 12 * GIB
+
+
+@pytest.mark.parametrize("typo,meant", [("google/gemma-3n-4b-it", "google/gemma-3n-E4B-it"),
+                                        ("google/gemma-3n-e2b-it", "google/gemma-3n-E2B-it"),
+                                        ("google/gemma-3-270M-it", "google/gemma-3-270m-it")])
+def test_near_miss_id_says_did_you_mean(typo, meant):
+    from gemmatune.loading import resolve_source
+
+    cfg = load_config(None, [f"model.name={typo}"])
+    with pytest.raises(GemmatuneError, match=f"did you mean {meant}\\?"):
+        resolve_source(cfg.model)
+
+
+def test_near_miss_id_fails_plan_too():
+    cfg = load_config(None, ["model.name=google/gemma-3n-4b-it"])
+    with pytest.raises(GemmatuneError, match="did you mean google/gemma-3n-E4B-it"):
+        make_plan(cfg)
+
+
+def test_fp16_refused_for_gemma3n_on_gpu_plans():
+    cfg = load_config(E4B_EXAMPLE, ["train.precision=fp16"])
+    with pytest.raises(GemmatuneError, match="fp16 overflows"):
+        make_plan(cfg)
+
+
+@pytest.mark.parametrize("text,size", [("16GiB", 16 * GIB), ("24GB", 24 * GIB), ("8192MiB", 8 * GIB), ("16", 16 * GIB)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_parse_size_refuses_garbage():
+    with pytest.raises(GemmatuneError, match="--device-memory"):
+        parse_size("lots")
+
+
+@pytest.mark.slow
+def test_quickstart_plan_is_within_25_percent_of_its_measured_peak_rss():
+    from gemmatune.plan import QUICKSTART_PEAK_RSS
+
+    plan = make_plan(load_config(EXAMPLES_DIR / "quickstart.yaml", ["train.precision=bf16"]), device="cpu")
+    assert "the longest training example" in plan.seq_note
+    assert abs(plan.estimate.total / QUICKSTART_PEAK_RSS - 1) < 0.25
+
+
+def test_plan_of_a_multimodal_checkpoint_plans_the_language_model(tmp_path):
+    from transformers import Gemma3nConfig
+
+    from tests.conftest import gemma3n_config
+
+    Gemma3nConfig(text_config=gemma3n_config().to_dict()).save_pretrained(tmp_path)
+    plan = make_plan(load_config(None, [f"model.name={tmp_path}", "train.precision=fp32"]), device="cpu")
+    assert plan.shape.model_class == "Gemma3nForCausalLM"
+    assert len(plan.shape.wrapped) == 5 * 10 + 2 * 5  # q/o/gate/up/down x 10 layers, k/v x 5
+    multimodal = load_config(None, [f"model.name={tmp_path}", "model.multimodal=true", "train.precision=fp32"])
+    if importlib.util.find_spec("timm") is None:
+        with pytest.raises(GemmatuneError, match="model.multimodal: the full gemma3n model needs timm"):
+            make_plan(multimodal, device="cpu")
+    else:
+        full = make_plan(multimodal, device="cpu")
+        assert full.shape.model_class == "Gemma3nForConditionalGeneration" and full.shape.wrapped == [
+            n.replace(".model.layers.", ".model.language_model.layers.") for n in plan.shape.wrapped]
