@@ -7,6 +7,7 @@ import logging
 import sys
 import textwrap
 
+from gemmatune.cli_use import add_commands as add_use_commands
 from gemmatune.errors import GemmatuneError
 
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
+    add_use_commands(sub)
     return parser
 
 
