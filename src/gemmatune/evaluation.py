@@ -105,7 +105,11 @@ class _RougeTokenizer:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 in [0, 1]; identical texts score 1 even when they hold no words (e.g. only punctuation)."""
     from rouge_score import rouge_scorer
+
+    if prediction.strip() == reference.strip():
+        return 1.0
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
     return scorer.score(reference, prediction)["rougeL"].fmeasure

@@ -71,8 +71,9 @@ def read_adapter(spec: str | Path) -> AdapterSource:
 class Generation:
     text: str  # the new text only, decoded from the new token ids
     stopped: bool  # ended on EOS / end-of-turn before max_new_tokens
-    new_tokens: int
+    new_tokens: int  # generated tokens, the stop token included
     adapter: str
+    token_ids: list[int]  # the new token ids, without the stop token
 
 
 @dataclass
@@ -187,7 +188,7 @@ class TunedModel:
             stop = next((k for k, tok in enumerate(row) if tok in self.stop_ids), None)
             new = row if stop is None else row[:stop]
             text = self.tokenizer.decode(new, skip_special_tokens=True)
-            results.append(Generation(text, stop is not None, len(new) + (stop is not None), name))
+            results.append(Generation(text, stop is not None, len(new) + (stop is not None), name, new))
         return results
 
     @property
