@@ -15,6 +15,7 @@ ADAPTER_HELP = ("an adapter: a run folder (its base model and template are reuse
 
 
 def _model_options(p: argparse.ArgumentParser, adapters_required: bool = False) -> None:
+    _debug_option(p)
     p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="[NAME=]PATH",
                    required=adapters_required, help=ADAPTER_HELP)
     p.add_argument("--base", metavar="MODEL", help="base model: embedded, a hub id, a model folder or a .gguf file "
@@ -24,6 +25,11 @@ def _model_options(p: argparse.ArgumentParser, adapters_required: bool = False) 
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="compute precision (default auto: bf16 where the hardware has it, else fp32)")
     p.add_argument("--cache-dir", help="where the embedded model is cached (default ~/.cache/gemmatune)")
+
+
+def _debug_option(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS as default: `gemmatune --debug eval ...` must not be reset to False by the subcommand.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -97,6 +103,7 @@ def add_commands(sub) -> None:
                                    "adapter folder.",
                        epilog="examples:\n  gemmatune merge runs/quickstart --out merged/quickstart\n"
                               "  gemmatune merge --combine runs/billing:0.7 runs/shipping:0.3 --out runs/mix")
+    _debug_option(p)
     p.add_argument("adapter", nargs="?", help="run folder or PEFT adapter folder to merge")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be new or empty)")
     p.add_argument("--combine", nargs="+", metavar="ADAPTER:WEIGHT",

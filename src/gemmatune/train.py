@@ -68,7 +68,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     runs.write_record(run_dir, record)
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
-    if cfg.data.test_file:
+    if cfg.data.test_file and trainer.is_world_process_zero():
         evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision)
     return TrainResult(run_dir, model, tokenizer, record)
 
