@@ -7,6 +7,7 @@ import logging
 import sys
 import textwrap
 
+from gemmatune.cli_use import add_commands as add_use_commands
 from gemmatune.errors import GemmatuneError
 
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="tokens per sequence instead of data.max_length")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_plan)
+    add_use_commands(sub)
     return parser
 
 

@@ -110,3 +110,24 @@ def _tokenize_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> To
         labels += (list(prompt_part) if train_on_prompt else [IGNORE] * len(prompt_part)) + reply_part
         rendered = through
     return Tokenized(ids, labels)
+
+
+def prompt_ids(row: dict, template: str, tokenizer) -> list[int]:
+    """Token ids the model continues to answer `row`, split exactly as `tokenize_row` splits them in training.
+
+    A trailing assistant message (the reference answer) is dropped; earlier turns are encoded turn by turn
+    as in training, so a multi-turn prompt sees the same token boundaries the adapter learned on.
+    """
+    if template in _ALPACA:
+        return _encode(tokenizer, prompt_text(row, template, tokenizer), True)
+    if template != "chat":
+        raise GemmatuneError(f"template {template} has no prompt/response split; generation needs alpaca or chat")
+    messages = row["messages"] if "messages" in row else alpaca_messages(row)
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    done = messages[: last_reply + 1]
+    ids = _tokenize_chat(done, tokenizer, True).input_ids if done else []
+    rendered = tokenizer.apply_chat_template(done, tokenize=False) if done else ""
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return ids + _encode(tokenizer, full[len(rendered):], False)

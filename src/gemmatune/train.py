@@ -16,6 +16,7 @@ from gemmatune.callbacks import MetricsCallback, NonFiniteLossCallback
 from gemmatune.config import Config
 from gemmatune.data import ExampleDataset, PadCollator, prepare
 from gemmatune.errors import GemmatuneError
+from gemmatune.evaluation import evaluate_after_training
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.loading import load_model
 from gemmatune.lora import attach_lora
@@ -82,6 +83,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     dist.wait_for_everyone()
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
+    if cfg.data.test_file and dist.is_main_process:
+        evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision)
     return TrainResult(run_dir, model, tokenizer, record, dist.is_main_process)
 
 

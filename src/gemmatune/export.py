@@ -1,0 +1,144 @@
+"""`gemmatune merge`: fold an adapter into a standalone model, or combine adapters into a new one.
+
+A merged folder is an ordinary Hugging Face model folder (safetensors, tokenizer, chat template, a
+generation config that stops on EOS and end-of-turn) that stock `AutoModelForCausalLM` loads.
+A combined adapter is an ordinary PEFT adapter folder that gemmatune (or PEFT) loads like a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gemmatune.config import Config, DataConfig, dump_config
+from gemmatune.errors import GemmatuneError
+from gemmatune.infer import MERGED_INFO, TunedModel, load, read_adapter
+from gemmatune.runs import CONFIG_FILE, RECORD_FILE, now, write_atomic
+
+log = logging.getLogger(__name__)
+
+COMBINATIONS = ("cat", "svd", "linear")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _fresh_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise GemmatuneError(f"{out_dir} already exists and is not empty; choose another --out or add --overwrite")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move a finished folder into place, so a crash never leaves a half-written model."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+
+
+def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto",
+          overwrite: bool = False) -> Path:
+    """Fold one adapter into its base model's weights and save a standalone model folder.
+
+    The adapter is merged into unquantized weights: for an adapter trained on a 4-bit base (QLoRA) the
+    base is loaded again in bf16 and merged there, never re-quantized. `dtype` (auto|bf16|fp16|fp32) is
+    the saved dtype; auto keeps the checkpoint's own dtype (bf16 for a QLoRA base).
+    """
+    out_dir = Path(out_dir)
+    _fresh_output(out_dir, overwrite)
+    source = read_adapter(adapter)
+    if dtype not in ("auto", *_DTYPES):
+        raise GemmatuneError(f"--dtype: must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    if source.model.quantization == "4bit" and base is None:
+        log.warning("%s was trained on a 4-bit base: merging into a 16-bit (bf16) copy of the base, not into "
+                    "re-quantized weights", source.path)
+    # Merging is exact arithmetic on the weights: do it in fp32, then store in the chosen dtype.
+    tuned = load([adapter], base=base, precision="fp32", force_unquantized=True)
+    save_dtype = _save_dtype(tuned, dtype, source.model.quantization == "4bit")
+    merged = tuned.model.merge_and_unload().to(save_dtype)
+    merged.generation_config.eos_token_id = tuned.stop_ids
+    merged.generation_config.pad_token_id = tuned.tokenizer.pad_token_id
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
+        folder = Path(tmp) / "model"
+        merged.save_pretrained(folder)
+        tuned.tokenizer.save_pretrained(folder)
+        info = {"merged_from": str(source.path.resolve()), "base_model": source.model.name,
+                "template": tuned.template_for(source.name), "dtype": str(save_dtype).removeprefix("torch."),
+                "stop_token_ids": tuned.stop_ids, "created": now()}
+        write_atomic(folder / MERGED_INFO, json.dumps(info, indent=2) + "\n")
+        _publish(folder, out_dir)
+    log.info("merged %s into %s (%s)", source.path, out_dir, info["dtype"])
+    return out_dir
+
+
+def _save_dtype(tuned: TunedModel, dtype: str, was_4bit: bool) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if was_4bit:
+        return torch.bfloat16
+    stored = getattr(tuned.model.base_model.model.config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """`PATH:WEIGHT` (the last colon splits, so paths may hold colons)."""
+    path, sep, weight = spec.rpartition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return path, float(weight)
+    except ValueError:
+        raise GemmatuneError(f"--combine {spec!r}: expected ADAPTER:WEIGHT, e.g. runs/billing:0.7") from None
+
+
+def combine(weighted: list[tuple[str, float]], out_dir: str | Path, combination: str = "cat",
+            base: str | None = None, overwrite: bool = False) -> Path:
+    """Combine adapters with weights into a new adapter folder (PEFT `add_weighted_adapter`).
+
+    `cat` (default) stacks the adapters: its update is exactly the weighted sum of their updates, at the
+    sum of their ranks. `svd` compresses that sum back to the largest rank; `linear` mixes the A and B
+    matrices directly (same ranks needed; only approximately the weighted sum).
+    """
+    if len(weighted) < 2:
+        raise GemmatuneError("--combine needs at least two ADAPTER:WEIGHT items")
+    if combination not in COMBINATIONS:
+        raise GemmatuneError(f"--combination: must be one of {', '.join(COMBINATIONS)}, got {combination!r}")
+    out_dir = Path(out_dir)
+    _fresh_output(out_dir, overwrite)
+    sources = [read_adapter(path) for path, _ in weighted]
+    tuned = load([path for path, _ in weighted], base=base, precision="fp32", force_unquantized=True)
+    names = [s.name for s in sources]
+    new_name = "combined"
+    while new_name in names:
+        new_name += "_"
+    try:
+        tuned.model.add_weighted_adapter(names, [w for _, w in weighted], new_name, combination_type=combination)
+    except ValueError as exc:
+        raise GemmatuneError(f"--combine: PEFT cannot combine these adapters ({str(exc).splitlines()[0]})") from None
+    template = tuned.template_for(names[0])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
+        tuned.model.save_pretrained(tmp, selected_adapters=[new_name])
+        folder = Path(tmp) / new_name  # PEFT saves a non-default adapter in a subfolder of its name
+        tuned.tokenizer.save_pretrained(folder)
+        # The run-folder files gemmatune reads back: which base, which template, where it came from.
+        cfg = Config(model=sources[0].model, data=DataConfig(template=template))
+        write_atomic(folder / CONFIG_FILE, dump_config(cfg))
+        record = {"finished": now(), "combined_from": [{"adapter": str(s.path.resolve()), "weight": w}
+                                                       for s, (_, w) in zip(sources, weighted, strict=True)],
+                  "combination": combination, "base_model": {"source": sources[0].model.name,
+                                                             "class": sources[0].base_class},
+                  "data": {"template": template}}
+        write_atomic(folder / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+        _publish(folder, out_dir)
+    log.info("combined %s into %s (%s)", ", ".join(f"{n}:{w}" for n, (_, w) in zip(names, weighted, strict=True)),
+             out_dir, combination)
+    return out_dir

@@ -1,0 +1,298 @@
+"""Load a base model with zero, one or several adapters and generate from it.
+
+An adapter is a run folder (its config.yaml/run.json name the base model and template it was
+trained with, and those are reused) or any PEFT adapter folder. Generation is batched with left
+padding, stops on EOS and the family's end-of-turn token, and decodes only the new token ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemmatune.config import TEMPLATES, ModelConfig, load_config
+from gemmatune.errors import GemmatuneError
+from gemmatune.loading import load_model, stop_token_ids
+from gemmatune.runs import CONFIG_FILE, read_record
+from gemmatune.templates import prompt_ids
+
+log = logging.getLogger(__name__)
+
+BASE = "base"  # the adapter name that means "no adapter"
+PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in mixed-batch inference
+MERGED_INFO = "gemmatune.json"  # written by `gemmatune merge` beside a merged model
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    name: str
+    path: Path
+    template: str | None  # the template it was trained with, when the folder says
+    model: ModelConfig  # the base model it was trained on
+    base_class: str | None  # model class recorded at training time
+
+
+def read_adapter(spec: str | Path) -> AdapterSource:
+    """`PATH` or `NAME=PATH`: a run folder or a PEFT adapter folder."""
+    spec = str(spec)
+    name, sep, path_text = spec.partition("=")
+    if not sep or Path(spec).exists():
+        name, path_text = "", spec
+    path = Path(path_text).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        if (path / "config.json").is_file():
+            raise GemmatuneError(f"adapter {path} is a full model folder, not an adapter; pass it as the base model")
+        raise GemmatuneError(
+            f"adapter {path}: no adapter_config.json there; give a run folder or a PEFT adapter folder")
+    name = name or path.resolve().name
+    if name in (BASE, PEFT_BASE):
+        raise GemmatuneError(f"adapter {path}: the name '{name}' is reserved for the base model; use NAME=PATH")
+    record = read_record(path)
+    template = (record.get("data") or {}).get("template")
+    if (path / CONFIG_FILE).is_file():
+        cfg = load_config(path / CONFIG_FILE)
+        model = cfg.model
+        if template is None and cfg.data.template != "auto":
+            template = cfg.data.template
+    else:
+        adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        model = ModelConfig(name=adapter_config.get("base_model_name_or_path") or "embedded")
+    base_class = (record.get("base_model") or {}).get("class")
+    return AdapterSource(name, path, template, model, base_class)
+
+
+@dataclass
+class Generation:
+    text: str  # the new text only, decoded from the new token ids
+    stopped: bool  # ended on EOS / end-of-turn before max_new_tokens
+    new_tokens: int  # generated tokens, the stop token included
+    adapter: str
+    token_ids: list[int]  # the new token ids, without the stop token
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 200
+    greedy: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GemmatuneError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise GemmatuneError("sampling needs temperature > 0, top_p in (0, 1] and top_k >= 0; or use greedy")
+
+
+class TunedModel:
+    """A base model with its adapters; `generate` picks one adapter per call or one per row."""
+
+    def __init__(self, model, tokenizer, family, template: str, adapters: dict[str, str | None], precision: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = family
+        self.template = template  # for the base model and for adapters that do not name their own
+        self.adapters = adapters  # name -> template it was trained with (None: unknown)
+        self.precision = precision
+        self.stop_ids = stop_token_ids(tokenizer, family)
+        self.model.eval()
+
+    @property
+    def default_adapter(self) -> str:
+        return next(iter(self.adapters), BASE)
+
+    def template_for(self, adapter: str) -> str:
+        return self.adapters.get(adapter) or self.template
+
+    def check_adapter(self, adapter: str | None) -> str:
+        name = adapter or self.default_adapter
+        if name != BASE and name not in self.adapters:
+            known = ", ".join([BASE, *self.adapters])
+            raise GemmatuneError(f"adapter '{name}' is not loaded; loaded: {known}")
+        return name
+
+    def prompt_ids(self, row: dict | str, adapter: str | None = None) -> list[int]:
+        """Token ids of a prompt (text, Alpaca row or chat row) in the adapter's template, as in training."""
+        if isinstance(row, str):
+            row = {"instruction": row, "input": ""}
+        template = self.template_for(self.check_adapter(adapter))
+        if "messages" in row and template != "chat":
+            raise GemmatuneError(f"a chat row (messages) needs the chat template, but the template is {template}")
+        return prompt_ids(row, template, self.tokenizer)
+
+    def generate(
+        self,
+        prompts: Sequence[dict | str] | dict | str,
+        adapter: str | None | Sequence[str | None] = None,
+        settings: SamplingSettings | None = None,
+        batch_size: int = 8,
+        streamer=None,
+        **sampling,
+    ) -> list[Generation]:
+        """Generate for one prompt or many; `adapter` is one name for all rows, or one per row.
+
+        A prompt is text (treated as an instruction), an Alpaca row or a chat row. `adapter=None` uses the
+        first loaded adapter; `"base"` the base model alone. Sampling keywords (max_new_tokens, greedy,
+        temperature, top_p, top_k, seed) override `settings`.
+        """
+        rows = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
+        if len(names) != len(rows):
+            raise GemmatuneError(f"got {len(names)} adapter names for {len(rows)} prompts; give one per prompt")
+        names = [self.check_adapter(n) for n in names]
+        ids = [self.prompt_ids(row, name) for row, name in zip(rows, names, strict=True)]
+        settings = SamplingSettings(**{**vars(settings or SamplingSettings()), **sampling})
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        # Similar lengths together: less padding. Results go back in the caller's order.
+        order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
+        results: list[Generation | None] = [None] * len(rows)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            out = self._generate_batch([ids[i] for i in chunk], [names[i] for i in chunk], settings, streamer)
+            for i, gen in zip(chunk, out, strict=True):
+                results[i] = gen
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, batch: list[list[int]], names: list[str], settings: SamplingSettings,
+                        streamer) -> list[Generation]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):  # left padding: every row's next token is at the same column
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = 1
+        kwargs = {"max_new_tokens": settings.max_new_tokens, "eos_token_id": self.stop_ids, "pad_token_id": pad,
+                  "use_cache": True, "do_sample": not settings.greedy}
+        if settings.greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        device = self.device
+        with self.adapter_context(names) as extra, torch.no_grad(), self.autocast():
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                      **kwargs, **extra)
+        results = []
+        for row, name in zip(out[:, width:].tolist(), names, strict=True):
+            stop = next((k for k, tok in enumerate(row) if tok in self.stop_ids), None)
+            new = row if stop is None else row[:stop]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            results.append(Generation(text, stop is not None, len(new) + (stop is not None), name, new))
+        return results
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def autocast(self):
+        """bf16 autocast on CPUs with native bf16, as in training; GPUs already hold bf16 weights."""
+        if self.precision == "bf16" and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def adapter_context(self, names: Sequence[str]) -> Iterator[dict]:
+        """Run with one adapter, with none (the base), or one per row (PEFT mixed-batch: adapter_names=)."""
+        distinct = set(names)
+        if not self.adapters:
+            yield {}
+        elif len(distinct) > 1:
+            yield {"adapter_names": [PEFT_BASE if n == BASE else n for n in names]}
+        elif BASE in distinct:
+            with self.model.disable_adapter():
+                yield {}
+        else:
+            self.model.set_adapter(names[0])
+            yield {}
+
+
+def load(
+    adapters: Sequence[str | Path] = (),
+    base: str | None = None,
+    template: str | None = None,
+    precision: str = "auto",
+    cache_dir: str | None = None,
+    trust_remote_code: bool = False,
+    force_unquantized: bool = False,
+) -> TunedModel:
+    """A base model with adapters loaded, ready to generate.
+
+    `adapters`: run folders or PEFT adapter folders, each `PATH` or `NAME=PATH` (name defaults to the folder
+    name). `base`: the base model (embedded, hub id, folder, .gguf); by default the one the first adapter
+    was trained on. `template`: alpaca-zh, alpaca-en or chat; by default the first adapter's.
+    `force_unquantized`: load a QLoRA adapter's base unquantized (for merging) even where CUDA is present.
+    """
+    sources = [read_adapter(a) for a in adapters]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise GemmatuneError(f"two adapters are both named '{names[0]}'; name them with NAME=PATH")
+    model_cfg = _base_config(sources, base, cache_dir, trust_remote_code)
+    if force_unquantized:
+        model_cfg.quantization = "none"
+    loaded = load_model(model_cfg, precision)
+    model = loaded.model
+    for src in sources:
+        if src.base_class and src.base_class != type(model).__name__:
+            raise GemmatuneError(
+                f"adapter {src.path} was trained on a {src.base_class}, but the base loads as {type(model).__name__}; "
+                "its weights would not apply. Load the base it was trained on"
+            )
+    if torch.cuda.is_available() and model_cfg.quantization != "4bit":
+        model = model.to("cuda")
+    if sources:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(sources[0].path), adapter_name=sources[0].name)
+        for src in sources[1:]:
+            model.load_adapter(str(src.path), adapter_name=src.name)
+        model.set_adapter(sources[0].name)
+    chosen = template or (sources[0].template if sources else None) or _merged_template(model_cfg.name)
+    if chosen is None:
+        chosen = "chat" if loaded.tokenizer.chat_template else "alpaca-en"
+    if chosen not in TEMPLATES or chosen in ("auto", "text"):
+        raise GemmatuneError(f"template {chosen!r}: generation needs alpaca-zh, alpaca-en or chat")
+    log.info("loaded %s with %s; template %s", loaded.source.describe(),
+             ", ".join(names) if names else "no adapter", chosen)
+    return TunedModel(model, loaded.tokenizer, loaded.family, chosen, {s.name: s.template for s in sources},
+                      loaded.precision)
+
+
+def _base_config(sources: list[AdapterSource], base: str | None, cache_dir: str | None,
+                 trust_remote_code: bool) -> ModelConfig:
+    if base is not None:
+        return ModelConfig(name=base, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    if not sources:
+        return ModelConfig(name="embedded", cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    first = sources[0]
+    for other in sources[1:]:
+        if other.model.name != first.model.name:
+            raise GemmatuneError(
+                f"adapters {first.path} and {other.path} were trained on different bases ({first.model.name} vs "
+                f"{other.model.name}); load them separately or name one base with --base"
+            )
+    cfg = ModelConfig(**vars(first.model))
+    if cache_dir:
+        cfg.cache_dir = cache_dir
+    if cfg.quantization == "4bit" and not torch.cuda.is_available():
+        log.warning("adapter %s was trained on a 4-bit base; without CUDA it runs on the 16/32-bit base", first.path)
+        cfg.quantization = "none"
+    return cfg
+
+
+def _merged_template(base: str) -> str | None:
+    """The template recorded by `gemmatune merge` in a merged model folder."""
+    info = Path(base) / MERGED_INFO
+    if info.is_file():
+        return json.loads(info.read_text(encoding="utf-8")).get("template")
+    return None
