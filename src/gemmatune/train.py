@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 
 from gemmatune import runs
 from gemmatune.callbacks import MetricsCallback
@@ -43,6 +44,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     run_dir = runs.open_run_dir(cfg, resume, overwrite, force)
     check_inputs(cfg)
     threads = set_threads(cfg.train.num_threads)
+    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn when attached, before the Trainer seeds anything
     loaded = load_model(cfg.model, cfg.train.precision)
     tokenizer, family = loaded.tokenizer, loaded.family
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
