@@ -82,9 +82,10 @@ class NonFiniteGuard(TrainerCallback):
         kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint had been saved yet"
         why = (f"{MAX_CONSECUTIVE_SKIPS} steps in a row had a non-finite {self.what}"
                if self.mode == "skip" else f"the {self.what} was not finite (nan or inf)")
+        hint = "" if self.mode == "skip" else "; set train.on_nonfinite=skip to skip such steps"
         return TrainingDiverged(
             f"training stopped at step {self.stopped_at}: {why}; {kept}. Lower train.learning_rate or check the "
-            "data; set train.on_nonfinite=skip to skip such steps"
+            f"data{hint}"
         )
 
 
