@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--force", action="store_true",
                    help="with --resume: continue although train/data keys changed (model and lora keys never)")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    # SUPPRESS as default: otherwise this subcommand's False overwrites a `gemmatune --debug train`.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
     return parser
 
