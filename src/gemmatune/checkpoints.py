@@ -180,6 +180,22 @@ def is_out_of_space(exc: BaseException) -> bool:
     return any(s in text for s in ("no space left", "storagefull", "disk quota", "file too large", "write failed"))
 
 
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _no_room_for_checkpoint(folder: Path, staged: Path) -> bool:
+    """After a failed save: would a checkpoint the size of the last one have fitted? torch reports a full
+    disk only as "[enforce fail at inline_container.cc] unexpected pos", so the free space has to tell."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return False
+    complete = complete_checkpoints(folder)
+    needed = _tree_bytes(complete[-1]) if complete else 16 * 2**20
+    return free + _tree_bytes(staged) < needed
+
+
 def out_of_space_error(what: str, folder: Path, exc: BaseException) -> GemmatuneError:
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
@@ -234,7 +250,7 @@ class AtomicCheckpointTrainer(Trainer):
             os.replace(staged, target)
             _fsync_dir(final_root)
         except Exception as exc:
-            if is_out_of_space(exc):
+            if is_out_of_space(exc) or _no_room_for_checkpoint(final_root, staged):
                 raise out_of_space_error(name, final_root, exc) from exc
             raise
         finally:

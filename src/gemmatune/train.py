@@ -64,7 +64,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     runs.start_run_dir(run_dir, cfg, overwrite, resume)
     checkpoint = resume_point(run_dir) if resume else None
     with stop:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except BaseException:
+            close_progress_bar(trainer)  # so the error starts on a line of its own
+            raise
     if guard.stopped_at is not None:
         raise guard.error(latest_complete(run_dir / runs.CHECKPOINTS))
     if stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
@@ -90,6 +94,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
     return TrainResult(run_dir, model, tokenizer, record)
+
+
+def close_progress_bar(trainer) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
+            cb.training_bar.close()
 
 
 def disable_cache(model, family) -> None:
