@@ -66,21 +66,3 @@ class LossProgressCallback(ProgressCallback):
             self.training_bar.set_postfix(post, refresh=True)
         if "eval_loss" in logs:
             self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
-
-
-class NonFiniteLossCallback(TrainerCallback):
-    """Stop at the first NaN/inf train loss: later steps only spread it through the adapter.
-
-    Raises GemmatuneError (one line, exit 2) naming the step and what usually causes it; checkpoints
-    saved before that step stay in the run folder.
-    """
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            from gemmatune.errors import GemmatuneError
-
-            raise GemmatuneError(
-                f"train loss became {loss} at step {state.global_step}; lower train.learning_rate, keep "
-                "train.max_grad_norm > 0, and use bf16 or fp32 (fp16 overflows in Gemma 3n)"
-            )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import textwrap
 
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue although train/data keys changed (model and lora keys never)")
+    # SUPPRESS as default: otherwise this subcommand's False overwrites a `gemmatune --debug train`.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -78,10 +82,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gemmatune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing torch: a typo is reported at once
+    _quiet_libraries()
     from gemmatune.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
+    if result.stopped:
+        again = ["gemmatune", "train", *([args.config] if args.config else [])]
+        again += [a for item in args.overrides for a in ("--set", item)] + ["--resume"]
+        if result.is_main_process:
+            print(f"{result.stopped}; continue with: {shlex.join(again)}")
+        return 0
     if result.is_main_process:
         print(f"run folder: {result.run_dir}")
     return 0
@@ -101,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        _quiet_libraries()
         return args.func(args)
     except GemmatuneError as exc:
         if args.debug:

@@ -133,6 +133,11 @@ class TrainConfig:
     )
     seed: int = _f(42, "Seed for data order, dropout and the validation split.")
     num_threads: int | None = _f(None, "CPU threads for torch; None uses the cores this process may use.")
+    on_nonfinite: str = _f(
+        "stop",
+        "A nan/inf loss or gradient: stop (end the run at that step, keep the last good checkpoint) or skip "
+        "(drop that optimizer step, count it in run.json).",
+    )
 
 
 @dataclass
@@ -300,6 +305,7 @@ def validate(cfg: Config) -> None:
     _check(t.early_stopping_patience is None or t.early_stopping_patience > 0, "train.early_stopping_patience",
            f"must be > 0, got {t.early_stopping_patience}")
     _check(t.num_threads is None or t.num_threads > 0, "train.num_threads", f"must be > 0, got {t.num_threads}")
+    _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}")
     _check(bool(t.run_name) or t.run_name is None, "train.run_name", "must not be empty")
     if t.run_name:
         _check("/" not in t.run_name and t.run_name not in (".", ".."), "train.run_name",

@@ -15,6 +15,8 @@ import torch
 from gemmatune.config import ModelConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import resolve_precision
+from gemmatune.hub import use_cache_only
+from gemmatune.integrity import check_weight_folder
 from gemmatune.models import ModelFamily, all_known_ids, family_for
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ class ModelSource:
     path: str  # folder path, GGUF folder, or hub id
     gguf_file: str | None = None
     revision: str | None = None
+    local_only: bool = False  # hub unreachable, model cached: load without network requests
 
     def describe(self) -> str:
         return {"embedded": f"embedded Gemma 3 270M ({self.path})", "gguf": f"GGUF {self.path}/{self.gguf_file}"}.get(
@@ -94,6 +97,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise GemmatuneError(f"model.name: folder {path} has no config.json; is it a Hugging Face model folder?")
+        check_weight_folder(path, "model.name")
         return ModelSource("folder", str(path))
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise GemmatuneError(
@@ -103,7 +107,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     if name.lower().startswith("google/gemma") and name not in known:
         hint = f"; did you mean {close}?" if (close := closest_known_id(name, known)) else ""
         raise GemmatuneError(f"model.name: {name} is not a Gemma model on the hub{hint}")
-    return ModelSource("hub", name, revision=cfg.revision)
+    return ModelSource("hub", name, revision=cfg.revision, local_only=use_cache_only(name, cfg.revision))
 
 
 def closest_known_id(name: str, known: tuple[str, ...]) -> str | None:
@@ -127,7 +131,8 @@ def _hub_error(source: ModelSource, exc: Exception) -> GemmatuneError:
 def load_tokenizer(source: ModelSource, family: ModelFamily | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
-    kwargs = {"gguf_file": source.gguf_file, "revision": source.revision, "trust_remote_code": trust_remote_code}
+    kwargs = {"gguf_file": source.gguf_file, "revision": source.revision, "trust_remote_code": trust_remote_code,
+              "local_files_only": source.local_only}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **{k: v for k, v in kwargs.items() if v})
     except OSError as exc:
@@ -170,7 +175,8 @@ def load_model(cfg: ModelConfig, precision: str = "auto") -> Loaded:
             "use quantization: none (LoRA on bf16/fp32 weights)"
         )
     source = resolve_source(cfg)
-    common = {"revision": source.revision, "trust_remote_code": cfg.trust_remote_code, "gguf_file": source.gguf_file}
+    common = {"revision": source.revision, "trust_remote_code": cfg.trust_remote_code, "gguf_file": source.gguf_file,
+              "local_files_only": source.local_only}
     common = {k: v for k, v in common.items() if v}
     try:
         config = AutoConfig.from_pretrained(source.path, **common)

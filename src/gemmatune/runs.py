@@ -51,7 +51,7 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / (cfg.train.run_name or "run")
 
 
-def open_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+def open_run_dir(cfg: Config, resume: bool, overwrite: bool, force: bool = False) -> Path:
     """Check the run folder against the request before any work; nothing is created here."""
     run_dir = run_dir_for(cfg)
     if not run_dir.exists() or not any(run_dir.iterdir()):
@@ -73,10 +73,13 @@ def open_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
             f"{s}.{k}" for s in now for k in now[s]
             if before[s].get(k) != now[s][k] and (s, k) not in _RESUMABLE_CHANGES
         ]
-        if changed:
+        # The model and LoRA shape decide what the checkpoint holds: no --force makes those fit.
+        fixed = [k for k in changed if k.split(".")[0] in ("model", "lora")]
+        if changed and (fixed or not force):
+            hint = "" if fixed else ", add --force to resume with it anyway"
             raise GemmatuneError(
-                f"--resume: the config differs from the one {run_dir} was started with ({', '.join(changed)}); "
-                "resume with the same config or start a new run"
+                f"--resume: the config differs from the one {run_dir} was started with ({', '.join(fixed or changed)})"
+                f"; resume with the same config or start a new run{hint}"
             )
     return run_dir
 
@@ -85,7 +88,7 @@ def open_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
 _RESUMABLE_CHANGES = {
     ("train", "num_train_epochs"), ("train", "max_steps"), ("train", "logging_steps"), ("train", "save_steps"),
     ("train", "eval_steps"), ("train", "save_total_limit"), ("train", "num_threads"),
-    ("train", "early_stopping_patience"), ("data", "test_file"),
+    ("train", "early_stopping_patience"), ("train", "on_nonfinite"), ("data", "test_file"),
 }
 
 

@@ -12,14 +12,18 @@ import torch
 from transformers import set_seed
 
 from gemmatune import runs
-from gemmatune.callbacks import MetricsCallback, NonFiniteLossCallback
+from gemmatune.callbacks import MetricsCallback
+from gemmatune.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
 from gemmatune.config import Config
 from gemmatune.data import ExampleDataset, PadCollator, prepare
 from gemmatune.errors import GemmatuneError
 from gemmatune.evaluation import evaluate_after_training
+from gemmatune.guards import GuardedTrainer, NonFiniteGuard
 from gemmatune.hardware import device_kind, set_threads
+from gemmatune.interrupts import StopOnSignal
 from gemmatune.loading import load_model
 from gemmatune.lora import attach_lora
+from gemmatune.preflight import check_inputs
 
 log = logging.getLogger("gemmatune")
 
@@ -31,17 +35,20 @@ class TrainResult:
     tokenizer: object
     record: dict
     is_main_process: bool = True
+    stopped: str | None = None  # set when a signal stopped the run early: what happened and where it was saved
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: bool = False) -> TrainResult:
     """Fine-tune per `cfg` into its run folder. Raises GemmatuneError for anything the user can fix."""
     started = time.perf_counter()
 
     # --- setup: everything that can fail on bad input happens before the run folder is touched
     dist = distributed_state()
-    run_dir = runs.open_run_dir(cfg, resume, overwrite)
+    run_dir = runs.open_run_dir(cfg, resume, overwrite, force)
+    check_inputs(cfg)
     dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
     threads = set_threads(cfg.train.num_threads)
+    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn when attached, before the Trainer seeds anything
     loaded = load_model(cfg.model, cfg.train.precision)
     tokenizer, family = loaded.tokenizer, loaded.family
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
@@ -52,10 +59,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     if data.eval:
         log.info(data.eval.report.line("eval", cfg.data.max_length))
     disable_cache(loaded.model, family)
-    set_seed(cfg.train.seed)  # LoRA A is random: the same seed gives the same start on every rank and rerun
     model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit")
     log.info(report.line())
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision)
+    stop, guard = StopOnSignal(), NonFiniteGuard(cfg.train.on_nonfinite)
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision, [stop, guard])
     t = cfg.train
     log.info("global batch: %d examples per optimizer step (%d per device x %d accumulation x %d processes)",
              t.per_device_train_batch_size * t.gradient_accumulation_steps * dist.num_processes,
@@ -65,8 +72,19 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     if dist.is_main_process:
         runs.start_run_dir(run_dir, cfg, overwrite, resume)
     dist.wait_for_everyone()
-    checkpoint = True if resume and any((run_dir / runs.CHECKPOINTS).glob("checkpoint-*")) else None
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    checkpoint = resume_point(run_dir) if resume else None
+    with stop:
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except BaseException:
+            close_progress_bar(trainer)  # so the error starts on a line of its own
+            raise
+    if guard.stopped_at is not None:
+        raise guard.error(latest_complete(run_dir / runs.CHECKPOINTS))
+    if stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
+        saved = latest_complete(run_dir / runs.CHECKPOINTS)
+        return TrainResult(run_dir, model, tokenizer, {}, dist.is_main_process,
+                           f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in {saved}")
     metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
     metrics_cb.final = True
     final_eval = trainer.evaluate() if data.eval else {}
@@ -74,12 +92,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     # --- save (rank 0 only; the others wait so no process exits while files are being written)
     record = run_record(cfg, loaded, data, report, result, final_eval, metrics_cb.tokens_per_second,
                         threads, time.perf_counter() - started, dist.num_processes)
+    record["training"]["nonfinite_steps_skipped"] = guard.skipped_steps
     # Under FSDP the weights are sharded: gathering them is collective, so every rank takes part.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if dist.is_main_process:
-        runs.save_adapter(model, tokenizer, run_dir, state_dict)
-        runs.plot_losses(run_dir)
-        runs.write_record(run_dir, record)
+        try:
+            runs.save_adapter(model, tokenizer, run_dir, state_dict)
+            runs.plot_losses(run_dir)
+            runs.write_record(run_dir, record)
+        except Exception as exc:
+            if is_out_of_space(exc):
+                raise out_of_space_error("the adapter", run_dir, exc) from exc
+            raise
     dist.wait_for_everyone()
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
@@ -98,6 +122,14 @@ def distributed_state():
     return state
 
 
+def close_progress_bar(trainer) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
+            cb.training_bar.close()
+
+
 def disable_cache(model, family) -> None:
     """No KV cache in training: with a cache, packed sequences would attend to each other."""
     model.config.use_cache = False
@@ -106,8 +138,8 @@ def disable_cache(model, family) -> None:
         text_config.use_cache = False
 
 
-def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str):
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str, extra_callbacks=()):
+    from transformers import EarlyStoppingCallback, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
     from gemmatune.callbacks import LossProgressCallback
@@ -148,7 +180,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         eval_on_start=has_eval,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # retention is GuardedTrainer's: it counts only complete checkpoints
         load_best_model_at_end=best_at_end,
         metric_for_best_model="eval_loss" if best_at_end else None,
         greater_is_better=False if best_at_end else None,
@@ -162,10 +194,11 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         use_cpu=device_kind() == "cpu",
         disable_tqdm=False,
     )
-    callbacks = [MetricsCallback(run_dir), NonFiniteLossCallback()]
+    callbacks = [MetricsCallback(run_dir), *extra_callbacks]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = Trainer(
+    trainer = GuardedTrainer(
+        keep_checkpoints=t.save_total_limit,
         model=model,
         args=args,
         train_dataset=ExampleDataset(data.train.examples),

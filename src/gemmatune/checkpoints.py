@@ -1,0 +1,260 @@
+"""Kill-safe checkpoints: a checkpoint is either complete on disk or absent, never half there.
+
+transformers 5.24's `Trainer._save_checkpoint` writes adapter, optimizer, scheduler, RNG and trainer
+state straight into `checkpoint-N`, without fsync, then deletes old checkpoints by mtime. A kill
+during that save leaves a `checkpoint-N` that `get_last_checkpoint` picks on resume and that fails to
+load (or loads a mix of two steps). `AtomicCheckpointTrainer` keeps the Trainer's own save code but
+points it at a staging folder, then:
+
+  1. writes `checkpoint_complete.json` (step and size of every file) into the staging copy, last;
+  2. fsyncs every file and folder;
+  3. renames the staging copy to `checkpoints/checkpoint-N` (atomic on one file system), fsyncs the parent;
+  4. applies retention itself, counting only complete checkpoints and never deleting the newest
+     complete one or the best one.
+
+Resume takes the newest checkpoint whose marker is present and whose files still have the recorded
+sizes (and whole safetensors headers); anything else is skipped with a warning. The marker is the
+"latest" pointer: it exists only after every byte of its checkpoint is on disk.
+
+Why a Trainer subclass overriding the private `_save_checkpoint`: no public hook runs before the
+Trainer writes into `checkpoint-N` or lets the writing be redirected; `on_save` runs after the
+damage is possible. The override calls the original unchanged, so the Trainer's checkpoint contents
+(and its loading code on resume) stay the stock ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import Trainer
+
+from gemmatune import runs
+from gemmatune.errors import GemmatuneError
+from gemmatune.integrity import safetensors_problem
+
+log = logging.getLogger("gemmatune")
+
+MARKER = "checkpoint_complete.json"
+STAGING = ".staging"
+_TRASH = ".trash-"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def step_of(path: Path) -> int | None:
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None if `path` is a complete, undamaged checkpoint; otherwise why it cannot be resumed from."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "incomplete (no completion marker: the save was interrupted)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MARKER} is damaged"
+    if "adapter_model.safetensors" not in files:
+        return "it holds no adapter_model.safetensors"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is missing or has changed size since it was saved"
+        if name.endswith(".safetensors") and (problem := safetensors_problem(f)):
+            return f"{name} is {problem}"
+    return None
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest step first (damaged ones are left out)."""
+    if not folder.is_dir():
+        return []
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+    return [p for p in found if checkpoint_problem(p) is None]
+
+
+def latest_complete(folder: Path) -> Path | None:
+    """The newest checkpoint that can be resumed from, warning about newer ones that cannot."""
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of, reverse=True)
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping %s: %s", path, problem)
+    return None
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Staging and trash folders of a save or deletion that a kill interrupted."""
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name == STAGING or p.name.startswith(_TRASH):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def resume_point(run_dir: Path) -> Path | None:
+    """Tidy a run folder for resuming and return the checkpoint to resume from (None: start at step 0).
+
+    Leftovers of interrupted saves go; metrics.jsonl loses the rows after that checkpoint (those steps
+    run again) and the closing-evaluation rows of an earlier finish.
+    """
+    folder = run_dir / runs.CHECKPOINTS
+    remove_leftovers(folder)
+    latest = latest_complete(folder)
+    step = step_of(latest) if latest else 0
+    if latest:
+        log.info("resuming from %s", latest)
+    else:
+        log.warning("no complete checkpoint in %s: training starts again from step 0", folder)
+    rows = runs.read_metrics(run_dir)
+    kept = [r for r in rows if r.get("step", 0) <= step and not r.get("final")]
+    if len(kept) != len(rows):
+        runs.write_atomic(run_dir / runs.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+    return latest
+
+
+def _fsync_tree(root: Path) -> dict[str, int]:
+    """fsync every file and folder under `root`; return file sizes by relative path."""
+    sizes = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+            sizes[str(path.relative_to(root))] = path.stat().st_size
+        _fsync_dir(Path(dirpath))
+    return sizes
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _delete(path: Path) -> None:
+    """Delete a checkpoint so that no kill can leave it looking complete: marker first, then the rest."""
+    trash = path.with_name(f"{_TRASH}{path.name}")
+    (path / MARKER).unlink(missing_ok=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def retain(folder: Path, limit: int | None, best: Path | None) -> None:
+    """Keep the newest `limit` complete checkpoints plus the best; drop incomplete ones older than the newest."""
+    complete = complete_checkpoints(folder)
+    if not complete:
+        return  # never delete when nothing complete would remain
+    newest = complete[-1]
+    for p in folder.iterdir():
+        if p.is_dir() and step_of(p) is not None and p not in complete and step_of(p) < step_of(newest):
+            _delete(p)
+    if limit is None:
+        return
+    keep = {newest} | ({best.resolve()} & {p.resolve() for p in complete} if best else set())
+    surplus = len(complete) - max(limit, len(keep))
+    for p in complete[:-1]:
+        if surplus <= 0:
+            break
+        if p.resolve() not in keep:
+            _delete(p)
+            surplus -= 1
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """True for the errors torch, safetensors and Python raise when a write finds the disk full."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("no space left", "storagefull", "disk quota", "file too large", "write failed"))
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _no_room_for_checkpoint(folder: Path, staged: Path) -> bool:
+    """After a failed save: would a checkpoint the size of the last one have fitted? torch reports a full
+    disk only as "[enforce fail at inline_container.cc] unexpected pos", so the free space has to tell."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return False
+    complete = complete_checkpoints(folder)
+    needed = _tree_bytes(complete[-1]) if complete else 16 * 2**20
+    return free + _tree_bytes(staged) < needed
+
+
+def out_of_space_error(what: str, folder: Path, exc: BaseException) -> GemmatuneError:
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return GemmatuneError(f"no space left on the device of {folder} while saving {what} ({free}); free some space "
+                          f"(or set train.output_dir elsewhere) and continue with --resume")
+
+
+class AtomicCheckpointTrainer(Trainer):
+    """The stock Trainer, with checkpoints written to a staging folder and renamed into place when whole.
+
+    `keep_checkpoints` replaces `save_total_limit` (pass that as None to TrainingArguments): the
+    Trainer's own rotation counts half-written folders and, with save_total_limit=1 and a best
+    model, deletes the newest checkpoint at the end, which an interrupted run still needs.
+    """
+
+    def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        self._staging_root: Path | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        final_root = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = final_root / STAGING
+        staged, target = staging_root / name, final_root / name
+        shutil.rmtree(staging_root, ignore_errors=True)
+        staging_root.mkdir(parents=True)
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+            if not self.args.should_save:
+                return  # not the main process: process 0 publishes the checkpoint
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+                # The Trainer recorded the staging path as best; record where it will live instead.
+                self.state.best_model_checkpoint = str(target)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            sizes = _fsync_tree(staged)
+            marker = staged / MARKER
+            marker.write_text(json.dumps({"step": self.state.global_step, "files": sizes}, indent=1) + "\n")
+            with marker.open("rb") as fh:
+                os.fsync(fh.fileno())
+            _fsync_dir(staged)
+            if target.exists():  # an incomplete leftover of the same step from a killed run
+                _delete(target)
+            os.replace(staged, target)
+            _fsync_dir(final_root)
+        except Exception as exc:
+            if is_out_of_space(exc) or _no_room_for_checkpoint(final_root, staged):
+                raise out_of_space_error(name, final_root, exc) from exc
+            raise
+        finally:
+            self._staging_root = None
+            shutil.rmtree(staging_root, ignore_errors=True)
+        best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
+        retain(final_root, self.keep_checkpoints, best)

@@ -1,0 +1,147 @@
+"""Every bad input a user can hand `gemmatune train`: exit code 2, one `error:` line naming the file, line or
+key, no traceback, and no run folder left behind. Real CLI in a subprocess, tiny model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemmatune.config import dump_config, load_config
+from tests.conftest import ALPACA_ROWS, write_jsonl
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                    os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def files(tiny_gemma3, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    write_jsonl(d / "good.jsonl", ALPACA_ROWS)
+    (d / "malformed.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
+    (d / "missing.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    (d / "wrongtype.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n')
+    (d / "empty.jsonl").write_text("")
+    (d / "long.jsonl").write_text(json.dumps({"instruction": "x" * 300, "output": "y" * 300}) + "\n")
+    (d / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1"))
+    (d / "notes.txt").write_text("hello\n")
+    (d / "folder.jsonl").mkdir()
+    for name, damage in [("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"\x00garbage" * 10)]:
+        shutil.copytree(tiny_gemma3, d / name)
+        weights = d / name / "model.safetensors"
+        weights.write_bytes(damage(weights.read_bytes()))
+    return d
+
+
+def _hub_note():
+    from gemmatune.hub import hub_reachable
+
+    return "could not load" if hub_reachable() else "cannot be downloaded here"
+
+
+CUDA = torch.cuda.is_available()
+CASES = [
+    # (id, --set overrides, text the error line must contain)
+    ("missing-file", ["data.train_file={d}/nope.jsonl"], "nope.jsonl not found"),
+    ("folder-as-file", ["data.train_file={d}/folder.jsonl"], "folder.jsonl is a folder"),
+    ("malformed-jsonl", ["data.train_file={d}/malformed.jsonl"], "malformed.jsonl line 2: malformed JSON"),
+    ("missing-field", ["data.train_file={d}/missing.jsonl"], "missing.jsonl line 2: field 'output' is missing"),
+    ("wrong-type", ["data.train_file={d}/wrongtype.jsonl"], "wrongtype.jsonl line 2: field 'output'"),
+    ("empty-data", ["data.train_file={d}/empty.jsonl"], "empty.jsonl: no rows"),
+    ("all-too-long", ["data.train_file={d}/long.jsonl", "data.max_length=16"], "data.max_length=16"),
+    ("not-utf8", ["data.train_file={d}/latin1.jsonl"], "latin1.jsonl line 2: not UTF-8"),
+    ("unknown-template", ["data.template=alpaca-fr"], "data.template"),
+    ("unknown-file-format", ["data.train_file={d}/notes.txt"], "unknown data format '.txt'"),
+    ("unknown-row-format", ["data.format=xml"], "data.format"),
+    ("unknown-key", ["train.lerning_rate=1e-4"], "train.lerning_rate"),
+    ("out-of-range", ["train.learning_rate=-1"], "train.learning_rate: must be > 0"),
+    ("missing-model-path", ["model.name={d}/no/such/model"], "model.name"),
+    ("hub-id-not-here", ["model.name=gemmatune-tests/no-such-model"], "gemmatune-tests/no-such-model"),
+    ("truncated-safetensors", ["model.name={d}/truncated"], "model.safetensors is truncated"),
+    ("garbage-safetensors", ["model.name={d}/garbage"], "model.safetensors is not a safetensors file"),
+    pytest.param("4bit-on-cpu", ["model.quantization=4bit"], "model.quantization",
+                 marks=pytest.mark.skipif(CUDA, reason="CUDA present"), id="4bit-on-cpu"),
+    pytest.param("fp16-on-cpu", ["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU",
+                 marks=pytest.mark.skipif(CUDA, reason="CUDA present"), id="fp16-on-cpu"),
+]
+
+
+def _run(args):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "gemmatune", "train", *args], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    return proc, time.monotonic() - started
+
+
+def _base(tiny_gemma3, d, out):
+    return [f"model.name={tiny_gemma3}", f"data.train_file={d}/good.jsonl", f"train.output_dir={out}",
+            "train.run_name=r", "train.max_steps=1", "train.precision=fp32", "data.template=alpaca-en"]
+
+
+def _assert_one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("case, overrides, needle", CASES,
+                         ids=[c[0] if isinstance(c, tuple) else c.id for c in CASES])
+def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(case, overrides, needle, files, tiny_gemma3, tmp_path):
+    out = tmp_path / "runs"
+    sets = _base(tiny_gemma3, files, out) + [o.format(d=files) for o in overrides]
+    proc, seconds = _run([a for s in sets for a in ("--set", s)])
+    line = _assert_one_line_error(proc, needle)
+    assert not out.exists(), f"{case} left {list(out.rglob('*'))}"
+    if case == "hub-id-not-here":
+        assert line.startswith("error: model.name: ") and _hub_note() in line
+        assert seconds < 60, f"offline failure took {seconds:.0f} s"  # huggingface_hub's retries take 25 s per file
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(where, tmp_path):
+    sets = ["--set", "train.lerning_rate=1"]
+    args = ["--debug", "train", *sets] if where == "before" else ["train", *sets, "--debug"]
+    proc = subprocess.run([sys.executable, "-m", "gemmatune", *args], capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "GemmatuneError" in proc.stderr
+
+
+def _existing_run(tiny_gemma3, files, out, **changes):
+    """A run folder as `gemmatune train` leaves it, started with the base config plus `changes`."""
+    cfg = load_config(None, _base(tiny_gemma3, files, out) + [f"{k}={v}" for k, v in changes.items()])
+    run = out / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(cfg))
+    return run
+
+
+def test_output_folder_with_a_different_config_is_refused_untouched(files, tiny_gemma3, tmp_path):
+    out = tmp_path / "runs"
+    run = _existing_run(tiny_gemma3, files, out, **{"lora.r": 4})
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+    sets = [a for s in _base(tiny_gemma3, files, out) for a in ("--set", s)]
+    _assert_one_line_error(_run(sets)[0], "already holds a run; add --resume")
+    _assert_one_line_error(_run([*sets, "--resume"])[0], "config differs from the one")
+    line = _assert_one_line_error(_run([*sets, "--resume", "--force"])[0], "(lora.r)")
+    assert "--force" not in line  # the adapter shape cannot be forced
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
+
+
+def test_force_resumes_with_changed_training_keys(files, tiny_gemma3, tmp_path):
+    out = tmp_path / "runs"
+    _existing_run(tiny_gemma3, files, out, **{"train.learning_rate": 1e-3})
+    sets = [a for s in _base(tiny_gemma3, files, out) for a in ("--set", s)]
+    line = _assert_one_line_error(_run([*sets, "--resume"])[0], "(train.learning_rate)")
+    assert "add --force" in line
+    proc, _ = _run([*sets, "--resume", "--force"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no complete checkpoint" in proc.stderr and (out / "r" / "adapter_model.safetensors").is_file()
