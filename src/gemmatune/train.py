@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from gemmatune import runs
+from gemmatune.allocator import allocator_note
 from gemmatune.callbacks import MetricsCallback
 from gemmatune.config import Config
 from gemmatune.data import ExampleDataset, PadCollator, prepare
@@ -37,11 +38,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     # --- setup: everything that can fail on bad input happens before the run folder is touched
     run_dir = runs.open_run_dir(cfg, resume, overwrite)
     threads = set_threads(cfg.train.num_threads)
-    loaded = load_model(cfg.model, cfg.train.precision)
+    loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
     tokenizer, family = loaded.tokenizer, loaded.family
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
-    log.info("model: %s (%s), precision %s, %d threads on %s", loaded.source.describe(),
-             type(loaded.model).__name__, loaded.precision, threads, device_kind())
+    log.info("model: %s (%s), precision %s (weights %s), attention %s, %s, %d threads on %s%s",
+             loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
+             str(loaded.model.dtype).removeprefix("torch."), loaded.model.config._attn_implementation,
+             "packed batches" if cfg.train.packing else "padded batches", threads, device_kind(),
+             allocator_note())
     log.info("data: %s rows as %s with template %s", data.train.report.rows, data.fmt, data.template)
     log.info(data.train.report.line("train", cfg.data.max_length))
     if data.eval:
@@ -79,10 +83,12 @@ def disable_cache(model, family) -> None:
 
 
 def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str):
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
     from gemmatune.callbacks import LossProgressCallback
+    from gemmatune.packing import PackCollator
+    from gemmatune.trainer import ChunkedLossTrainer
 
     t = cfg.train
     has_eval = data.eval is not None
@@ -113,6 +119,8 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen embeddings (no input-grad hook needed) and kwargs.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
@@ -136,12 +144,12 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     callbacks = [MetricsCallback(run_dir)]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = Trainer(
+    trainer = ChunkedLossTrainer(
         model=model,
         args=args,
         train_dataset=ExampleDataset(data.train.examples),
         eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
