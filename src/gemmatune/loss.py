@@ -124,13 +124,13 @@ def selected_hidden(parts: CausalLMParts, inputs: dict) -> tuple[torch.Tensor, t
 
 
 def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch=None,
-                   parts: CausalLMParts | None = None) -> torch.Tensor:
+                   parts: CausalLMParts | None = None, chunk: int | None = None) -> torch.Tensor:
     """Mean next-token loss over label tokens, without a [tokens, vocab] tensor for the whole batch."""
     parts = parts or causal_lm_parts(model)
     if parts is None:
         raise ValueError("model has no body/LM-head layout the chunked loss can use")
     hidden, targets = selected_hidden(parts, inputs)
-    total = chunked_cross_entropy_sum(hidden, targets, parts)
+    total = chunked_cross_entropy_sum(hidden, targets, parts, chunk)
     count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     if torch.is_tensor(count):
         count = count.to(total.device)
