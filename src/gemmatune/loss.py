@@ -64,25 +64,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        # The gradient matmuls run in the autocast dtype when autocast is on (bf16 on CPU/GPU), as the
+        # backward of a plain LM head would; the weight is cast once, not per chunk.
+        kind = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        w = weight.to(compute_dtype) if need_hidden_grad else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             t = targets[start:start + chunk]
             logits, tanh = _chunk_logits(head, h, softcap)
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            del logits
+            total -= log_probs.gather(1, t[:, None]).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(sum CE)/d(logits) = softmax - onehot; through the softcap, times 1 - tanh^2.
-            g = torch.exp(logits - log_z[:, None])
+            # d(sum CE)/d(logits) = softmax - onehot (softmax made in place from the log-probs, one pass);
+            # through the softcap, times 1 - tanh^2.
+            g = log_probs.exp_()
             g[torch.arange(t.shape[0], device=t.device), t] -= 1
             if tanh is not None:
                 g *= 1 - tanh * tanh
-            # The two matmuls run in the autocast dtype when autocast is on (bf16 on CPU/GPU), like the
-            # backward of a plain LM head would.
-            kind = h.device.type
-            g = g.to(torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype)
+            g = g.to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = (g @ weight.to(g.dtype)).to(hidden.dtype)
+                grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (g.T @ h.to(g.dtype)).float()
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -51,6 +51,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     if data.eval:
         log.info(data.eval.report.line("eval", cfg.data.max_length))
     disable_cache(loaded.model, family)
+    # LoRA A matrices are random: seed them, or two runs of one config start from different adapters.
+    torch.manual_seed(cfg.train.seed)
     model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit")
     log.info(report.line())
     trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision)
