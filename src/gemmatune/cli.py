@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: continue although train/data keys changed (model and lora keys never)")
     # SUPPRESS as default: otherwise this subcommand's False overwrites a `gemmatune --debug train`.
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--no-tcmalloc", action="store_true",
+                   help="do not restart with tcmalloc preloaded (by default the command restarts itself once "
+                        "with LD_PRELOAD set to an installed tcmalloc: ~20%% faster CPU training)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -107,6 +110,11 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and "train" in sys.argv[1:3]:
+        # Only a real `gemmatune train` process restarts itself; library calls with an argv never do.
+        from gemmatune.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc(sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

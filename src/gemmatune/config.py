@@ -121,6 +121,11 @@ class TrainConfig:
         "auto", "Compute precision: auto (bf16 where the hardware has it, else fp32), bf16, fp16 or fp32."
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~20% slower.")
+    packing: bool = _f(
+        True,
+        "Pack each batch into one row without padding (position ids restart per example, attention never "
+        "crosses examples); false pads each batch to its longest example instead.",
+    )
     logging_steps: int = _f(10, "Log train loss every this many optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate every this many steps; None means at each save.")
     save_steps: int = _f(100, "Save a checkpoint every this many optimizer steps.")

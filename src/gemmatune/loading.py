@@ -165,8 +165,10 @@ class Loaded:
     precision: str  # what runs here: bf16, fp16 or fp32
 
 
-def load_model(cfg: ModelConfig, precision: str = "auto") -> Loaded:
-    """Load the base model and tokenizer; `precision` (auto|bf16|fp16|fp32) is checked against the family."""
+def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False) -> Loaded:
+    """Load the base model and tokenizer; `precision` (auto|bf16|fp16|fp32) is checked against the family.
+
+    With `packing`, attention is chosen so packed examples never see each other (see packing.py)."""
     from transformers import AutoConfig
 
     if cfg.quantization == "4bit" and not torch.cuda.is_available():
@@ -188,8 +190,13 @@ def load_model(cfg: ModelConfig, precision: str = "auto") -> Loaded:
     precision = resolve_precision(precision, family.fp16_safe)
     dtype = _DTYPES[cfg.dtype] if cfg.dtype != "auto" else _auto_dtype(precision)
     kwargs = dict(common, dtype=dtype)
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    attn = cfg.attn_implementation
+    if packing:
+        from gemmatune.packing import attention_for_packing
+
+        attn = attention_for_packing(attn)
+    if attn:
+        kwargs["attn_implementation"] = attn
     if source.kind == "gguf":
         from transformers import GgufConfig
 
@@ -244,8 +251,10 @@ def _imports(module: str) -> bool:
 
 
 def _auto_dtype(precision: str) -> torch.dtype:
-    # Frozen weights follow the compute precision on GPUs; on CPU they stay fp32 and autocast runs bf16.
-    if torch.cuda.is_available() and precision in ("bf16", "fp16"):
+    # Frozen weights follow the compute precision: under bf16 autocast every matmul reads them as bf16
+    # anyway, so storing them in bf16 halves their memory (270M on CPU: 4.3 -> 3.2 GiB peak) at the same
+    # speed or better. LoRA weights stay fp32 (PEFT's autocast_adapter_dtype) and so does optimizer state.
+    if precision == "bf16" or (precision == "fp16" and torch.cuda.is_available()):
         return _DTYPES[precision]
     return torch.float32
 

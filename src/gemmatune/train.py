@@ -12,13 +12,14 @@ import torch
 from transformers import set_seed
 
 from gemmatune import runs
+from gemmatune.allocator import allocator_note
 from gemmatune.callbacks import MetricsCallback
 from gemmatune.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
 from gemmatune.config import Config
 from gemmatune.data import ExampleDataset, PadCollator, prepare
 from gemmatune.errors import GemmatuneError
 from gemmatune.evaluation import evaluate_after_training
-from gemmatune.guards import GuardedTrainer, NonFiniteGuard
+from gemmatune.guards import NonFiniteGuard
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.interrupts import StopOnSignal
 from gemmatune.loading import load_model
@@ -48,17 +49,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     check_inputs(cfg)
     dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
     threads = set_threads(cfg.train.num_threads)
-    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn when attached, before the Trainer seeds anything
-    loaded = load_model(cfg.model, cfg.train.precision)
+    loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
     tokenizer, family = loaded.tokenizer, loaded.family
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
-    log.info("model: %s (%s), precision %s, %d threads on %s", loaded.source.describe(),
-             type(loaded.model).__name__, loaded.precision, threads, device_kind())
+    log.info("model: %s (%s), precision %s (weights %s), attention %s, %s, %d threads on %s%s",
+             loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
+             str(loaded.model.dtype).removeprefix("torch."), loaded.model.config._attn_implementation,
+             "packed batches" if cfg.train.packing else "padded batches", threads, device_kind(),
+             allocator_note())
     log.info("data: %s rows as %s with template %s", data.train.report.rows, data.fmt, data.template)
     log.info(data.train.report.line("train", cfg.data.max_length))
     if data.eval:
         log.info(data.eval.report.line("eval", cfg.data.max_length))
     disable_cache(loaded.model, family)
+    set_seed(cfg.train.seed)  # LoRA's A matrices are random: the same start on every rank and every rerun
     model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit")
     log.info(report.line())
     stop, guard = StopOnSignal(), NonFiniteGuard(cfg.train.on_nonfinite)
@@ -143,6 +147,8 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     from transformers.trainer_callback import ProgressCallback
 
     from gemmatune.callbacks import LossProgressCallback
+    from gemmatune.packing import PackCollator
+    from gemmatune.trainer import GemmatuneTrainer
 
     t = cfg.train
     has_eval = data.eval is not None
@@ -173,6 +179,8 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen embeddings (no input-grad hook needed) and kwargs.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
@@ -197,13 +205,13 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     callbacks = [MetricsCallback(run_dir), *extra_callbacks]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = GuardedTrainer(
+    trainer = GemmatuneTrainer(
         keep_checkpoints=t.save_total_limit,
         model=model,
         args=args,
         train_dataset=ExampleDataset(data.train.examples),
         eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

@@ -1,0 +1,317 @@
+"""LoRA training throughput on this machine: the usual stacks against gemmatune, same data and same math.
+
+Variants, each in a fresh subprocess (so peak RSS is its own), run alternately (a b c, then c b a, ...):
+  a  tutorial baseline: PEFT + transformers Trainer, fp32, batch padded to its longest example, full logits
+  b  best plain HF stack: TRL SFTTrainer, bf16 weights + bf16 autocast, padding-free batches, completion-only
+     loss (TRL's own chunked LM head); falls back to Trainer + DataCollatorWithFlattening when TRL is absent
+  c  gemmatune defaults: packed rows with per-example attention, LM head only on label positions in chunks,
+     bf16 frozen weights, tcmalloc preloaded (as `gemmatune train` does; --no-tcmalloc turns it off)
+
+All use the embedded Gemma 3 270M, LoRA r=16 / alpha 32 / dropout 0 on the 7 projections, AdamW lr 2e-4,
+4 examples per step, the same tokenized examples (gemmatune's alpaca-en template, max 512 tokens) in the
+same order, and the same number of steps, so the same real (non-padding) tokens. Tokens/s are measured
+from the end of step 1 to the end of the last step. Also measured here: a 2048^3 bf16 matmul, the roofline
+that c's speed is compared with (FLOPs per token from the model's shapes and the data's label share).
+
+    flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py            # full (~15 min here)
+    flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py --steps 8 --rows 64 --rounds 1
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.json"
+BUNDLED = ROOT / "examples" / "data" / "tickets_train.jsonl"
+VARIANTS = ("a", "b", "c")
+BATCH, LR, MAX_LENGTH, SEED = 4, 2e-4, 512, 42
+
+
+# ----------------------------------------------------------------------------- child: one variant
+
+
+def _examples(data_file: str):
+    from gemmatune.config import DataConfig, ModelConfig
+    from gemmatune.loading import load_tokenizer, resolve_source
+
+    tokenizer = load_tokenizer(resolve_source(ModelConfig()))
+    cfg = DataConfig(train_file=data_file, template="alpaca-en" if data_file.endswith(".json") else "chat",
+                     max_length=MAX_LENGTH)
+    from gemmatune.data import prepare
+
+    return tokenizer, prepare(cfg, tokenizer, SEED)
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def _timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks: list[tuple[float, int]] = []
+            self.losses: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return StepTimer()
+
+
+def _common_args(out: str, steps: int, bf16: bool) -> dict:
+    return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                learning_rate=LR, warmup_steps=0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                report_to="none", seed=SEED, data_seed=SEED, use_cpu=True, bf16=bf16, remove_unused_columns=False,
+                include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0)
+
+
+def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    tokenizer, data = _examples(data_file)
+    examples = data.train.examples
+    timer = _timer()
+    out = tempfile.mkdtemp(prefix=f"bench-{variant}-")
+    model_dir = _model_dir()
+    if variant == "a":
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+        from gemmatune.data import ExampleDataset
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _lora_config())
+        trainer = Trainer(model=model, args=TrainingArguments(**_common_args(out, steps, bf16=False)),
+                          train_dataset=ExampleDataset(examples), callbacks=[timer],
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"))
+        stack = "transformers Trainer + PEFT, fp32, padded"
+    elif variant == "b":
+        trainer, stack = _variant_b(tokenizer, examples, model_dir, out, steps, timer)
+    else:
+        from gemmatune.config import load_config
+        from gemmatune.loading import load_model
+        from gemmatune.lora import attach_lora
+        from gemmatune.train import build_trainer, disable_cache
+
+        cfg = load_config(None, [f"data.train_file={data_file}", f"train.output_dir={out}", "train.run_name=c",
+                                 f"train.max_steps={steps}", f"train.per_device_train_batch_size={BATCH}",
+                                 "train.gradient_accumulation_steps=1", f"train.learning_rate={LR}",
+                                 "train.warmup_steps=0", "train.lr_scheduler_type=constant", "train.logging_steps=1",
+                                 "train.save_steps=100000", "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0.0",
+                                 f"train.num_threads={threads}"])
+        loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
+        disable_cache(loaded.model, loaded.family)
+        model, _ = attach_lora(loaded.model, cfg.lora, loaded.family)
+        trainer = build_trainer(cfg, model, tokenizer, data, Path(out), loaded.precision)
+        trainer.add_callback(timer)
+        stack = f"gemmatune ({loaded.precision}, {loaded.model.config._attn_implementation}, packed, chunked loss)"
+    trainer.train()
+    (t0, n0), (t1, n1) = timer.marks[0], timer.marks[-1]
+    import resource
+
+    tail = timer.losses[-5:]
+    return {
+        "variant": variant,
+        "stack": stack,
+        "steps": len(timer.marks),
+        "real_tokens": n1 - n0,
+        "tokens_per_second": (n1 - n0) / (t1 - t0),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "final_loss": sum(tail) / len(tail),
+        "tcmalloc": "tcmalloc" in Path("/proc/self/maps").read_text(),
+    }
+
+
+def _variant_b(tokenizer, examples, model_dir, out, steps, timer):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError:
+        from peft import get_peft_model
+        from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+        from gemmatune.data import ExampleDataset
+
+        model.config.use_cache = False
+        trainer = Trainer(model=get_peft_model(model, _lora_config()), callbacks=[timer],
+                          args=TrainingArguments(**_common_args(out, steps, bf16=True)),
+                          train_dataset=ExampleDataset(examples), data_collator=DataCollatorWithFlattening())
+        return trainer, "transformers Trainer + DataCollatorWithFlattening, bf16, completion-only labels"
+    import trl
+
+    dataset = Dataset.from_dict({
+        "input_ids": [e.input_ids for e in examples],
+        "completion_mask": [[int(label != -100) for label in e.labels] for e in examples],
+    })
+    args = SFTConfig(**_common_args(out, steps, bf16=True), padding_free=True, completion_only_loss=True,
+                     max_length=None, model_init_kwargs=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=_lora_config(), callbacks=[timer])
+    return trainer, f"TRL {trl.__version__} SFTTrainer, bf16, padding-free, completion-only loss"
+
+
+def _model_dir() -> str:
+    from gemmatune.loading import embedded_model_dir
+
+    return str(embedded_model_dir())
+
+
+# ----------------------------------------------------------------------------- parent: roofline and orchestration
+
+
+def bf16_matmul_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    b = torch.randn(size, size, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def flops_per_token(model_dir: str, label_share: float, mean_length: float) -> float:
+    """Matmul FLOPs per trained token with frozen weights: forward (2 per weight) plus the input-gradient half of
+    backward (2 per weight) for the body; the LM head the same, only on label tokens; attention scores and
+    values (causal, sliding window capped) forward + two backward products."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    body_weights = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter)
+    head = cfg["vocab_size"] * h
+    window = cfg.get("sliding_window") or mean_length
+    context = sum(min(mean_length, window if t == "sliding_attention" else mean_length) / 2
+                  for t in cfg.get("layer_types", ["full_attention"] * layers))
+    attention = 2 * 2 * q * context * 3  # QK^T and PV, forward + 2 backward products
+    return 4 * body_weights + 4 * head * label_share + attention
+
+
+def data_file(rows: int) -> tuple[str, str]:
+    """First `rows` rows of the shared Alpaca demo (or the bundled tickets) as a temporary file."""
+    if ALPACA.is_file():
+        data = json.loads(ALPACA.read_text(encoding="utf-8"))[:rows]
+        path = Path(tempfile.mkdtemp(prefix="bench-data-")) / "alpaca_first.json"
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        return str(path), f"{ALPACA} (first {len(data)} rows)"
+    lines = BUNDLED.read_text(encoding="utf-8").splitlines()[:rows]
+    path = Path(tempfile.mkdtemp(prefix="bench-data-")) / "tickets_first.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path), f"{BUNDLED} (first {len(lines)} rows)"
+
+
+def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool) -> dict:
+    from gemmatune.allocator import find_tcmalloc
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    lib = find_tcmalloc() if tcmalloc and variant == "c" else None
+    if lib:  # what `gemmatune train` does for itself (gemmatune.allocator)
+        env["LD_PRELOAD"] = lib
+    cmd = [sys.executable, __file__, "--child", variant, "--data", data, "--steps", str(steps),
+           "--threads", str(threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"variant {variant} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=25, help="optimizer steps per variant (4 examples each)")
+    parser.add_argument("--rows", type=int, default=400, help="data rows to read (the first ones)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating order; medians kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
+    parser.add_argument("--no-tcmalloc", action="store_true", help="run c without tcmalloc preloaded")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from gemmatune.hardware import usable_cores
+
+    threads = args.threads or usable_cores()
+    if args.child:
+        print(json.dumps(run_variant(args.child, args.data, args.steps, threads)))
+        return
+
+    started = time.perf_counter()
+    path, described = data_file(args.rows)
+    tokenizer, data = _examples(path)
+    report = data.train.report
+    label_share = report.label_tokens / report.tokens
+    print(f"data: {described}; {report.examples} examples, {report.tokens} tokens ({100 * label_share:.0f}% "
+          f"labels), {args.steps} steps x {BATCH} examples, {threads} threads", flush=True)
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            res = spawn(v, path, args.steps, threads, not args.no_tcmalloc)
+            runs[v].append(res)
+            print(f"  round {r + 1} {v}: {res['tokens_per_second']:7.1f} real tok/s, peak RSS "
+                  f"{res['peak_rss_gib']:.2f} GiB, loss {res['final_loss']:.4f}  [{res['stack']}]", flush=True)
+    gflops = bf16_matmul_gflops(threads)
+    flops = flops_per_token(_model_dir(), label_share, report.tokens / report.examples)
+    roofline = gflops * 1e9 / flops
+
+    def med(v: str, key: str) -> float:
+        return statistics.median(x[key] for x in runs[v])
+
+    summary = {v: {"stack": runs[v][0]["stack"], "tokens_per_second": round(med(v, "tokens_per_second"), 1),
+                   "peak_rss_gib": round(med(v, "peak_rss_gib"), 2), "final_loss": round(med(v, "final_loss"), 4),
+                   "real_tokens": runs[v][0]["real_tokens"]} for v in VARIANTS}
+    a, b, c = (summary[v] for v in VARIANTS)
+    result = {
+        "data": described, "steps": args.steps, "batch": BATCH, "rounds": args.rounds, "threads": threads,
+        "variants": summary,
+        "speed_c_over_a": round(c["tokens_per_second"] / a["tokens_per_second"], 2),
+        "speed_c_over_b": round(c["tokens_per_second"] / b["tokens_per_second"], 2),
+        "rss_c_over_a": round(c["peak_rss_gib"] / a["peak_rss_gib"], 3),
+        "loss_c_vs_a_relative": round(c["final_loss"] / a["final_loss"] - 1, 4),
+        "bf16_matmul_gflops": round(gflops, 1),
+        "gflop_per_token": round(flops / 1e9, 3),
+        "roofline_tokens_per_second": round(roofline, 1),
+        "c_share_of_roofline": round(c["tokens_per_second"] / roofline, 3),
+        "tcmalloc_in_c": runs["c"][0]["tcmalloc"],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    for v in VARIANTS:
+        s = summary[v]
+        print(f"{v}: {s['tokens_per_second']:7.1f} real tok/s  peak RSS {s['peak_rss_gib']:.2f} GiB  "
+              f"loss {s['final_loss']:.4f}  {s['stack']}")
+    print(f"c/a {result['speed_c_over_a']}x, c/b {result['speed_c_over_b']}x, RSS c/a {result['rss_c_over_a']}, "
+          f"loss c vs a {100 * result['loss_c_vs_a_relative']:+.2f}%")
+    print(f"bf16 matmul {gflops:.0f} GFLOP/s; {flops / 1e9:.2f} GFLOP per token -> roofline {roofline:.0f} tok/s; "
+          f"c reaches {100 * result['c_share_of_roofline']:.0f}% of it")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Causal-LM loss without full logits: the LM head runs only where a label is, in chunks.
+
+For Gemma the LM head (262,144 x hidden) is most of the matmul work per token and its fp32 logits are
+1 MiB per token. So the model body runs to hidden states, the positions whose (shifted) label is not -100
+are selected, and the LM head + cross-entropy run over them in chunks. Each chunk's gradient with
+respect to its hidden states is computed right away in the forward pass (as fused linear-CE kernels do),
+so only [chunk, vocab] logits exist at any time, and backward is one multiply. The math equals the plain
+`model(labels=...)` loss: sum over label tokens divided by their count (or the Trainer's
+`num_items_in_batch`, which spans all gradient-accumulation micro-batches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gemmatune.templates import IGNORE
+
+# Rows of logits per chunk: about 2**25 logits (128 MiB in fp32) whatever the vocabulary size.
+LOGITS_PER_CHUNK = 1 << 25
+
+
+@dataclass
+class CausalLMParts:
+    body: torch.nn.Module  # input_ids -> last_hidden_state
+    head: torch.nn.Linear  # hidden -> vocab
+    softcap: float | None  # final logit soft-capping (Gemma 3n: 30), None when the family has none
+
+
+def causal_lm_parts(model: torch.nn.Module) -> CausalLMParts | None:
+    """Body, LM head and softcap of a (PEFT-wrapped) causal LM through public attributes; None if the
+    model is not laid out that way (then the caller uses the plain loss)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if body is None or type(head) is not torch.nn.Linear:
+        return None  # e.g. a LoRA-wrapped or quantized LM head: its own forward must run
+    config = base.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    text_config = getattr(config, "text_config", None)
+    if softcap is None and text_config is not None:
+        softcap = getattr(text_config, "final_logit_softcapping", None)
+    return CausalLMParts(body, head, softcap)
+
+
+def _chunk_logits(head: torch.nn.Linear, hidden: torch.Tensor, softcap: float | None):
+    logits = head(hidden).float()
+    if softcap is None:
+        return logits, None
+    tanh = torch.tanh(logits / softcap)
+    return tanh * softcap, tanh
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy over rows of `hidden`; gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, head, softcap, chunk):
+        need_hidden_grad = ctx.needs_input_grad[0]
+        need_weight_grad = ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        # The gradient matmuls run in the autocast dtype when autocast is on (bf16 on CPU/GPU), as the
+        # backward of a plain LM head would; the weight is cast once, not per chunk.
+        kind = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        w = weight.to(compute_dtype) if need_hidden_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            logits, tanh = _chunk_logits(head, h, softcap)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            del logits
+            total -= log_probs.gather(1, t[:, None]).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(sum CE)/d(logits) = softmax - onehot (softmax made in place from the log-probs, one pass);
+            # through the softcap, times 1 - tanh^2.
+            g = log_probs.exp_()
+            g[torch.arange(t.shape[0], device=t.device), t] -= 1
+            if tanh is not None:
+                g *= 1 - tanh * tanh
+            g = g.to(compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (g.T @ h.to(g.dtype)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None, None
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, parts: CausalLMParts,
+                              chunk: int | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the rows of `hidden` [n, d] against `targets` [n]."""
+    head = parts.head
+    if chunk is None:
+        chunk = max(1, LOGITS_PER_CHUNK // head.out_features)
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0
+    if head.bias is not None:
+        # Rare for causal LMs; keep the exact path simple rather than fuse a bias gradient.
+        logits, _ = _chunk_logits(head, hidden, parts.softcap)
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, head, parts.softcap, chunk)
+
+
+def selected_hidden(parts: CausalLMParts, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the body; return hidden states at positions that predict a label, and those labels."""
+    labels = inputs["labels"]
+    body_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = parts.body(**body_inputs, use_cache=False).last_hidden_state
+    # Position t predicts label t+1: the standard causal shift, done on indices instead of logits.
+    shifted = torch.full_like(labels, IGNORE)
+    shifted[:, :-1] = labels[:, 1:]
+    keep = shifted != IGNORE
+    return hidden[keep], shifted[keep]
+
+
+def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch=None,
+                   parts: CausalLMParts | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Mean next-token loss over label tokens, without a [tokens, vocab] tensor for the whole batch."""
+    parts = parts or causal_lm_parts(model)
+    if parts is None:
+        raise ValueError("model has no body/LM-head layout the chunked loss can use")
+    hidden, targets = selected_hidden(parts, inputs)
+    total = chunked_cross_entropy_sum(hidden, targets, parts, chunk)
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    if torch.is_tensor(count):
+        count = count.to(total.device)
+    return total / count
+

@@ -1,0 +1,99 @@
+"""Packed batches: per-example results equal separate runs, on Gemma 3 and Gemma 3n, sdpa and eager."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gemmatune.config import ModelConfig
+from gemmatune.loading import load_model
+from gemmatune.packing import PACKED_SDPA, PackCollator, attention_for_packing, sequence_bounds
+
+# Lengths straddle the tiny models' sliding window (16): the longest example needs the window band.
+LENGTHS = (7, 23, 1, 12, 40)
+
+
+def _examples(seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(6, 262, (n,), generator=g).tolist()
+        labels = [-100] * (n // 3) + ids[n // 3:]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_collator_packs_one_row_with_restarting_positions_and_no_cross_boundary_labels():
+    batch = PackCollator()(_examples())
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask, no padding
+    assert batch["input_ids"].shape == (1, sum(LENGTHS))
+    starts = [b for b, _ in sequence_bounds(batch["position_ids"])]
+    assert starts == [0, 7, 30, 31, 43]
+    assert all(batch["labels"][0, s].item() == -100 for s in starts)
+    assert batch["position_ids"][0, 30:31].tolist() == [0] and batch["position_ids"][0, 43:].tolist() == list(range(40))
+
+
+def _load(model_dir, attn):
+    return load_model(ModelConfig(name=str(model_dir), attn_implementation=attn), "fp32", packing=True).model.eval()
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_gemma3", "tiny_gemma3n"])
+@pytest.mark.parametrize("attn", [None, "eager"])
+def test_packed_per_example_losses_equal_separate_runs(model_fixture, attn, request):
+    model = _load(request.getfixturevalue(model_fixture), attn)
+    assert model.config._attn_implementation == (PACKED_SDPA if attn is None else "eager")
+    examples = _examples()
+    batch = PackCollator()(examples)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        for (start, end), ex in zip(sequence_bounds(batch["position_ids"]), examples, strict=True):
+            alone = model(input_ids=torch.tensor([ex["input_ids"]]), use_cache=False).logits[0]
+            assert torch.allclose(packed[start:end], alone, atol=2e-5), (start, end)
+            labels = torch.tensor(ex["labels"][1:])
+            if (labels != -100).any():
+                loss_packed = F.cross_entropy(packed[start:end - 1], labels)
+                loss_alone = F.cross_entropy(alone[:-1], labels)
+                assert abs(loss_packed.item() - loss_alone.item()) < 1e-5
+
+
+def test_packed_attention_keeps_padding_masks_for_ordinary_batches(tiny_gemma3):
+    """A model loaded for packing still honours an attention mask (evaluation, generation)."""
+    from transformers import AutoModelForCausalLM
+
+    packed_model = _load(tiny_gemma3, None)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_gemma3, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 0, 2, 40, 50, 60], [2, 41, 51, 61, 71, 81]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        a = packed_model(input_ids=ids, attention_mask=mask).logits
+        b = plain(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-5)
+
+
+def test_attention_choice_keeps_what_the_user_named():
+    assert attention_for_packing("eager") == "eager"
+    assert attention_for_packing(None) == (PACKED_SDPA if not torch.cuda.is_available() else
+                                           attention_for_packing("sdpa"))
+
+
+def test_packed_attention_splits_the_row_itself():
+    """Without any mask, the function alone keeps examples apart (GQA, sliding window on the long one)."""
+    from types import SimpleNamespace
+
+    from gemmatune.packing import packed_sdpa_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    lengths = (5, 20, 9)
+    q = torch.randn(1, 4, sum(lengths), 8)
+    k, v = torch.randn(1, 2, sum(lengths), 8), torch.randn(1, 2, sum(lengths), 8)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    out, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=pos, sliding_window=16, scaling=0.3)
+    start = 0
+    for n in lengths:
+        i = torch.arange(n)
+        band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 16)
+        sl = slice(start, start + n)
+        ref = F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl].repeat_interleave(2, 1),
+                                             v[:, :, sl].repeat_interleave(2, 1), attn_mask=band, scale=0.3)
+        assert torch.allclose(out[0, sl], ref[0].transpose(0, 1), atol=1e-6)
+        start += n

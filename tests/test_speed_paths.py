@@ -1,0 +1,58 @@
+"""Training paths around the fast defaults: padded batches, gradient checkpointing, the tcmalloc restart."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemmatune.allocator import OPT_OUT, find_tcmalloc, reexec_with_tcmalloc
+from gemmatune.runs import read_metrics
+from gemmatune.train import train
+from tests.conftest import tiny_config
+
+
+def _losses(run_dir):
+    return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+
+
+# SGD, not AdamW: Adam's first step is sign(gradient), which turns float noise in near-zero gradient entries
+# into full-size updates, so equal math would not give equal curves.
+SGD = {"optim": "sgd", "learning_rate": 0.5}
+
+
+def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_gemma3, alpaca_file, tmp_path):
+    packed = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "p", max_steps=4, **SGD))
+    padded = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "q", max_steps=4, packing=False, **SGD))
+    a, b = _losses(packed.run_dir), _losses(padded.run_dir)
+    assert len(a) == len(b) == 4 and a[-1] < a[0]
+    assert a == pytest.approx(b, rel=1e-4)  # same examples, same math: only the layout differs
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_gemma3n, alpaca_file, tmp_path):
+    plain = train(tiny_config(tiny_gemma3n, alpaca_file, tmp_path / "p", max_steps=3, **SGD))
+    ckpt = train(tiny_config(tiny_gemma3n, alpaca_file, tmp_path / "c", max_steps=3, gradient_checkpointing=True,
+                             **SGD))
+    assert _losses(ckpt.run_dir) == pytest.approx(_losses(plain.run_dir), rel=1e-4)
+
+
+def test_tcmalloc_restart_is_skipped_when_opted_out():
+    reexec_with_tcmalloc(["train", "x.yaml", OPT_OUT])  # returns instead of replacing this process
+
+
+@pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_cli_restarts_itself_with_tcmalloc_and_says_so(opt_out, tiny_gemma3, alpaca_file, tmp_path):
+    cfg = [f"model.name={tiny_gemma3}", f"data.train_file={alpaca_file}", "data.template=chat",
+           f"train.output_dir={tmp_path}", "train.max_steps=1", "train.precision=fp32", "train.num_threads=1"]
+    cmd = [sys.executable, "-m", "gemmatune", "train", *[a for c in cfg for a in ("--set", c)]]
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = dict(os.environ, PYTHONPATH=src)
+    env.pop("LD_PRELOAD", None)
+    out = subprocess.run(cmd + ([OPT_OUT] if opt_out else []), env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if opt_out:
+        assert "allocator: system malloc" in out.stderr
+    else:
+        assert "allocator tcmalloc (preloaded" in out.stderr
