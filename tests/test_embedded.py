@@ -14,7 +14,8 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.y
 @pytest.mark.slow
 def test_embedded_model_fine_tunes_on_bundled_data(tmp_path):
     cfg = load_config(QUICKSTART, [f"train.output_dir={tmp_path}", "train.max_steps=6", "train.save_steps=3",
-                                   "data.max_rows=64", "train.eval_steps=3"])
+                                   "data.max_rows=64", "train.eval_steps=3",
+                                   "data.test_file=null"])  # eval after training: test_embedded_use.py
     result = train(cfg)
     metrics = read_metrics(result.run_dir)
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
