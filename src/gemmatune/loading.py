@@ -214,4 +214,7 @@ def _bnb_4bit_config():
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        # 4-bit weights packed in bf16 containers: FSDP can only shard parameters of a float dtype,
+        # and single-GPU QLoRA is unaffected (same bytes, same kernels).
+        bnb_4bit_quant_storage=torch.bfloat16,
     )

@@ -120,10 +120,13 @@ def read_record(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def save_adapter(peft_model, tokenizer, run_dir: Path) -> None:
-    """Save adapter + tokenizer into a temporary folder, then move the files into place."""
+def save_adapter(peft_model, tokenizer, run_dir: Path, state_dict: dict | None = None) -> None:
+    """Save adapter + tokenizer into a temporary folder, then move the files into place.
+
+    `state_dict`: the full (gathered) model state when the live weights are sharded, as under FSDP.
+    """
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".adapter-") as tmp:
-        peft_model.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for item in Path(tmp).iterdir():
             os.replace(item, run_dir / item.name)

@@ -33,6 +33,7 @@ class TrainResult:
     model: object  # the PeftModel, adapters in memory
     tokenizer: object
     record: dict
+    is_main_process: bool = True
     stopped: str | None = None  # set when a signal stopped the run early: what happened and where it was saved
 
 
@@ -41,10 +42,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     started = time.perf_counter()
 
     # --- setup: everything that can fail on bad input happens before the run folder is touched
+    dist = distributed_state()
     run_dir = runs.open_run_dir(cfg, resume, overwrite, force)
     check_inputs(cfg)
+    dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
     threads = set_threads(cfg.train.num_threads)
-    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn when attached, before the Trainer seeds anything
     loaded = load_model(cfg.model, cfg.train.precision)
     tokenizer, family = loaded.tokenizer, loaded.family
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
@@ -55,14 +57,21 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     if data.eval:
         log.info(data.eval.report.line("eval", cfg.data.max_length))
     disable_cache(loaded.model, family)
+    set_seed(cfg.train.seed)  # LoRA A is random: the same seed gives the same start on every rank and rerun
     model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit")
     log.info(report.line())
     stop, guard = StopOnSignal(), NonFiniteGuard(cfg.train.on_nonfinite)
     trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision, [stop, guard])
+    t = cfg.train
+    log.info("global batch: %d examples per optimizer step (%d per device x %d accumulation x %d processes)",
+             t.per_device_train_batch_size * t.gradient_accumulation_steps * dist.num_processes,
+             t.per_device_train_batch_size, t.gradient_accumulation_steps, dist.num_processes)
 
     # --- train
-    runs.start_run_dir(run_dir, cfg, overwrite, resume)
-    checkpoint = resume_point(run_dir) if resume else None
+    if dist.is_main_process:
+        runs.start_run_dir(run_dir, cfg, overwrite, resume)
+    dist.wait_for_everyone()
+    checkpoint = resume_point(run_dir, tidy=dist.is_main_process) if resume else None
     with stop:
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -73,27 +82,42 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
         raise guard.error(latest_complete(run_dir / runs.CHECKPOINTS))
     if stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
         saved = latest_complete(run_dir / runs.CHECKPOINTS)
-        return TrainResult(run_dir, model, tokenizer, {}, f"stopped by {stop.received} at step {result.global_step}, "
-                                                         f"checkpoint saved in {saved}")
+        return TrainResult(run_dir, model, tokenizer, {}, dist.is_main_process,
+                           stopped=f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in "
+                                   f"{saved}")
     metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
     metrics_cb.final = True
     final_eval = trainer.evaluate() if data.eval else {}
 
-    # --- save
+    # --- save (rank 0 only; the others wait so no process exits while files are being written)
     record = run_record(cfg, loaded, data, report, result, final_eval, metrics_cb.tokens_per_second,
-                        threads, time.perf_counter() - started)
+                        threads, time.perf_counter() - started, dist.num_processes)
     record["training"]["nonfinite_steps_skipped"] = guard.skipped_steps
-    try:
-        runs.save_adapter(model, tokenizer, run_dir)
-        runs.plot_losses(run_dir)
-        runs.write_record(run_dir, record)
-    except Exception as exc:
-        if is_out_of_space(exc):
-            raise out_of_space_error("the adapter", run_dir, exc) from exc
-        raise
+    # Under FSDP the weights are sharded: gathering them is collective, so every rank takes part.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if dist.is_main_process:
+        try:
+            runs.save_adapter(model, tokenizer, run_dir, state_dict)
+            runs.plot_losses(run_dir)
+            runs.write_record(run_dir, record)
+        except Exception as exc:
+            if is_out_of_space(exc):
+                raise out_of_space_error("the adapter", run_dir, exc) from exc
+            raise
+    dist.wait_for_everyone()
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
-    return TrainResult(run_dir, model, tokenizer, record)
+    return TrainResult(run_dir, model, tokenizer, record, dist.is_main_process)
+
+
+def distributed_state():
+    """accelerate's view of the launch: one process, or a rank under torchrun / accelerate launch."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device_kind() == "cpu")
+    if not state.is_main_process:
+        logging.getLogger("gemmatune").setLevel(logging.WARNING)  # one log, from rank 0
+    return state
 
 
 def close_progress_bar(trainer) -> None:
@@ -163,6 +187,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in each forward
         dataloader_num_workers=0,
         use_cpu=device_kind() == "cpu",
         disable_tqdm=False,
@@ -185,7 +210,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     return trainer
 
 
-def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall) -> dict:
+def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall, processes) -> dict:
     import peft
     import transformers
 
@@ -216,6 +241,8 @@ def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second,
             "precision": loaded.precision,
             "device": device_kind(),
             "threads": threads,
+            "processes": processes,
+            "global_batch": cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * processes,
             "global_steps": result.global_step,
             "train_loss_first": train_losses[0] if train_losses else None,
             "train_loss_last": train_losses[-1] if train_losses else None,
