@@ -101,13 +101,16 @@ def remove_leftovers(folder: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def resume_point(run_dir: Path) -> Path | None:
+def resume_point(run_dir: Path, tidy: bool = True) -> Path | None:
     """Tidy a run folder for resuming and return the checkpoint to resume from (None: start at step 0).
 
     Leftovers of interrupted saves go; metrics.jsonl loses the rows after that checkpoint (those steps
-    run again) and the closing-evaluation rows of an earlier finish.
+    run again) and the closing-evaluation rows of an earlier finish. `tidy=False` (ranks other than 0)
+    only looks.
     """
     folder = run_dir / runs.CHECKPOINTS
+    if not tidy:
+        return latest_complete(folder)
     remove_leftovers(folder)
     latest = latest_complete(folder)
     step = step_of(latest) if latest else 0
@@ -228,17 +231,26 @@ class AtomicCheckpointTrainer(Trainer):
         name = f"checkpoint-{self.state.global_step}"
         staging_root = final_root / STAGING
         staged, target = staging_root / name, final_root / name
-        shutil.rmtree(staging_root, ignore_errors=True)
-        staging_root.mkdir(parents=True)
+        # Under torchrun every rank writes its RNG state into the checkpoint: rank 0 prepares the staging
+        # folder, all write, and only when all have written does rank 0 seal and publish it.
+        main, multi = self.args.should_save, self.args.world_size > 1
+        if main:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            staging_root.mkdir(parents=True)
+        if multi:
+            self.accelerator.wait_for_everyone()
         self._staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)
-            if not self.args.should_save:
-                return  # not the main process: process 0 publishes the checkpoint
+            if multi:
+                self.accelerator.wait_for_everyone()
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
-                # The Trainer recorded the staging path as best; record where it will live instead.
+                # The Trainer recorded the staging path as best (on every rank); record where it will live.
                 self.state.best_model_checkpoint = str(target)
-                self.state.save_to_json(str(staged / "trainer_state.json"))
+                if main:
+                    self.state.save_to_json(str(staged / "trainer_state.json"))
+            if not main:
+                return
             sizes = _fsync_tree(staged)
             marker = staged / MARKER
             marker.write_text(json.dumps({"step": self.state.global_step, "files": sizes}, indent=1) + "\n")
@@ -255,6 +267,7 @@ class AtomicCheckpointTrainer(Trainer):
             raise
         finally:
             self._staging_root = None
-            shutil.rmtree(staging_root, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging_root, ignore_errors=True)
         best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
         retain(final_root, self.keep_checkpoints, best)

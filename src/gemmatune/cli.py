@@ -91,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gemmatune.train import train
 
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
+    if not result.is_main_process:
+        return 0
     if result.stopped:
         again = ["gemmatune", "train", *([args.config] if args.config else [])]
         again += [a for item in args.overrides for a in ("--set", item)] + ["--resume"]

@@ -76,7 +76,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     if dist.is_main_process:
         runs.start_run_dir(run_dir, cfg, overwrite, resume)
     dist.wait_for_everyone()
-    checkpoint = resume_point(run_dir) if resume else None
+    checkpoint = resume_point(run_dir, tidy=dist.is_main_process) if resume else None
     with stop:
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -88,7 +88,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     if stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
         saved = latest_complete(run_dir / runs.CHECKPOINTS)
         return TrainResult(run_dir, model, tokenizer, {}, dist.is_main_process,
-                           f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in {saved}")
+                           stopped=f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in "
+                                   f"{saved}")
     metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
     metrics_cb.final = True
     final_eval = trainer.evaluate() if data.eval else {}
