@@ -78,3 +78,10 @@ def test_adapter_errors_name_the_problem(tiny_gemma3, two_adapters, tmp_path):
         tuned.generate("hi", adapter="missing")
     with pytest.raises(GemmatuneError, match="one per prompt"):
         tuned.generate(["x", "y"], adapter=["a"])
+
+
+def test_an_adapter_for_another_base_is_refused_not_silently_ignored(tiny_gemma3n, two_adapters):
+    # PEFT alone only warns on a Gemma 3 adapter over Gemma 3n (same module names) and then acts as the base.
+    a, _ = two_adapters
+    with pytest.raises(GemmatuneError, match=str(a)):
+        load([str(a)], base=str(tiny_gemma3n), precision="fp32")

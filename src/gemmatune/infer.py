@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gemmatune.adapters import check_adapter_fits
 from gemmatune.config import TEMPLATES, ModelConfig, load_config
 from gemmatune.errors import GemmatuneError
 from gemmatune.loading import load_model, stop_token_ids
@@ -243,11 +244,8 @@ def load(
     loaded = load_model(model_cfg, precision)
     model = loaded.model
     for src in sources:
-        if src.base_class and src.base_class != type(model).__name__:
-            raise GemmatuneError(
-                f"adapter {src.path} was trained on a {src.base_class}, but the base loads as {type(model).__name__}; "
-                "its weights would not apply. Load the base it was trained on"
-            )
+        # PEFT only warns when an adapter does not fit, then behaves like the base model: refuse instead.
+        check_adapter_fits(src.path, model)
     if torch.cuda.is_available() and model_cfg.quantization != "4bit":
         model = model.to("cuda")
     if sources:
