@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from gemmatune.config import Config
 from gemmatune.errors import GemmatuneError
@@ -226,9 +227,9 @@ def longest_example(cfg: Config) -> int | None:
 
     if not cfg.data.train_file or not is_local(cfg.data.train_file):
         return None
+    if cfg.model.name != "embedded" and not Path(cfg.model.name).expanduser().exists():
+        return None  # a hub id: resolving it would probe the hub, and its tokenizer is not fetched for a plan
     source = resolve_source(cfg.model)
-    if source.kind == "hub":
-        return None
     data = prepare(cfg.data, load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code), cfg.train.seed)
     return max((len(e.input_ids) for e in data.train.examples), default=None)
 
