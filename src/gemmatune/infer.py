@@ -235,7 +235,8 @@ def load(
 
     `adapters`: run folders or PEFT adapter folders, each `PATH` or `NAME=PATH` (name defaults to the folder
     name). `base`: the base model (embedded, hub id, folder, .gguf); by default the one the first adapter
-    was trained on. `template`: alpaca-zh, alpaca-en or chat; by default the first adapter's.
+    was trained on. `template`: alpaca-zh, alpaca-en or chat for every adapter; by default each adapter's own
+    (and the first adapter's for the base model).
     `force_unquantized`: load a QLoRA adapter's base unquantized (for merging) even where CUDA is present.
     """
     sources = [read_adapter(a) for a in adapters]
@@ -269,7 +270,7 @@ def load(
         raise GemmatuneError(f"template {chosen!r}: generation needs alpaca-zh, alpaca-en or chat")
     log.info("loaded %s with %s; template %s", loaded.source.describe(),
              ", ".join(names) if names else "no adapter", chosen)
-    return TunedModel(model, loaded.tokenizer, loaded.family, chosen, {s.name: s.template for s in sources},
+    return TunedModel(model, loaded.tokenizer, loaded.family, chosen, {s.name: template or s.template for s in sources},
                       loaded.precision)
 
 
