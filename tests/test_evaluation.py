@@ -94,3 +94,4 @@ def test_training_with_a_test_file_writes_the_eval_report(tiny_gemma3, alpaca_fi
     # The run folder alone gives back base model, class and template
     tuned = load([str(result.run_dir)], precision="fp32")
     assert tuned.template == "chat" and type(tuned.model.base_model.model).__name__ == "Gemma3ForCausalLM"
+    assert load([str(result.run_dir)], template="alpaca-en", precision="fp32").template_for("run") == "alpaca-en"

@@ -34,10 +34,11 @@ def test_generation_returns_only_new_tokens_and_stops_at_stop_ids(tiny_gemma3):
 @pytest.mark.parametrize("model_fixture", ["tiny_gemma3", "tiny_gemma3n"])
 def test_left_padded_batch_equals_one_by_one_greedy(model_fixture, request):
     tuned = load(base=str(request.getfixturevalue(model_fixture)), precision="fp32")
-    batched = tuned.generate(PROMPTS, greedy=True, max_new_tokens=8, batch_size=len(PROMPTS))
-    single = [tuned.generate(p, greedy=True, max_new_tokens=8)[0] for p in PROMPTS]
+    prompts = PROMPTS[:3]
+    batched = tuned.generate(prompts, greedy=True, max_new_tokens=6, batch_size=len(prompts))
+    single = [tuned.generate(p, greedy=True, max_new_tokens=6)[0] for p in prompts]
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
-    assert len({len(tuned.prompt_ids(p)) for p in PROMPTS}) > 1  # the batch really was padded
+    assert len({len(tuned.prompt_ids(p)) for p in prompts}) == 3  # the batch really was padded
 
 
 def test_mixed_batch_rows_equal_single_adapter_runs(tiny_gemma3, two_adapters):

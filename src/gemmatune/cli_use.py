@@ -89,7 +89,7 @@ def add_commands(sub) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N rows (quick check)")
     p.add_argument("--max-new-tokens", type=int, help="cap per generation (default: twice the longest reference, "
                    "at least 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
     p.add_argument("--samples", type=int, default=3, help="sample generations shown side by side (default 3)")
     p.add_argument("--out", metavar="DIR", help="folder for eval.json and eval.md (default: the first adapter's "
                    "folder; the current folder without adapters)")

@@ -187,7 +187,7 @@ def evaluate(
     adapters: list[str] | None = None,
     limit: int | None = None,
     max_new_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
     samples: int = 3,
     labels: dict[str, str] | None = None,
 ) -> EvalReport:
