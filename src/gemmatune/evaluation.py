@@ -232,6 +232,10 @@ def evaluate(
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,
                             precision: str) -> EvalReport:
     """Base vs the adapter just trained (same model object, adapter switched off for the base)."""
+    if next(peft_model.parameters()).device.type == "cpu":
+        # Training kept frozen weights in bf16; CPU generation with bf16 weights hits a ~100x slower
+        # kernel (see TunedModel.autocast), so evaluate with fp32 weights under bf16 autocast.
+        peft_model.to(torch.float32)
     tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision)
     report = evaluate(tuned, test_file, labels={"default": Path(run_dir).name})
     report.save(run_dir)

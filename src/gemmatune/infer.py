@@ -247,6 +247,8 @@ def load(
     model_cfg = _base_config(sources, base, cache_dir, trust_remote_code)
     if force_unquantized:
         model_cfg.quantization = "none"
+    if model_cfg.dtype == "auto" and not torch.cuda.is_available():
+        model_cfg.dtype = "fp32"  # training stores bf16 weights on CPU; generation must not (see autocast)
     loaded = load_model(model_cfg, precision)
     model = loaded.model
     for src in sources:
