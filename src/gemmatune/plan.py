@@ -45,6 +45,7 @@ class TrainingPath:
     mlp_bytes: float
     logits_bytes: float
     overhead_bytes: float
+    chunk_logits: bool = False  # the loss materialises one chunk of rows at a time, not every token
 
 
 # Calibrated on this CPU with the foundation's train.py path: Trainer, batch padded to its longest row, full
@@ -64,7 +65,16 @@ CPU_FULL_LOGITS = TrainingPath("cpu, padded batches, full logits, bf16 autocast"
 # context (~0.5 GiB) is outside torch.cuda.max_memory_allocated.
 CUDA_FULL_LOGITS = replace(CPU_FULL_LOGITS, name="cuda, padded batches, full logits, bf16", overhead_bytes=0.5 * GIB)
 
-QUICKSTART_PEAK_RSS = 4_886_408 * 1024  # bytes, examples/quickstart.yaml with the path above
+# The default path since the speed work (train.packing, loss.py): packed rows, the LM head only on label
+# positions and in chunks of LOGITS_PER_CHUNK logits, so the loss holds at most one chunk's vocab-wide
+# tensors (chunk_logits=True) instead of [tokens, vocab]. The per-layer factors are the same autograd
+# savings; what changes is the loss and (with bf16 compute) bf16 frozen weights, which loading stores.
+CPU_CHUNKED_LOSS = replace(CPU_FULL_LOGITS, name="cpu, packed batches, label-only chunked loss, bf16 autocast",
+                           chunk_logits=True)
+CUDA_CHUNKED_LOSS = replace(CPU_CHUNKED_LOSS, name="cuda, packed batches, label-only chunked loss, bf16",
+                            overhead_bytes=0.5 * GIB)
+
+QUICKSTART_PEAK_RSS = 4_886_408 * 1024  # bytes, examples/quickstart.yaml on CPU_FULL_LOGITS (train.packing=false)
 
 
 @dataclass
@@ -118,9 +128,15 @@ def estimate(shape: ModelShape, s: Settings, path: TrainingPath) -> Estimate:
         "gradients": lora * 4,
         "optimizer state": lora * _OPTIMIZER_BYTES.get(s.optim, 8),
         "activations": activations,
-        "logits and loss": tokens * shape.vocab * path.logits_bytes,
+        "logits and loss": _loss_rows(tokens, shape.vocab, path) * shape.vocab * path.logits_bytes,
         "runtime": path.overhead_bytes,
     })
+
+
+def _loss_rows(tokens: int, vocab: int, path: TrainingPath) -> int:
+    from gemmatune.loss import LOGITS_PER_CHUNK
+
+    return min(tokens, max(1, LOGITS_PER_CHUNK // vocab)) if path.chunk_logits else tokens
 
 
 def parse_size(text: str) -> int:
@@ -185,8 +201,8 @@ def _settings(cfg: Config, device: str) -> Settings:
         weights = "nf4"
     elif cfg.model.dtype != "auto":
         weights = cfg.model.dtype
-    else:  # as loading._auto_dtype: GPUs keep frozen weights in the compute dtype, CPUs in fp32
-        weights = precision if device == "cuda" and precision != "fp32" else "fp32"
+    else:  # as loading._auto_dtype: frozen weights in bf16 under bf16 compute (fp16 only on GPUs)
+        weights = precision if precision == "bf16" or (precision == "fp16" and device == "cuda") else "fp32"
     return Settings(device, precision, weights, True, cfg.lora.r, cfg.train.per_device_train_batch_size,
                     cfg.data.max_length, cfg.train.gradient_checkpointing, cfg.train.optim)
 
@@ -249,7 +265,12 @@ def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1
     elif (longest := longest_example(cfg)) is not None:
         # Batches are padded to their longest row, so the longest example sets the peak.
         settings.seq_len, seq_note = longest, f"the longest training example; data.max_length={cfg.data.max_length}"
-    path = CUDA_FULL_LOGITS if device == "cuda" else CPU_FULL_LOGITS
+    # The chunked loss runs in single-process training; under DDP/FSDP the model's own full-logits loss does.
+    fast = cfg.train.packing and world_size == 1
+    if device == "cuda":
+        path = CUDA_CHUNKED_LOSS if fast else CUDA_FULL_LOGITS
+    else:
+        path = CPU_CHUNKED_LOSS if fast else CPU_FULL_LOGITS
     est = estimate(shape, settings, path)
     suggestion = None
     if device_memory and est.total > device_memory:
