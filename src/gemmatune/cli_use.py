@@ -88,7 +88,7 @@ def add_commands(sub) -> None:
     _model_options(p)
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N rows (quick check)")
     p.add_argument("--max-new-tokens", type=int, help="cap per generation (default: twice the longest reference, "
-                   "at least 32)")
+                   "at least 16)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
     p.add_argument("--samples", type=int, default=3, help="sample generations shown side by side (default 3)")
     p.add_argument("--out", metavar="DIR", help="folder for eval.json and eval.md (default: the first adapter's "
@@ -120,10 +120,18 @@ def add_commands(sub) -> None:
 
 
 def _load(args, adapters=None):
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from gemmatune import load
 
-    return load(adapters if adapters is not None else args.adapters, base=args.base, template=args.template,
-                precision=args.precision, cache_dir=args.cache_dir)
+    # A terminal user needs neither the weight-loading bar nor PEFT's use of a deprecated transformers name.
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return load(adapters if adapters is not None else args.adapters, base=args.base, template=args.template,
+                    precision=args.precision, cache_dir=args.cache_dir)
 
 
 def _settings(args):
