@@ -121,7 +121,7 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
                                  f"train.num_threads={threads}"])
         loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
         disable_cache(loaded.model, loaded.family)
-        model, _ = attach_lora(loaded.model, cfg.lora, loaded.family)
+        model, _ = attach_lora(loaded.model, cfg.lora, loaded.family, autocast=loaded.precision in ("bf16", "fp16"))
         trainer = build_trainer(cfg, model, tokenizer, data, Path(out), loaded.precision)
         trainer.add_callback(timer)
         stack = f"gemmatune ({loaded.precision}, {loaded.model.config._attn_implementation}, packed, chunked loss)"

@@ -84,3 +84,45 @@ def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny
     with torch.no_grad():
         expected = model(**batch).loss.item()
     assert abs(metrics["eval_loss"] - expected) < 1e-5
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_bf16_chunked_loss_keeps_a_confident_tokens_gradient(softcap, monkeypatch):
+    """Under bf16 autocast the softmax goes to bf16 for the matmul; the target column must not: p - 1 for a
+    token predicted at p = 0.999 rounds to 0 in bf16, which would drop that row's gradient altogether."""
+    from gemmatune import loss
+    from gemmatune.loss import CausalLMParts, chunked_cross_entropy_sum
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, dim, n = 512, 32, 12
+    monkeypatch.setattr(loss, "LOGITS_PER_FP32_BLOCK", 3 * vocab)  # fp32 blocks of 3 rows in chunks of 4
+    head = torch.nn.Linear(dim, vocab, bias=False, dtype=torch.bfloat16).requires_grad_(False)  # frozen, as in LoRA
+    head.weight.copy_(torch.randn(vocab, dim, generator=gen))
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    hidden = torch.randn(n, dim, generator=gen) * 0.1
+    hidden[: n // 2] += (0.9 if softcap is None else 2.0) * head.weight[targets[: n // 2]].float()
+    hidden = hidden.bfloat16().requires_grad_()
+
+    # Reference in fp64 on the same bf16-rounded logits the autocast LM head produces (the plain loss path
+    # rounds them too); the gradient through the rounding is the straight-through one, as autograd gives it.
+    w = head.weight.double()
+    raw = (hidden.detach().double() @ w.T).bfloat16().double()
+    factor = torch.ones_like(raw)
+    logits = raw
+    if softcap is not None:
+        logits = softcap * torch.tanh(raw / softcap)
+        factor = 1 - torch.tanh(raw / softcap) ** 2
+    probs = torch.softmax(logits, -1)
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    expected_grad = ((probs - torch.nn.functional.one_hot(targets, vocab)) * factor) @ w
+    p_target = probs[torch.arange(n), targets]
+    # p - 1 is representable in fp32 down to ~1e-7; in bf16 a p above 0.998 is 1.0, so that gradient is lost.
+    in_range = p_target < 0.9999
+    assert ((p_target > 0.99) & in_range).sum() >= 3  # the case this test is about
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_cross_entropy_sum(hidden, targets, CausalLMParts(None, head, softcap), chunk=5)
+    got.backward()
+    assert abs(got.item() - expected.item()) <= 1e-2 * expected.item()
+    err = (hidden.grad.double() - expected_grad).norm(dim=1) / expected_grad.norm(dim=1)
+    assert err[in_range].max() < 0.05, err  # bf16 matmul rounding only, confident rows included

@@ -42,8 +42,13 @@ def peft_lora_config(cfg: LoraSection, family: ModelFamily):
     )
 
 
-def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = False):
-    """Freeze the base model and wrap the target modules; returns (peft_model, report)."""
+def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = False, autocast: bool = False):
+    """Freeze the base model and wrap the target modules; returns (peft_model, report).
+
+    `autocast`: training runs under bf16/fp16 autocast. PEFT then need not cast each LoRA input to the fp32 of
+    the adapter weights (autocast casts for the matmul anyway): that cast copied every projection's input
+    twice per step and kept a separate copy per projection for backward where q/k/v could share one.
+    """
     from peft import get_peft_model
 
     if quantized:
@@ -52,6 +57,12 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
         peft_model = get_peft_model(model, peft_lora_config(cfg, family))
     except ValueError as exc:
         raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
+    if autocast:
+        from peft.tuners.lora import LoraLayer
+
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                module.cast_input_dtype_enabled = False  # PEFT's switch (peft.helpers.disable_input_dtype_casting)
     return peft_model, trainable_report(peft_model)
 
 

@@ -63,7 +63,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
         log.info(data.eval.report.line("eval", cfg.data.max_length))
     disable_cache(loaded.model, family)
     set_seed(cfg.train.seed)  # LoRA's A matrices are random: the same start on every rank and every rerun
-    model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit")
+    model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
+                                autocast=loaded.precision in ("bf16", "fp16"))
     log.info(report.line())
     stop, guard = StopOnSignal(), NonFiniteGuard(cfg.train.on_nonfinite)
     trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision, [stop, guard])

@@ -31,7 +31,10 @@ class ChunkedLossTrainer(Trainer):
             if num_items_in_batch is None:
                 num_items_in_batch = (inputs["labels"][..., 1:] != -100).sum()
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = causal_lm_loss(model, inputs, num_items_in_batch, self._parts)
+        # Accelerate puts autocast around the wrapped model's forward; this path calls the body directly, so it
+        # takes the same autocast itself (bf16/fp16 runs; a no-op in fp32), as the multi-process path gets.
+        with self.accelerator.autocast():
+            loss = causal_lm_loss(model, inputs, num_items_in_batch, self._parts)
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
