@@ -5,7 +5,8 @@ Variants, each in a fresh subprocess (so peak RSS is its own), run alternately (
   b  best plain HF stack: TRL SFTTrainer, bf16 weights + bf16 autocast, padding-free batches, completion-only
      loss (TRL's own chunked LM head); falls back to Trainer + DataCollatorWithFlattening when TRL is absent
   c  gemmatune defaults: packed rows with per-example attention, LM head only on label positions in chunks,
-     bf16 frozen weights, tcmalloc preloaded (as `gemmatune train` does; --no-tcmalloc turns it off)
+     bf16 frozen weights under bf16 autocast, RMSNorms that keep no fp32 input copy, tcmalloc preloaded and
+     oneDNN's primitive cache capped at 128 (as `gemmatune train` does; --no-tcmalloc runs c without tcmalloc)
 
 All use the embedded Gemma 3 270M, LoRA r=16 / alpha 32 / dropout 0 on the 7 projections, AdamW lr 2e-4,
 4 examples per step, the same tokenized examples (gemmatune's alpaca-en template, max 512 tokens) in the
@@ -110,8 +111,7 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
     else:
         from gemmatune.config import load_config
         from gemmatune.loading import load_model
-        from gemmatune.lora import attach_lora
-        from gemmatune.train import build_trainer, disable_cache
+        from gemmatune.train import build_trainer, prepare_for_training
 
         cfg = load_config(None, [f"data.train_file={data_file}", f"train.output_dir={out}", "train.run_name=c",
                                  f"train.max_steps={steps}", f"train.per_device_train_batch_size={BATCH}",
@@ -120,8 +120,7 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
                                  "train.save_steps=100000", "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0.0",
                                  f"train.num_threads={threads}"])
         loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
-        disable_cache(loaded.model, loaded.family)
-        model, _ = attach_lora(loaded.model, cfg.lora, loaded.family, autocast=loaded.precision in ("bf16", "fp16"))
+        model, _ = prepare_for_training(loaded, cfg)  # what `gemmatune train` does between loading and training
         trainer = build_trainer(cfg, model, tokenizer, data, Path(out), loaded.precision)
         trainer.add_callback(timer)
         stack = f"gemmatune ({loaded.precision}, {loaded.model.config._attn_implementation}, packed, chunked loss)"
@@ -230,12 +229,14 @@ def data_file(rows: int) -> tuple[str, str]:
 
 
 def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool) -> dict:
-    from gemmatune.allocator import find_tcmalloc
+    from gemmatune.allocator import ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VARIABLE, find_tcmalloc
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     lib = find_tcmalloc() if tcmalloc and variant == "c" else None
     if lib:  # what `gemmatune train` does for itself (gemmatune.allocator)
         env["LD_PRELOAD"] = lib
+    if variant == "c":
+        env.setdefault(ONEDNN_CACHE_VARIABLE, str(ONEDNN_CACHE_ENTRIES))
     cmd = [sys.executable, __file__, "--child", variant, "--data", data, "--steps", str(steps),
            "--threads", str(threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

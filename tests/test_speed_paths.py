@@ -52,3 +52,17 @@ def test_cli_restarts_itself_with_tcmalloc_and_says_so(tiny_gemma3, alpaca_file,
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "allocator tcmalloc (preloaded" in out.stderr
+
+
+@pytest.mark.parametrize("user_value", [None, "500"])
+def test_cli_caps_the_onednn_cache_unless_the_user_set_it(tiny_gemma3, alpaca_file, tmp_path, user_value):
+    cfg = [f"model.name={tiny_gemma3}", f"data.train_file={alpaca_file}", "data.template=chat",
+           f"train.output_dir={tmp_path}", "train.max_steps=1", "train.precision=fp32", "train.num_threads=1"]
+    cmd = [sys.executable, "-m", "gemmatune", "train", OPT_OUT, *[a for c in cfg for a in ("--set", c)]]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    if user_value:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = user_value
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"oneDNN cache {user_value or 128} entries (ONEDNN_PRIMITIVE_CACHE_CAPACITY)" in out.stderr

@@ -114,8 +114,9 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None and "train" in sys.argv[1:3]:
         # Only a real `gemmatune train` process restarts itself; library calls with an argv never do.
-        from gemmatune.allocator import reexec_with_tcmalloc
+        from gemmatune.allocator import limit_onednn_cache, reexec_with_tcmalloc
 
+        limit_onednn_cache()  # before the restart, so the restarted process inherits it
         reexec_with_tcmalloc(sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -22,8 +22,9 @@ from gemmatune.evaluation import evaluate_after_training
 from gemmatune.guards import NonFiniteGuard
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.interrupts import StopOnSignal
-from gemmatune.loading import load_model
+from gemmatune.loading import Loaded, load_model
 from gemmatune.lora import attach_lora
+from gemmatune.norms import use_lean_rms_norm
 from gemmatune.preflight import check_inputs
 
 log = logging.getLogger("gemmatune")
@@ -61,10 +62,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     log.info(data.train.report.line("train", cfg.data.max_length))
     if data.eval:
         log.info(data.eval.report.line("eval", cfg.data.max_length))
-    disable_cache(loaded.model, family)
-    set_seed(cfg.train.seed)  # LoRA's A matrices are random: the same start on every rank and every rerun
-    model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
-                                autocast=loaded.precision in ("bf16", "fp16"))
+    model, report = prepare_for_training(loaded, cfg)
     log.info(report.line())
     stop, guard = StopOnSignal(), NonFiniteGuard(cfg.train.on_nonfinite)
     trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision, [stop, guard])
@@ -134,6 +132,16 @@ def close_progress_bar(trainer) -> None:
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
             cb.training_bar.close()
+
+
+def prepare_for_training(loaded: Loaded, cfg: Config):
+    """The loaded model made ready to train: no KV cache, lean norms, LoRA attached; returns (model, report)."""
+    family = loaded.family
+    disable_cache(loaded.model, family)
+    use_lean_rms_norm(loaded.model, family.rms_norm, family.rms_norm_offset)
+    set_seed(cfg.train.seed)  # LoRA's A matrices are random: the same start on every rank and every rerun
+    return attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
+                       autocast=loaded.precision in ("bf16", "fp16"))
 
 
 def disable_cache(model, family) -> None:

@@ -40,6 +40,11 @@ class ModelFamily:
     """Module-name parts of the non-language towers: frozen, never given adapters."""
     bundled_text_configs: tuple[tuple[str, str], ...] = ()
     """(hub id, JSON file in this package) pairs: real text configs, so `plan` works offline."""
+    rms_norm: str | None = None
+    """Class name of the family's RMSNorm, replaced for training by `norms.LeanRMSNorm` (same math, no fp32
+    input copy kept for backward); None: left as it is."""
+    rms_norm_offset: float = 0.0
+    """The norm multiplies by (weight + offset): Gemma 3 stores weight - 1 (offset 1.0), Gemma 3n the scale."""
 
 
 def bundled_config_file(model_id: str):

@@ -39,4 +39,6 @@ FAMILY = ModelFamily(
         "google/gemma-3-27b-pt", "google/gemma-3-27b-it",
     ),
     text_config_attr="text_config",
+    rms_norm="Gemma3RMSNorm",
+    rms_norm_offset=1.0,  # output * (1.0 + weight)
 )

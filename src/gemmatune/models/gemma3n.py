@@ -38,4 +38,6 @@ FAMILY = ModelFamily(
         ("google/gemma-3n-E2B", _E2B), ("google/gemma-3n-E2B-it", _E2B),
         ("google/gemma-3n-E4B", _E4B), ("google/gemma-3n-E4B-it", _E4B),
     ),
+    rms_norm="Gemma3nRMSNorm",
+    rms_norm_offset=0.0,  # output * weight (norms built with_scale=False have no weight)
 )
