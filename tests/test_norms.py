@@ -62,8 +62,13 @@ def test_lean_norm_in_bf16_equals_the_reference_and_saves_no_fp32_copy(offset):
     outputs = []
     for module in (reference, lean):
         xi = x.clone().requires_grad_()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        saved: list[torch.Tensor] = []
+
+        def keep(t, saved=saved):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             y = module(xi)
         y.backward(grad)
         outputs.append((y, xi.grad, saved))
