@@ -1,8 +1,10 @@
 """Measure the bytes autograd keeps for backward, per token and per layer, for the planner's TrainingPath.
 
 Builds real-width layers with random weights (no download): the embedded Gemma 3 270M architecture and the
-Gemma 3n E4B text architecture, each with 2 and 4 layers and a small vocabulary, attaches the default LoRA
-(r=16) and runs one forward under bf16 autocast (the CPU training path) at two sequence lengths.
+Gemma 3n E4B text architecture, each with 2 and 4 layers and a small vocabulary, prepares them as
+`gemmatune train` does with bf16 compute (bf16 frozen weights, lean RMSNorms, LoRA r=16 without PEFT's input
+casts) and runs one forward under bf16 autocast at two sequence lengths. `--as-loaded` measures the
+transformers modules as they come (fp32 weights, PEFT defaults), the path the first calibration used.
 Saved tensors are counted once per storage; parameters themselves are excluded (they are weights).
 Differences between 4 and 2 layers and between the two lengths give bytes per layer per token.
 
@@ -11,14 +13,18 @@ Differences between 4 and 2 layers and between the two lengths give bytes per la
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gemmatune.models import bundled_config_file
+from gemmatune.config import LoraSection
+from gemmatune.lora import attach_lora
+from gemmatune.models import bundled_config_file, family_for
 from gemmatune.models.gemma3n import LANGUAGE_MODEL_PROJECTIONS
+from gemmatune.norms import use_lean_rms_norm
 
 GEMMA3_270M = {  # the embedded model's architecture (config.json of the converted GGUF)
     "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4,
@@ -43,18 +49,28 @@ def saved_bytes(model, tokens: int, bf16: bool) -> int:
     return sum(seen.values())
 
 
-def build(arch: dict, layers: int, targets):
+def build(arch: dict, layers: int, targets, as_loaded: bool):
     data = dict(arch, num_hidden_layers=layers, vocab_size=256, max_position_embeddings=4096)
     if "num_kv_shared_layers" in data:
         data.update(vocab_size_per_layer_input=256, num_kv_shared_layers=0, layer_types=None,
                     activation_sparsity_pattern=[0.95] * layers, intermediate_size=data["intermediate_size"][0])
-    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    model_type = data.pop("model_type")
+    config = AutoConfig.for_model(model_type, **data)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    return get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"))
+    if as_loaded:
+        return get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules=targets,
+                                                task_type="CAUSAL_LM"))
+    family = family_for(model_type)
+    model.to(torch.bfloat16)
+    use_lean_rms_norm(model, family.rms_norm, family.rms_norm_offset)
+    return attach_lora(model, LoraSection(r=16, lora_dropout=0.05, target_modules=targets), family, autocast=True)[0]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--as-loaded", action="store_true", help="fp32 weights and PEFT defaults, no lean norms")
+    as_loaded = parser.parse_args().as_loaded
     torch.set_flush_denormal(True)
     e4b = json.loads(bundled_config_file("google/gemma-3n-E4B-it").read_text())
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,7 +81,7 @@ def main() -> None:
         t1, t2 = 128, 256
         per_layer = {}
         for layers in (2, 4):
-            model = build(arch, layers, targets)
+            model = build(arch, layers, targets, as_loaded)
             a, b = saved_bytes(model, t1, True), saved_bytes(model, t2, True)
             per_layer[layers] = (b - a) / (t2 - t1)
             del model
