@@ -14,7 +14,7 @@ same order, and the same number of steps, so the same real (non-padding) tokens.
 from the end of step 1 to the end of the last step. Also measured here: a 2048^3 bf16 matmul, the roofline
 that c's speed is compared with (FLOPs per token from the model's shapes and the data's label share).
 
-    flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py            # full (~15 min here)
+    flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py            # full, ~18 min here
     flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py --steps 8 --rows 64 --rounds 1
 
 The last line printed is one JSON object with every figure.
@@ -248,7 +248,8 @@ def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=25, help="optimizer steps per variant (4 examples each)")
+    parser.add_argument("--steps", type=int, default=18,
+                        help="optimizer steps per variant (4 examples each); 18 keeps the whole run under 20 min here")
     parser.add_argument("--rows", type=int, default=400, help="data rows to read (the first ones)")
     parser.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating order; medians kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
