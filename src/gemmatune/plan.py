@@ -67,10 +67,13 @@ CUDA_FULL_LOGITS = replace(CPU_FULL_LOGITS, name="cuda, padded batches, full log
 
 # The default path since the speed work (train.packing, loss.py): packed rows, the LM head only on label
 # positions and in chunks of LOGITS_PER_CHUNK logits, so the loss holds at most one chunk's vocab-wide
-# tensors (chunk_logits=True) instead of [tokens, vocab]. The per-layer factors are the same autograd
-# savings; what changes is the loss and (with bf16 compute) bf16 frozen weights, which loading stores.
+# tensors (chunk_logits=True) instead of [tokens, vocab]: the bf16 logits, overwritten in place by their
+# gradient, plus a 16 MiB fp32 block (logits_bytes=2.5). Per-layer factors re-measured with
+# benchmarks/activation_bytes.py on this path (bf16 frozen weights, lean RMSNorms, no PEFT input casts):
+# 50,452 bytes per layer per token (270M) and 337,306 (E4B); with mlp_bytes=16 that is hidden_bytes=27.6
+# and stream_bytes=3.0 (session 1's path: 70,676 and 491,498).
 CPU_CHUNKED_LOSS = replace(CPU_FULL_LOGITS, name="cpu, packed batches, label-only chunked loss, bf16 autocast",
-                           chunk_logits=True)
+                           hidden_bytes=27.6, stream_bytes=3.0, logits_bytes=2.5, chunk_logits=True)
 CUDA_CHUNKED_LOSS = replace(CPU_CHUNKED_LOSS, name="cuda, packed batches, label-only chunked loss, bf16",
                             overhead_bytes=0.5 * GIB)
 
