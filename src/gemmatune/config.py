@@ -41,7 +41,9 @@ class ModelConfig:
         "Dtype the frozen base weights are loaded in: auto (bf16 when training in bf16, else fp32), "
         "bf16, fp16 or fp32.",
     )
-    quantization: str = _f("none", "none, or 4bit for QLoRA (nf4, double quantization; needs CUDA).")
+    quantization: str = _f(
+        "none", "none, or 4bit for QLoRA (nf4, double quantization, bf16 compute; CUDA, or CPU with bitsandbytes "
+        ">= 0.49: pip install 'gemmatune[qlora]').")
     trust_remote_code: bool = _f(False, "Run model code from the hub repository. Off unless you trust it.")
     attn_implementation: str | None = _f(
         None, "Attention kernel (sdpa, eager, flash_attention_2); None lets the model family choose."

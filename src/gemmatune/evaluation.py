@@ -20,7 +20,9 @@ import torch
 
 from gemmatune.data import detect_format, normalize, read_rows
 from gemmatune.errors import GemmatuneError
+from gemmatune.hardware import inference_weight_dtype
 from gemmatune.infer import BASE, SamplingSettings, TunedModel
+from gemmatune.quantization import cast_unquantized_
 from gemmatune.runs import write_atomic
 from gemmatune.templates import IGNORE, tokenize_row
 
@@ -233,10 +235,11 @@ def evaluate(
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,
                             precision: str) -> EvalReport:
     """Base vs the adapter just trained (same model object, adapter switched off for the base)."""
-    if next(peft_model.parameters()).device.type == "cpu":
-        # Training kept frozen weights in bf16; CPU generation with bf16 weights hits a ~100x slower
-        # kernel (see TunedModel.autocast), so evaluate with fp32 weights under bf16 autocast.
-        peft_model.to(torch.float32)
+    device = next(peft_model.parameters()).device.type
+    if inference_weight_dtype(precision, device) == torch.float32:
+        # CPU: fp32 base weights under bf16 autocast (hardware.inference_weight_dtype); 4-bit weights stay packed
+        # and LoRA weights are fp32 already.
+        cast_unquantized_(peft_model, torch.float32)
     tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision)
     report = evaluate(tuned, test_file, labels={"default": Path(run_dir).name})
     report.save(run_dir)

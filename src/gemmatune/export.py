@@ -82,10 +82,8 @@ def _save_dtype(tuned: TunedModel, dtype: str, was_4bit: bool) -> torch.dtype:
         return _DTYPES[dtype]
     if was_4bit:
         return torch.bfloat16
-    stored = getattr(tuned.model.base_model.model.config, "dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if isinstance(stored, torch.dtype) else torch.float32
+    # The checkpoint's own dtype as saved, not the model's config: loading in fp32 for merging rewrote that.
+    return tuned.checkpoint_dtype or torch.float32
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:

@@ -19,7 +19,10 @@ import torch
 from gemmatune.adapters import check_adapter_fits
 from gemmatune.config import TEMPLATES, ModelConfig, load_config
 from gemmatune.errors import GemmatuneError
+from gemmatune.hardware import DTYPE_NAMES, autocast_dtype, device_kind, inference_weight_dtype, resolve_precision
 from gemmatune.loading import load_model, stop_token_ids
+from gemmatune.lora import skip_input_casts
+from gemmatune.quantization import bitsandbytes_usable
 from gemmatune.runs import CONFIG_FILE, read_record
 from gemmatune.templates import prompt_ids
 
@@ -96,15 +99,19 @@ class SamplingSettings:
 class TunedModel:
     """A base model with its adapters; `generate` picks one adapter per call or one per row."""
 
-    def __init__(self, model, tokenizer, family, template: str, adapters: dict[str, str | None], precision: str):
+    def __init__(self, model, tokenizer, family, template: str, adapters: dict[str, str | None], precision: str,
+                 checkpoint_dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.family = family
         self.template = template  # for the base model and for adapters that do not name their own
         self.adapters = adapters  # name -> template it was trained with (None: unknown)
         self.precision = precision
+        self.checkpoint_dtype = checkpoint_dtype  # the base checkpoint's own dtype, for `merge --dtype auto`
         self.stop_ids = stop_token_ids(tokenizer, family)
         self.model.eval()
+        if autocast_dtype(precision) is not None and adapters:
+            skip_input_casts(self.model)  # as in training: autocast casts for each matmul
 
     @property
     def default_adapter(self) -> str:
@@ -197,15 +204,10 @@ class TunedModel:
         return next(self.model.parameters()).device
 
     def autocast(self):
-        """bf16 autocast on CPUs with native bf16, as in training; GPUs already hold bf16 weights.
-
-        On CPU the weights stay fp32 on purpose: a bf16 linear on a non-contiguous input (the
-        `logits_to_keep` slice before the LM head) took ~100x longer than on a contiguous one
-        (torch 2.13, measured 115 s vs 1 s), and autocast's cast makes the input contiguous.
-        """
-        if self.precision == "bf16" and self.device.type == "cpu":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The autocast of training (hardware.autocast_dtype), on CPU and GPU alike: LoRA weights are fp32 and
+        base weights bf16 (GPU) or fp32 (CPU, see hardware.inference_weight_dtype); autocast makes them meet."""
+        dtype = autocast_dtype(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def adapter_context(self, names: Sequence[str]) -> Iterator[dict]:
@@ -247,8 +249,8 @@ def load(
     model_cfg = _base_config(sources, base, cache_dir, trust_remote_code)
     if force_unquantized:
         model_cfg.quantization = "none"
-    if model_cfg.dtype == "auto" and not torch.cuda.is_available():
-        model_cfg.dtype = "fp32"  # training stores bf16 weights on CPU; generation must not (see autocast)
+    if model_cfg.dtype == "auto":
+        model_cfg.dtype = DTYPE_NAMES[inference_weight_dtype(resolve_precision(precision), device_kind())]
     loaded = load_model(model_cfg, precision)
     model = loaded.model
     for src in sources:
@@ -271,7 +273,7 @@ def load(
     log.info("loaded %s with %s; template %s", loaded.source.describe(),
              ", ".join(names) if names else "no adapter", chosen)
     return TunedModel(model, loaded.tokenizer, loaded.family, chosen, {s.name: template or s.template for s in sources},
-                      loaded.precision)
+                      loaded.precision, loaded.checkpoint_dtype)
 
 
 def _base_config(sources: list[AdapterSource], base: str | None, cache_dir: str | None,
@@ -290,8 +292,9 @@ def _base_config(sources: list[AdapterSource], base: str | None, cache_dir: str 
     cfg = ModelConfig(**vars(first.model))
     if cache_dir:
         cfg.cache_dir = cache_dir
-    if cfg.quantization == "4bit" and not torch.cuda.is_available():
-        log.warning("adapter %s was trained on a 4-bit base; without CUDA it runs on the 16/32-bit base", first.path)
+    if cfg.quantization == "4bit" and not bitsandbytes_usable(device_kind()):
+        log.warning("adapter %s was trained on a 4-bit base; without a usable bitsandbytes it runs on the 16/32-bit "
+                    "base (pip install 'gemmatune[qlora]' for the 4-bit one)", first.path)
         cfg.quantization = "none"
     return cfg
 

@@ -14,15 +14,15 @@ import torch
 
 from gemmatune.config import ModelConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.hardware import resolve_precision
+from gemmatune.hardware import DTYPES, device_kind, resolve_precision, weight_dtype
 from gemmatune.hub import use_cache_only
 from gemmatune.integrity import check_weight_folder
 from gemmatune.models import ModelFamily, all_known_ids, family_for
+from gemmatune.quantization import bnb_4bit_config, modules_to_keep_unquantized, require_bitsandbytes
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "gemma-3-270m"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -163,19 +163,19 @@ class Loaded:
     family: ModelFamily
     source: ModelSource
     precision: str  # what runs here: bf16, fp16 or fp32
+    checkpoint_dtype: torch.dtype | None = None  # the dtype the weights were saved in (config.json), if it says
 
 
 def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False) -> Loaded:
     """Load the base model and tokenizer; `precision` (auto|bf16|fp16|fp32) is checked against the family.
 
-    With `packing`, attention is chosen so packed examples never see each other (see packing.py)."""
+    With `packing`, attention is chosen so packed examples never see each other (see packing.py).
+    `cfg.quantization: 4bit` loads nf4 weights on CPU or CUDA (quantization.py decides which layers stay)."""
     from transformers import AutoConfig
 
-    if cfg.quantization == "4bit" and not torch.cuda.is_available():
-        raise GemmatuneError(
-            "config key model.quantization: 4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on this machine "
-            "use quantization: none (LoRA on bf16/fp32 weights)"
-        )
+    device = device_kind()
+    if cfg.quantization == "4bit":
+        require_bitsandbytes(device)
     source = resolve_source(cfg)
     common = {"revision": source.revision, "trust_remote_code": cfg.trust_remote_code, "gguf_file": source.gguf_file,
               "local_files_only": source.local_only}
@@ -188,7 +188,7 @@ def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False)
         raise GemmatuneError(f"model.name: {source.describe()}: {str(exc).splitlines()[0]}") from exc
     family = family_for(config.model_type)
     precision = resolve_precision(precision, family.fp16_safe)
-    dtype = _DTYPES[cfg.dtype] if cfg.dtype != "auto" else _auto_dtype(precision)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else weight_dtype(precision)
     kwargs = dict(common, dtype=dtype)
     attn = cfg.attn_implementation
     if packing:
@@ -201,16 +201,51 @@ def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False)
         from transformers import GgufConfig
 
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    if cfg.quantization == "4bit":
-        kwargs["quantization_config"] = _bnb_4bit_config()
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
     model_class = choose_model_class(cfg, config.model_type, family, source)
+    if cfg.quantization == "4bit":
+        keep = modules_to_keep_unquantized(build_on_meta(model_class, config), family)
+        kwargs["quantization_config"] = bnb_4bit_config(keep)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+    model = _from_pretrained(model_class, source, kwargs, flash_chosen=packing and attn == "flash_attention_2")
+    tokenizer = load_tokenizer(source, family, cfg.trust_remote_code)
+    return Loaded(model, tokenizer, family, source, precision, _saved_dtype(config))
+
+
+def _saved_dtype(config) -> torch.dtype | None:
+    # Read before loading: from_pretrained rewrites config.dtype to the dtype it loaded in.
+    stored = getattr(config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else None
+
+
+def _from_pretrained(model_class, source: ModelSource, kwargs: dict, flash_chosen: bool):
     try:
-        model = model_class.from_pretrained(source.path, **kwargs)
+        return model_class.from_pretrained(source.path, **kwargs)
     except OSError as exc:
         raise _hub_error(source, exc) from exc
-    tokenizer = load_tokenizer(source, family, cfg.trust_remote_code)
-    return Loaded(model, tokenizer, family, source, precision)
+    except ValueError as exc:
+        if flash_chosen:
+            # flash-attn is installed but this class refuses it (Gemma 3 with a vision tower needs its
+            # bidirectional image mask): packed batches then use the per-example sdpa instead.
+            from gemmatune.packing import PACKED_SDPA, register_packed_attention
+
+            register_packed_attention()
+            log.info("%s does not take flash_attention_2; packed batches use per-example sdpa", model_class.__name__)
+            return _from_pretrained(model_class, source, dict(kwargs, attn_implementation=PACKED_SDPA), False)
+        raise GemmatuneError(f"model.name: {source.describe()}: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+def build_on_meta(model_class, config):
+    """The model's modules with no weights allocated (for counting parameters and choosing layers)."""
+    wanted = getattr(model_class, "config_class", None)
+    if wanted is not None and not isinstance(config, wanted):
+        # The text class from a multimodal checkpoint: from_pretrained picks the text sub-config; so do we.
+        config = config.get_text_config()
+    with torch.device("meta"):
+        if hasattr(model_class, "from_config"):
+            return model_class.from_config(config)
+        return model_class(config)
 
 
 def choose_model_class(cfg: ModelConfig, model_type: str, family: ModelFamily, source: ModelSource):
@@ -248,30 +283,3 @@ def _imports(module: str) -> bool:
     except Exception:  # any import failure means the extra is not usable
         return False
     return True
-
-
-def _auto_dtype(precision: str) -> torch.dtype:
-    # Frozen weights follow the compute precision: under bf16 autocast every matmul reads them as bf16
-    # anyway, so storing them in bf16 halves their memory (270M on CPU: 4.3 -> 3.2 GiB peak) at the same
-    # speed or better. LoRA weights stay fp32 (PEFT's autocast_adapter_dtype) and so does optimizer state.
-    if precision == "bf16" or (precision == "fp16" and torch.cuda.is_available()):
-        return _DTYPES[precision]
-    return torch.float32
-
-
-def _bnb_4bit_config():
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise GemmatuneError("model.quantization=4bit needs bitsandbytes: pip install 'gemmatune[qlora]'") from None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        # 4-bit weights packed in bf16 containers: FSDP can only shard parameters of a float dtype,
-        # and single-GPU QLoRA is unaffected (same bytes, same kernels).
-        bnb_4bit_quant_storage=torch.bfloat16,
-    )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from gemmatune.config import LoraSection
 from gemmatune.errors import GemmatuneError
 from gemmatune.models import ModelFamily
+from gemmatune.quantization import keep_4bit_layout
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,23 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
 
     if quantized:
         freeze_quantized(model)
+        keep_4bit_layout(model)
     try:
         peft_model = get_peft_model(model, peft_lora_config(cfg, family))
     except ValueError as exc:
         raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
     if autocast:
-        from peft.tuners.lora import LoraLayer
-
-        for module in peft_model.modules():
-            if isinstance(module, LoraLayer):
-                module.cast_input_dtype_enabled = False  # PEFT's switch (peft.helpers.disable_input_dtype_casting)
+        skip_input_casts(peft_model)
     return peft_model, trainable_report(peft_model)
+
+
+def skip_input_casts(peft_model) -> None:
+    """Under autocast, LoRA layers take their input as it comes (autocast casts for each matmul)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False  # PEFT's switch (peft.helpers.disable_input_dtype_casting)
 
 
 def freeze_quantized(model) -> None:

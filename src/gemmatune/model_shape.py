@@ -15,8 +15,9 @@ import torch
 
 from gemmatune.config import Config
 from gemmatune.errors import GemmatuneError
-from gemmatune.loading import choose_model_class, resolve_source
+from gemmatune.loading import build_on_meta, choose_model_class, resolve_source
 from gemmatune.models import ModelFamily, bundled_config_file, family_for
+from gemmatune.quantization import is_kept, modules_to_keep_unquantized
 
 
 @dataclass
@@ -78,7 +79,6 @@ def load_architecture(cfg: Config):
 
 def measure(cfg: Config) -> ModelShape:
     from peft import get_peft_model
-    from transformers.quantizers.base import get_keys_to_not_convert
 
     from gemmatune.lora import peft_lora_config, wrapped_module_names
 
@@ -90,20 +90,12 @@ def measure(cfg: Config) -> ModelShape:
             return where
 
     model_class = choose_model_class(cfg.model, config.model_type, family, _Source())
-    wanted = getattr(model_class, "config_class", None)
-    if wanted is not None and not isinstance(config, wanted):
-        # The text class from a multimodal checkpoint: from_pretrained picks the text sub-config; so do we.
-        config = config.get_text_config()
-    with torch.device("meta"):
-        if hasattr(model_class, "from_config"):
-            model = model_class.from_config(config)
-        else:
-            model = model_class(config)
+    model = build_on_meta(model_class, config)
     total = sum(p.numel() for p in model.parameters())
-    keep = set(get_keys_to_not_convert(model))
+    keep = modules_to_keep_unquantized(model, family)  # exactly what a 4-bit load leaves in 16 bits
     quantizable = sum(
         m.weight.numel() for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name not in keep and not any(k and name.startswith(k + ".") for k in keep)
+        if isinstance(m, torch.nn.Linear) and not is_kept(name, keep)
     )
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     text = config.get_text_config()

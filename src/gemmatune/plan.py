@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gemmatune.config import Config
 from gemmatune.errors import GemmatuneError
-from gemmatune.hardware import device_kind, resolve_precision
+from gemmatune.hardware import DTYPE_NAMES, device_kind, resolve_precision, weight_dtype
 from gemmatune.model_shape import ModelShape, measure
 
 GIB = 1024**3
@@ -204,8 +204,8 @@ def _settings(cfg: Config, device: str) -> Settings:
         weights = "nf4"
     elif cfg.model.dtype != "auto":
         weights = cfg.model.dtype
-    else:  # as loading._auto_dtype: frozen weights in bf16 under bf16 compute (fp16 only on GPUs)
-        weights = precision if precision == "bf16" or (precision == "fp16" and device == "cuda") else "fp32"
+    else:
+        weights = DTYPE_NAMES[weight_dtype(precision, device)]
     return Settings(device, precision, weights, True, cfg.lora.r, cfg.train.per_device_train_batch_size,
                     cfg.data.max_length, cfg.train.gradient_checkpointing, cfg.train.optim)
 

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def language_model_projections(towers: tuple[str, ...]) -> str:
+    """A LoRA target regex (PEFT full-matches it) for the 7 projections outside every module named in `towers`:
+    the bare names would also wrap a vision or audio tower's q/k/v."""
+    return rf"^(?!.*(?:{'|'.join(towers)})).*\.(?:{'|'.join(SEVEN_PROJECTIONS)})$"
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
@@ -38,6 +44,9 @@ class ModelFamily:
     """Import names the full model needs beyond gemmatune's dependencies (the `multimodal` extra)."""
     tower_modules: tuple[str, ...] = ()
     """Module-name parts of the non-language towers: frozen, never given adapters."""
+    keep_unquantized: tuple[str, ...] = ()
+    """Linear modules (dotted name suffixes) that 4-bit loading must leave alone because the model code reads
+    or rewrites their weights directly; see quantization.py for the rules every family gets."""
     bundled_text_configs: tuple[tuple[str, str], ...] = ()
     """(hub id, JSON file in this package) pairs: real text configs, so `plan` works offline."""
     rms_norm: str | None = None

@@ -1,6 +1,6 @@
 """Gemma 3 (text, and the 270M the project embeds)."""
 
-from gemmatune.models import SEVEN_PROJECTIONS, ModelFamily
+from gemmatune.models import ModelFamily, language_model_projections
 
 # Gemma's chat format, text-only. A GGUF carries no template, so the embedded model gets this one.
 # The system turn is folded into the first user turn, as in Google's template.
@@ -27,10 +27,13 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+TOWERS = ("vision_tower", "multi_modal_projector")
+
 FAMILY = ModelFamily(
     name="gemma3",
     model_types=("gemma3_text", "gemma3"),
-    lora_targets=SEVEN_PROJECTIONS,
+    # 4B/12B/27B checkpoints are Gemma3ForConditionalGeneration with a SigLIP tower that has q/k/v_proj too.
+    lora_targets=language_model_projections(TOWERS),
     chat_template=CHAT_TEMPLATE,
     stop_tokens=("<end_of_turn>",),
     known_ids=(
@@ -39,6 +42,7 @@ FAMILY = ModelFamily(
         "google/gemma-3-27b-pt", "google/gemma-3-27b-it",
     ),
     text_config_attr="text_config",
+    tower_modules=TOWERS,
     rms_norm="Gemma3RMSNorm",
     rms_norm_offset=1.0,  # output * (1.0 + weight)
 )

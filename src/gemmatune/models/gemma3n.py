@@ -4,17 +4,17 @@
   same logits as the full model on text. `model.multimodal: true` loads the full model; its towers stay frozen.
 - LoRA stays inside the language model: the 7 projection names would also hit the audio tower.
 - KV-shared layers have no k_proj/v_proj, so k/v get adapters only in the first layers.
+- QLoRA keeps AltUp's coefficient layers unquantized (the model clamps and reads their weights directly).
 - fp16 overflows (activations past 65,504 are reported), so fp16 is refused.
 - Training flags such as use_cache live in `config.text_config` on the multimodal class.
 - The real E2B / E4B text configs are bundled (gemma3n_e2b_text.json, gemma3n_e4b_text.json) for `plan`.
 """
 
-from gemmatune.models import ModelFamily
+from gemmatune.models import ModelFamily, language_model_projections
 from gemmatune.models.gemma3 import CHAT_TEMPLATE
 
-LANGUAGE_MODEL_PROJECTIONS = (
-    r"^(?!.*(?:audio_tower|vision_tower)).*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-)
+TOWERS = ("audio_tower", "vision_tower", "embed_audio", "embed_vision")
+LANGUAGE_MODEL_PROJECTIONS = language_model_projections(TOWERS)
 
 _E2B = "gemma3n_e2b_text.json"
 _E4B = "gemma3n_e4b_text.json"
@@ -33,7 +33,10 @@ FAMILY = ModelFamily(
     multimodal_class="Gemma3nForConditionalGeneration",
     # The vision tower is a timm MobileNetV5; timm imports torchvision, which must match torch.
     multimodal_requires=("timm", "PIL", "torchvision"),
-    tower_modules=("audio_tower", "vision_tower", "embed_audio", "embed_vision"),
+    tower_modules=TOWERS,
+    # AltUp clamps prediction_coefs.weight in place and calls F.linear on correction_coefs.weight: with packed
+    # 4-bit bytes the clamp corrupts them (bf16 storage) or raises (uint8); the router is 2048 -> 4.
+    keep_unquantized=("altup.prediction_coefs", "altup.correction_coefs", "altup.modality_router"),
     bundled_text_configs=(
         ("google/gemma-3n-E2B", _E2B), ("google/gemma-3n-E2B-it", _E2B),
         ("google/gemma-3n-E4B", _E4B), ("google/gemma-3n-E4B-it", _E4B),
