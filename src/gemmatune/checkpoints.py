@@ -251,6 +251,7 @@ class AtomicCheckpointTrainer(Trainer):
                     self.state.save_to_json(str(staged / "trainer_state.json"))
             if not main:
                 return
+            runs.ordinary_modes(staged)  # safetensors writes 0600; the checkpoint is the user's like any file
             sizes = _fsync_tree(staged)
             marker = staged / MARKER
             marker.write_text(json.dumps({"step": self.state.global_step, "files": sizes}, indent=1) + "\n")

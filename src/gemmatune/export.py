@@ -19,7 +19,7 @@ import torch
 from gemmatune.config import Config, DataConfig, dump_config
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer import MERGED_INFO, TunedModel, load, read_adapter
-from gemmatune.runs import CONFIG_FILE, RECORD_FILE, now, write_atomic
+from gemmatune.runs import CONFIG_FILE, RECORD_FILE, now, ordinary_modes, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def _fresh_output(out_dir: Path, overwrite: bool) -> None:
 
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Move a finished folder into place, so a crash never leaves a half-written model."""
+    ordinary_modes(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

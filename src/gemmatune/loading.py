@@ -19,6 +19,7 @@ from gemmatune.hub import use_cache_only
 from gemmatune.integrity import check_weight_folder
 from gemmatune.models import ModelFamily, all_known_ids, family_for
 from gemmatune.quantization import bnb_4bit_config, modules_to_keep_unquantized, require_bitsandbytes
+from gemmatune.runs import ordinary_modes
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
         model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        ordinary_modes(out)
         try:
             os.rename(out, target)
         except OSError:

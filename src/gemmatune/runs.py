@@ -31,6 +31,47 @@ CHECKPOINTS = "checkpoints"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it.
+
+    os.umask can only set-and-return, so reading it that way changes it for a moment for every thread
+    (a file another thread creates meanwhile would get the wrong mode); Linux shows it in /proc instead.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_modes(path: Path | str) -> None:
+    """Give a freshly written file, or a folder and everything in it, the modes open()/mkdir give.
+
+    Atomic writes go through temp files (mkstemp and safetensors make them 0600) and temp folders
+    (0700) that are renamed into place, and a rename keeps the mode: another account (a model server,
+    a container, a teammate) could not read what the user's umask means to share. Call it before the
+    rename, so the final name never shows the temp mode.
+    """
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if not os.path.isdir(path):
+        os.chmod(path, file_mode)
+        return
+    # Bottom-up: a folder's own mode is set only after everything inside it. Links are left alone
+    # (chmod would follow them out of the folder).
+    for dirpath, _, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            item = os.path.join(dirpath, name)
+            if not os.path.islink(item):
+                os.chmod(item, file_mode)
+        os.chmod(dirpath, dir_mode)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path` and rename it over: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,8 +80,8 @@ def write_atomic(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
+            ordinary_modes(tmp)
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -128,6 +169,7 @@ def save_adapter(peft_model, tokenizer, run_dir: Path, state_dict: dict | None =
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".adapter-") as tmp:
         peft_model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        ordinary_modes(tmp)
         for item in Path(tmp).iterdir():
             os.replace(item, run_dir / item.name)
 
@@ -159,6 +201,9 @@ def plot_losses(run_dir: Path) -> Path | None:
     tmp = run_dir / f".{PLOT_FILE}.tmp.png"
     fig.savefig(tmp)
     plt.close(fig)
+    ordinary_modes(tmp)  # savefig reuses a temp file a killed run left behind, mode and all
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, out)
     return out
 
