@@ -59,23 +59,57 @@ def gemma3_config():
     )
 
 
-def gemma3n_config():
+def gemma3n_config(**overrides):
     from transformers import Gemma3nTextConfig
 
-    return Gemma3nTextConfig(
+    values = dict(
         vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=64, hidden_size_per_layer_input=16,
         intermediate_size=128, num_hidden_layers=10, num_kv_shared_layers=5, num_attention_heads=2,
         num_key_value_heads=1, head_dim=32, laurel_rank=8, altup_num_inputs=4,
         activation_sparsity_pattern=[0.95] * 2 + [0.0] * 8, sliding_window=16, max_position_embeddings=512,
         pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
+    return Gemma3nTextConfig(**{**values, **overrides})
+
+
+def gemma3_4bit_config():
+    """Gemma 3 text whose projections all fit bitsandbytes' CPU kernel (outputs x32, inputs x64)."""
+    config = gemma3_config()
+    config.num_hidden_layers, config.num_attention_heads, config.head_dim, config.query_pre_attn_scalar = 2, 2, 32, 32
+    config.layer_types = ["sliding_attention", "full_attention"]
+    return config
+
+
+def gemma3_multimodal_config():
+    """Gemma 3 4B's layout (Gemma3ForConditionalGeneration): the text model above plus a tiny SigLIP tower whose
+    MLP is 100 wide, like the real 4304: not a multiple of 32."""
+    from transformers import Gemma3Config
+
+    return Gemma3Config(
+        text_config=gemma3_4bit_config().to_dict(),
+        vision_config={"hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        mm_tokens_per_image=4, boi_token_index=269, eoi_token_index=270, image_token_index=271,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+
+
+def gemma3n_4bit_config(vocab_size: int = VOCAB):
+    """Gemma 3n text whose LAuReL and per-layer projections fit bitsandbytes' CPU kernel (the real ones do)."""
+    # KV-shared layers (2, 3) reuse the last non-shared layer of their own type: both types come first.
+    return gemma3n_config(laurel_rank=64, hidden_size_per_layer_input=64, num_hidden_layers=4, num_kv_shared_layers=2,
+                          activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0], vocab_size=vocab_size,
+                          layer_types=["sliding_attention", "full_attention"] * 2)
 
 
 def save_tiny(config, folder: Path, seed: int = 0) -> Path:
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model_class = getattr(transformers, config.architectures[0]) if config.architectures else None
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM
+    model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     model.generation_config.eos_token_id = [1, 5]
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)
@@ -91,6 +125,23 @@ def tiny_gemma3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gemma3n(tmp_path_factory) -> Path:
     return save_tiny(gemma3n_config(), tmp_path_factory.mktemp("tiny-gemma3n"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_4bit(tmp_path_factory) -> Path:
+    return save_tiny(gemma3_4bit_config(), tmp_path_factory.mktemp("tiny-gemma3-4bit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_multimodal(tmp_path_factory) -> Path:
+    config = gemma3_multimodal_config()
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    return save_tiny(config, tmp_path_factory.mktemp("tiny-gemma3-multimodal"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3n_4bit(tmp_path_factory) -> Path:
+    return save_tiny(gemma3n_4bit_config(), tmp_path_factory.mktemp("tiny-gemma3n-4bit"))
 
 
 @pytest.fixture(scope="session")

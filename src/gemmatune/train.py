@@ -26,6 +26,7 @@ from gemmatune.loading import Loaded, load_model
 from gemmatune.lora import attach_lora
 from gemmatune.norms import use_lean_rms_norm
 from gemmatune.preflight import check_inputs
+from gemmatune.quantization import describe_weights, quantized_layers
 
 log = logging.getLogger("gemmatune")
 
@@ -55,7 +56,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
     log.info("model: %s (%s), precision %s (weights %s), attention %s, %s, %d threads on %s%s",
              loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
-             str(loaded.model.dtype).removeprefix("torch."), loaded.model.config._attn_implementation,
+             describe_weights(loaded.model), loaded.model.config._attn_implementation,
              "packed batches" if cfg.train.packing else "padded batches", threads, device_kind(),
              allocator_note())
     log.info("data: %s rows as %s with template %s", data.train.report.rows, data.fmt, data.template)
@@ -247,6 +248,8 @@ def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second,
             "class": type(loaded.model).__name__,
             "model_type": loaded.model.config.model_type,
             "family": loaded.family.name,
+            "quantization": cfg.model.quantization,
+            "quantized_layers": len(quantized_layers(loaded.model)),
         },
         "data": {
             "format": data.fmt,
