@@ -1,0 +1,81 @@
+"""One precision policy on CPU and CUDA, and the GPU-path bugs it fixed, reproduced on CPU."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gemmatune.config import load_config
+from gemmatune.evaluation import response_loss
+from gemmatune.export import merge
+from gemmatune.hardware import autocast_dtype, inference_weight_dtype, weight_dtype
+from gemmatune.infer import TunedModel
+from gemmatune.loading import load_model
+from gemmatune.train import prepare_for_training, train
+from tests.conftest import gemma3_config, save_tiny, tiny_config
+
+CHAT = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "team: billing"}]}]
+
+
+def test_training_dtypes_are_the_same_on_cpu_and_cuda():
+    for precision in ("bf16", "fp32"):
+        assert weight_dtype(precision, "cpu") == weight_dtype(precision, "cuda")
+        assert autocast_dtype(precision) == (torch.bfloat16 if precision == "bf16" else None)
+    assert weight_dtype("bf16", "cpu") == torch.bfloat16
+    # The one pinned difference: CPU inference keeps fp32 base weights (bf16 3-D linears are 30-300x slower there).
+    assert inference_weight_dtype("bf16", "cpu") == torch.float32
+    assert inference_weight_dtype("bf16", "cuda") == torch.bfloat16
+
+
+def test_model_in_training_dtypes_evaluates_and_generates(tiny_gemma3):
+    # What a CUDA run hands to the evaluation after training: bf16 base weights, fp32 LoRA weights, PEFT's input
+    # casts off. Without autocast around evaluation that is "expected m1 and m2 to have the same dtype".
+    cfg = load_config(None, [f"model.name={tiny_gemma3}", "train.precision=bf16", "lora.lora_dropout=0"])
+    loaded = load_model(cfg.model, "bf16")
+    model, _ = prepare_for_training(loaded, cfg)
+    assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    tuned = TunedModel(model, loaded.tokenizer, loaded.family, "chat", {"default": "chat"}, "bf16")
+    loss, count = response_loss(tuned, CHAT, "default")
+    assert count > 0 and loss == loss
+    assert tuned.generate(["hello"], greedy=True, max_new_tokens=3)[0].new_tokens > 0
+
+
+def test_packing_falls_back_from_flash_attention_where_the_class_refuses_it(monkeypatch, tiny_gemma3_multimodal):
+    # flash-attn installed (faked here) + Gemma 3 with a vision tower: from_pretrained raised a raw ValueError.
+    import gemmatune.packing as packing
+
+    monkeypatch.setattr(packing, "flash_attention_available", lambda: True)
+    cfg = load_config(None, [f"model.name={tiny_gemma3_multimodal}"])
+    model = load_model(cfg.model, "fp32", packing=True).model
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert model.config._attn_implementation == packing.PACKED_SDPA
+
+
+def test_merge_auto_keeps_the_checkpoint_dtype(alpaca_file, tmp_path):
+    # The base is loaded in fp32 for exact merging; --dtype auto must still save the checkpoint's bf16.
+    base = save_tiny(gemma3_config(), tmp_path / "bf16-base")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    result = train(tiny_config(base, alpaca_file, tmp_path / "runs", max_steps=1))
+    out = merge(str(result.run_dir), tmp_path / "merged")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((out / "gemmatune.json").read_text())["dtype"] == "bfloat16"
+    fp32 = merge(str(result.run_dir), tmp_path / "merged32", dtype="fp32")
+    with safe_open(str(fp32 / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma3n"])
+def test_default_targets_never_reach_a_tower(family):
+    from gemmatune.models import family_for
+
+    targets = family_for(family).lora_targets
+    import re
+
+    assert re.fullmatch(targets, "model.language_model.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(targets, "model.vision_tower.encoder.layers.0.self_attn.q_proj")
