@@ -6,6 +6,10 @@ mode loads it through gemmatune's own loading + LoRA code, runs `--steps` optimi
 (batch x seq-len, bf16 autocast as the Trainer does) and prints tokens/s, peak GPU memory
 (torch.cuda.max_memory_allocated) and the planner's estimate for the same settings, side by side.
 
+Then (`--pipeline`, on by default) the tutorial's whole path on the same checkpoint through gemmatune's own
+calls: QLoRA `train` with an eval split and a test file (so the evaluation after training runs on CUDA), then
+`merge` into a bf16 base; it prints the eval report, the merged dtype and the wall times.
+
     python benchmarks/gpu_smoke.py [--model e2b|e4b] [--steps 20] [--batch 4] [--seq-len 512] [--rank 16]
 """
 
@@ -115,6 +119,45 @@ def run_mode(folder: Path, quantized: bool, args) -> dict:
     return result
 
 
+def run_pipeline(folder: Path, workdir: Path, args) -> dict:
+    """QLoRA train (eval split + test file) -> evaluation after training -> merge, as `gemmatune` runs them."""
+    from safetensors import safe_open
+
+    from gemmatune.config import load_config
+    from gemmatune.export import merge
+    from gemmatune.train import train
+
+    rows = [{"instruction": f"Route ticket {i}", "input": f"my parcel {i} is late", "output": f"shipping {i % 3}"}
+            for i in range(64)]
+    data = workdir / "pipeline-data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:56]))
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[56:]))
+    cfg = load_config(None, [
+        f"model.name={folder}", "model.quantization=4bit", f"lora.r={args.rank}",
+        f"data.train_file={data / 'train.jsonl'}", f"data.test_file={data / 'test.jsonl'}", "data.eval_ratio=0.1",
+        "data.template=alpaca-en",
+        f"train.output_dir={workdir / 'runs'}", "train.run_name=pipeline", "train.max_steps=10", "train.save_steps=5",
+        "train.warmup_steps=0", "train.precision=bf16", "train.logging_steps=1",
+    ])
+    started = time.perf_counter()
+    result = train(cfg, overwrite=True)
+    trained_s = time.perf_counter() - started
+    report = json.loads((result.run_dir / "eval.json").read_text())
+    del result
+    gc.collect()
+    torch.cuda.empty_cache()
+    started = time.perf_counter()
+    out = merge(str(workdir / "runs" / "pipeline"), workdir / "merged", overwrite=True)
+    merged_s = time.perf_counter() - started
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        dtypes = sorted({f.get_slice(k).get_dtype() for k in f.keys()})
+    return {"mode": "pipeline: QLoRA train + eval after training + merge", "train_and_eval_s": round(trained_s, 1),
+            "merge_s": round(merged_s, 1), "merged_dtypes": dtypes,
+            "eval": {v["name"]: {"response_loss": round(v["response_loss"], 4), "stopped": v["stopped"]}
+                     for v in report["variants"]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["e2b", "e4b"], default="e2b")
@@ -124,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--workdir", default="/tmp/gemmatune-gpu-smoke")
     parser.add_argument("--modes", default="qlora,lora", help="comma-separated: qlora, lora")
+    parser.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run QLoRA train -> evaluation after training -> merge through gemmatune")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_smoke.py needs a CUDA GPU: torch.cuda.is_available() is False here (CPU-only torch or no GPU)",
@@ -145,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         print(f"  {result['mode']:<10} {result['tokens_per_s_median']:>9} tok/s   peak {result['peak_gib']:6.2f} GiB   "
               f"planned {result['planned_gib']:6.2f} GiB (without the CUDA context)")
+    if args.pipeline:
+        print(json.dumps(run_pipeline(folder, Path(args.workdir), args)))
     return 0
 
 

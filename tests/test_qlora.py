@@ -170,6 +170,7 @@ def test_qlora_train_resume_evaluate_generate_merge(model_fixture, request, tmp_
 def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
     """A local Gemma 3n folder (tiny random weights, the embedded model's real Gemma tokenizer): train in 4 bits,
     generate, merge, each through `gemmatune`, as a user runs it."""
+    import os
     import subprocess
     import sys
 
@@ -193,19 +194,30 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
         "train: {max_steps: 3, per_device_train_batch_size: 4, gradient_accumulation_steps: 1, warmup_steps: 0,\n"
         "        learning_rate: 0.005, logging_steps: 1, num_threads: 2, output_dir: runs}\n", encoding="utf-8")
 
-    def gemmatune(*args):
-        done = subprocess.run([sys.executable, "-m", "gemmatune", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout + done.stderr
+    def gemmatune(*args) -> tuple[str, int]:
+        """Run the CLI; returns its output and its peak RSS in bytes (os.wait4: this child alone)."""
+        with open(tmp_path / "out.txt", "w+") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "gemmatune", *args], cwd=tmp_path, stdout=out,
+                                    stderr=subprocess.STDOUT, text=True)
+            _, status, usage = os.wait4(proc.pid, 0)
+            out.seek(0)
+            text = out.read()
+        assert os.waitstatus_to_exitcode(status) == 0, text[-3000:]
+        return text, usage.ru_maxrss * 1024
 
-    log = gemmatune("train", "qlora.yaml", "--no-tcmalloc")
+    log, peak = gemmatune("train", "qlora.yaml", "--no-tcmalloc")
     assert "(weights 4-bit nf4 in " in log
+    # `gemmatune plan` models 4-bit on CPU: its estimate for this run against the run's measured peak RSS.
+    from gemmatune.plan import make_plan
+
+    plan = make_plan(load_config(tmp_path / "qlora.yaml"))
+    assert plan.settings.device == "cpu" and plan.settings.weights == "nf4"
+    assert abs(plan.estimate.total / peak - 1) < 0.15, (plan.estimate.total, peak)
     run = tmp_path / "runs" / "qlora"
     record = json.loads((run / "run.json").read_text())
     assert record["base_model"]["quantization"] == "4bit"
     assert (run / "eval.json").is_file()
-    out = gemmatune("generate", "--adapter", str(run), "--greedy", "--max-new-tokens", "4", "--prompt", "hello")
+    out, _ = gemmatune("generate", "--adapter", str(run), "--greedy", "--max-new-tokens", "4", "--prompt", "hello")
     assert out.strip()
     gemmatune("merge", str(run), "--out", str(tmp_path / "merged"))
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))

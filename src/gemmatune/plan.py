@@ -212,7 +212,7 @@ def _settings(cfg: Config, device: str) -> Settings:
 
 def suggest(shape: ModelShape, s: Settings, path: TrainingPath, limit: int, grad_accum: int):
     """The first change (in order of least harm to the result) that fits: a smaller batch with more
-    accumulation (same effective batch), gradient checkpointing, 4-bit weights (GPU), then a smaller rank."""
+    accumulation (same effective batch), gradient checkpointing, 4-bit weights, then a smaller rank."""
     tried: list[tuple[list[str], Settings]] = []
     batch = s.batch
     while batch > 1:
@@ -224,7 +224,7 @@ def suggest(shape: ModelShape, s: Settings, path: TrainingPath, limit: int, grad
     base_sets = tried[-1][0] if tried else []
     tried.append((base_sets + ["train.gradient_checkpointing=true"], replace(one, gradient_checkpointing=True)))
     ckpt = tried[-1]
-    if s.device == "cuda" and s.weights != "nf4":
+    if s.weights != "nf4":
         tried.append((ckpt[0] + ["model.quantization=4bit"], replace(ckpt[1], weights="nf4")))
     last = tried[-1]
     rank = s.rank
@@ -257,7 +257,7 @@ def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1
               seq_len: int | None = None) -> Plan:
     if world_size < 1:
         raise GemmatuneError(f"--world-size must be >= 1, got {world_size}")
-    device = device or ("cuda" if cfg.model.quantization == "4bit" else device_kind())
+    device = device or device_kind()
     shape = measure(cfg)
     settings = _settings(cfg, device)
     if not shape.family.fp16_safe and settings.precision == "fp16":
