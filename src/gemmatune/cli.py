@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key (repeatable)")
     p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 16GiB: says whether it fits")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (default 1)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: cuda for 4-bit, "
-                   "else this machine's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: this machine's; "
+                   "4-bit runs on either)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence instead of data.max_length")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_plan)
