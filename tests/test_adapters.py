@@ -71,5 +71,21 @@ def test_missing_or_pickled_adapter_is_a_clear_error(tmp_path):
         check_adapter_fits(tmp_path, _model(gemma3_config()))
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"x")
-    with pytest.raises(GemmatuneError, match=r"adapter_model.bin \(pickle\) is refused"):
+    with pytest.raises(GemmatuneError, match=r"adapter_model.bin is a pickle file that can run code"):
         check_adapter_fits(tmp_path, _model(gemma3_config()))
+
+
+def test_user_adapters_must_be_whole_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from gemmatune.runs import read_adapter_folder
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(GemmatuneError, match="pickle file"):
+        read_adapter_folder(tmp_path)
+    save_file({"w": torch.ones(2)}, str(tmp_path / "adapter_model.safetensors"))
+    assert read_adapter_folder(tmp_path).base.name == "embedded"
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(GemmatuneError, match="adapter_model.safetensors is only 4 bytes"):
+        read_adapter_folder(tmp_path)

@@ -10,8 +10,7 @@ from safetensors.torch import save_file
 
 from gemmatune import runs
 from gemmatune.checkpoints import MARKER, checkpoint_problem, latest_complete, resume_point, retain
-from gemmatune.errors import GemmatuneError
-from gemmatune.integrity import require_safetensors_adapter, safetensors_problem
+from gemmatune.integrity import safetensors_problem
 from tests.test_kill_resume import ENV, _args
 
 
@@ -73,17 +72,6 @@ def test_resume_point_drops_leftovers_and_metrics_after_the_checkpoint(tmp_path)
     assert resume_point(tmp_path).name == "checkpoint-2"
     assert not (folder / ".staging").exists()
     assert runs.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}]
-
-
-def test_user_adapters_must_be_whole_safetensors(tmp_path):
-    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
-    with pytest.raises(GemmatuneError, match="pickle file"):
-        require_safetensors_adapter(tmp_path, "adapter")
-    save_file({"w": torch.ones(2)}, str(tmp_path / "adapter_model.safetensors"))
-    assert require_safetensors_adapter(tmp_path, "adapter").name == "adapter_model.safetensors"
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 4)
-    with pytest.raises(GemmatuneError, match="adapter_model.safetensors is only 4 bytes"):
-        require_safetensors_adapter(tmp_path, "adapter")
 
 
 def _tmpfs_available() -> bool:

@@ -8,15 +8,12 @@ the base class recorded in run.json, the adapted module names, and each adapted 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.runs import read_record
+from gemmatune.runs import ADAPTER_WEIGHTS, AdapterFolder, read_adapter_folder
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 # Parameter names PEFT stores per adapted module: <module path>.<marker>.weight (or without .weight).
 _MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
@@ -47,19 +44,18 @@ def adapted_modules(adapter_dir: str | Path) -> dict[str, dict[str, tuple[int, .
     return modules
 
 
-def check_adapter_fits(adapter_dir: str | Path, model) -> AdapterFit:
-    """Raise GemmatuneError unless the adapter in `adapter_dir` (a run folder or a PEFT adapter folder) fits
-    `model` (the base model, or a PeftModel around it): same class as recorded, every adapted module present,
-    and every adapted Linear of matching in/out features."""
-    adapter_dir = Path(adapter_dir)
-    _require_files(adapter_dir)
+def check_adapter_fits(adapter: str | Path | AdapterFolder, model) -> AdapterFit:
+    """Raise GemmatuneError unless the adapter (a run folder or a PEFT adapter folder) fits `model` (the base
+    model, or a PeftModel around it): same class as recorded, every adapted module present, and every adapted
+    Linear of matching in/out features."""
+    folder = adapter if isinstance(adapter, AdapterFolder) else read_adapter_folder(adapter)
+    adapter_dir = folder.path
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     actual = type(base).__name__
-    recorded = read_record(adapter_dir).get("base_model", {})
-    recorded_class = recorded.get("class")
+    recorded_class = folder.base_class
     if recorded_class and recorded_class != actual:
         raise GemmatuneError(
-            f"{adapter_dir}: the adapter was trained on {recorded_class} ({recorded.get('source', 'unknown source')}) "
+            f"{adapter_dir}: the adapter was trained on {recorded_class} ({folder.base.name}) "
             f"but the model is {actual}; load the base model with the class in run.json "
             "(model.multimodal must match the training run)"
         )
@@ -76,23 +72,6 @@ def check_adapter_fits(adapter_dir: str | Path, model) -> AdapterFit:
     for name, shapes in sorted(adapted.items()):
         _check_shapes(adapter_dir, name, shapes, modules[name], actual)
     return AdapterFit(len(adapted), recorded_class)
-
-
-def _require_files(adapter_dir: Path) -> None:
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise GemmatuneError(
-            f"{adapter_dir}: no {ADAPTER_CONFIG}; give a gemmatune run folder or a PEFT adapter folder"
-        )
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        pickled = (adapter_dir / "adapter_model.bin").is_file()
-        raise GemmatuneError(
-            f"{adapter_dir}: no {ADAPTER_WEIGHTS}"
-            + ("; adapter_model.bin (pickle) is refused: convert it to safetensors" if pickled else "")
-        )
-    try:
-        json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GemmatuneError(f"{adapter_dir}/{ADAPTER_CONFIG}: not valid JSON ({exc})") from None
 
 
 def _check_shapes(adapter_dir: Path, name: str, shapes: dict[str, tuple[int, ...]], module, actual: str) -> None:

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import torch
 
-from gemmatune.config import Config, DataConfig, dump_config
 from gemmatune.errors import GemmatuneError
+from gemmatune.hardware import DTYPES
 from gemmatune.infer import MERGED_INFO, TunedModel, load, read_adapter
-from gemmatune.runs import CONFIG_FILE, RECORD_FILE, now, ordinary_modes, write_atomic
+from gemmatune.runs import describe_adapter, now, ordinary_modes, write_atomic
 
 log = logging.getLogger(__name__)
 
 COMBINATIONS = ("cat", "svd", "linear")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _fresh_output(out_dir: Path, overwrite: bool) -> None:
@@ -53,14 +52,15 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
     out_dir = Path(out_dir)
     _fresh_output(out_dir, overwrite)
     source = read_adapter(adapter)
-    if dtype not in ("auto", *_DTYPES):
+    if dtype not in ("auto", *DTYPES):
         raise GemmatuneError(f"--dtype: must be auto, bf16, fp16 or fp32, got {dtype!r}")
-    if source.model.quantization == "4bit" and base is None:
+    was_4bit = source.folder.base.quantization == "4bit"
+    if was_4bit and base is None:
         log.warning("%s was trained on a 4-bit base: merging into a 16-bit (bf16) copy of the base, not into "
                     "re-quantized weights", source.path)
     # Merging is exact arithmetic on the weights: do it in fp32, then store in the chosen dtype.
     tuned = load([adapter], base=base, precision="fp32", force_unquantized=True)
-    save_dtype = _save_dtype(tuned, dtype, source.model.quantization == "4bit")
+    save_dtype = _save_dtype(tuned, dtype, was_4bit)
     merged = tuned.model.merge_and_unload().to(save_dtype)
     merged.generation_config.eos_token_id = tuned.stop_ids
     merged.generation_config.pad_token_id = tuned.tokenizer.pad_token_id
@@ -69,7 +69,7 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
         folder = Path(tmp) / "model"
         merged.save_pretrained(folder)
         tuned.tokenizer.save_pretrained(folder)
-        info = {"merged_from": str(source.path.resolve()), "base_model": source.model.name,
+        info = {"merged_from": str(source.path.resolve()), "base_model": source.folder.base.name,
                 "template": tuned.template_for(source.name), "dtype": str(save_dtype).removeprefix("torch."),
                 "stop_token_ids": tuned.stop_ids, "created": now()}
         write_atomic(folder / MERGED_INFO, json.dumps(info, indent=2) + "\n")
@@ -80,7 +80,7 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
 
 def _save_dtype(tuned: TunedModel, dtype: str, was_4bit: bool) -> torch.dtype:
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return DTYPES[dtype]
     if was_4bit:
         return torch.bfloat16
     # The checkpoint's own dtype as saved, not the model's config: loading in fp32 for merging rewrote that.
@@ -128,15 +128,12 @@ def combine(weighted: list[tuple[str, float]], out_dir: str | Path, combination:
         tuned.model.save_pretrained(tmp, selected_adapters=[new_name])
         folder = Path(tmp) / new_name  # PEFT saves a non-default adapter in a subfolder of its name
         tuned.tokenizer.save_pretrained(folder)
-        # The run-folder files gemmatune reads back: which base, which template, where it came from.
-        cfg = Config(model=sources[0].model, data=DataConfig(template=template))
-        write_atomic(folder / CONFIG_FILE, dump_config(cfg))
-        record = {"finished": now(), "combined_from": [{"adapter": str(s.path.resolve()), "weight": w}
-                                                       for s, (_, w) in zip(sources, weighted, strict=True)],
-                  "combination": combination, "base_model": {"source": sources[0].model.name,
-                                                             "class": sources[0].base_class},
-                  "data": {"template": template}}
-        write_atomic(folder / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+        first = sources[0].folder
+        describe_adapter(folder, first.base, template, {
+            "finished": now(), "combined_from": [{"adapter": str(s.path.resolve()), "weight": w}
+                                                 for s, (_, w) in zip(sources, weighted, strict=True)],
+            "combination": combination, "base_model": {"source": first.base.name, "class": first.base_class},
+        })
         _publish(folder, out_dir)
     log.info("combined %s into %s (%s)", ", ".join(f"{n}:{w}" for n, (_, w) in zip(names, weighted, strict=True)),
              out_dir, combination)

@@ -1,7 +1,7 @@
 """Load a base model with zero, one or several adapters and generate from it.
 
-An adapter is a run folder (its config.yaml/run.json name the base model and template it was
-trained with, and those are reused) or any PEFT adapter folder. Generation is batched with left
+An adapter is a run folder (the base model and template it was trained with are reused: see
+runs.read_adapter_folder) or any PEFT adapter folder. Generation is batched with left
 padding, stops on EOS and the family's end-of-turn token, and decodes only the new token ids.
 """
 
@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from gemmatune.adapters import check_adapter_fits
-from gemmatune.config import TEMPLATES, ModelConfig, load_config
+from gemmatune.config import TEMPLATES, ModelConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPE_NAMES, autocast_dtype, device_kind, inference_weight_dtype, resolve_precision
 from gemmatune.loading import load_model, stop_token_ids
 from gemmatune.lora import skip_input_casts
 from gemmatune.quantization import bitsandbytes_usable
-from gemmatune.runs import CONFIG_FILE, read_record
+from gemmatune.runs import AdapterFolder, read_adapter_folder
 from gemmatune.templates import prompt_ids
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,11 @@ MERGED_INFO = "gemmatune.json"  # written by `gemmatune merge` beside a merged m
 @dataclass(frozen=True)
 class AdapterSource:
     name: str
-    path: Path
-    template: str | None  # the template it was trained with, when the folder says
-    model: ModelConfig  # the base model it was trained on
-    base_class: str | None  # model class recorded at training time
+    folder: AdapterFolder
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
 
 
 def read_adapter(spec: str | Path) -> AdapterSource:
@@ -48,27 +49,11 @@ def read_adapter(spec: str | Path) -> AdapterSource:
     name, sep, path_text = spec.partition("=")
     if not sep or Path(spec).exists():
         name, path_text = "", spec
-    path = Path(path_text).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        if (path / "config.json").is_file():
-            raise GemmatuneError(f"adapter {path} is a full model folder, not an adapter; pass it as the base model")
-        raise GemmatuneError(
-            f"adapter {path}: no adapter_config.json there; give a run folder or a PEFT adapter folder")
-    name = name or path.resolve().name
+    folder = read_adapter_folder(path_text)
+    name = name or folder.path.resolve().name
     if name in (BASE, PEFT_BASE):
-        raise GemmatuneError(f"adapter {path}: the name '{name}' is reserved for the base model; use NAME=PATH")
-    record = read_record(path)
-    template = (record.get("data") or {}).get("template")
-    if (path / CONFIG_FILE).is_file():
-        cfg = load_config(path / CONFIG_FILE)
-        model = cfg.model
-        if template is None and cfg.data.template != "auto":
-            template = cfg.data.template
-    else:
-        adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        model = ModelConfig(name=adapter_config.get("base_model_name_or_path") or "embedded")
-    base_class = (record.get("base_model") or {}).get("class")
-    return AdapterSource(name, path, template, model, base_class)
+        raise GemmatuneError(f"adapter {folder.path}: the name '{name}' is reserved for the base model; use NAME=PATH")
+    return AdapterSource(name, folder)
 
 
 @dataclass
@@ -255,7 +240,7 @@ def load(
     model = loaded.model
     for src in sources:
         # PEFT only warns when an adapter does not fit, then behaves like the base model: refuse instead.
-        check_adapter_fits(src.path, model)
+        check_adapter_fits(src.folder, model)
     if torch.cuda.is_available() and model_cfg.quantization != "4bit":
         model = model.to("cuda")
     if sources:
@@ -265,15 +250,16 @@ def load(
         for src in sources[1:]:
             model.load_adapter(str(src.path), adapter_name=src.name)
         model.set_adapter(sources[0].name)
-    chosen = template or (sources[0].template if sources else None) or _merged_template(model_cfg.name)
+    chosen = template or (sources[0].folder.template if sources else None) or _merged_template(model_cfg.name)
     if chosen is None:
         chosen = "chat" if loaded.tokenizer.chat_template else "alpaca-en"
     if chosen not in TEMPLATES or chosen in ("auto", "text"):
         raise GemmatuneError(f"template {chosen!r}: generation needs alpaca-zh, alpaca-en or chat")
     log.info("loaded %s with %s; template %s", loaded.source.describe(),
              ", ".join(names) if names else "no adapter", chosen)
-    return TunedModel(model, loaded.tokenizer, loaded.family, chosen, {s.name: template or s.template for s in sources},
-                      loaded.precision, loaded.checkpoint_dtype)
+    trained_with = {s.name: template or s.folder.template for s in sources}
+    return TunedModel(model, loaded.tokenizer, loaded.family, chosen, trained_with, loaded.precision,
+                      loaded.checkpoint_dtype)
 
 
 def _base_config(sources: list[AdapterSource], base: str | None, cache_dir: str | None,
@@ -284,12 +270,12 @@ def _base_config(sources: list[AdapterSource], base: str | None, cache_dir: str 
         return ModelConfig(name="embedded", cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     first = sources[0]
     for other in sources[1:]:
-        if other.model.name != first.model.name:
+        if other.folder.base.name != first.folder.base.name:
             raise GemmatuneError(
-                f"adapters {first.path} and {other.path} were trained on different bases ({first.model.name} vs "
-                f"{other.model.name}); load them separately or name one base with --base"
+                f"adapters {first.path} and {other.path} were trained on different bases ({first.folder.base.name} vs "
+                f"{other.folder.base.name}); load them separately or name one base with --base"
             )
-    cfg = ModelConfig(**vars(first.model))
+    cfg = ModelConfig(**vars(first.folder.base))
     if cache_dir:
         cfg.cache_dir = cache_dir
     if cfg.quantization == "4bit" and not bitsandbytes_usable(device_kind()):

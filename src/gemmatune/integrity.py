@@ -54,20 +54,3 @@ def check_weight_folder(folder: str | Path, key: str) -> None:
         problem = safetensors_problem(path)
         if problem:
             raise GemmatuneError(f"{key}: {path} is {problem}; copy or download it again")
-
-
-def require_safetensors_adapter(folder: str | Path, key: str) -> Path:
-    """The adapter weights of a folder a user hands in, refusing pickle (.bin) files and damaged files."""
-    folder = Path(folder)
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (folder / "adapter_model.bin").is_file():
-            raise GemmatuneError(
-                f"{key}: {folder} holds only adapter_model.bin, a pickle file that can run code when loaded; "
-                "convert it to adapter_model.safetensors where you trust it"
-            )
-        raise GemmatuneError(f"{key}: {folder} has no adapter_model.safetensors")
-    problem = safetensors_problem(weights)
-    if problem:
-        raise GemmatuneError(f"{key}: {weights} is {problem}; the adapter cannot be used")
-    return weights

@@ -1,4 +1,6 @@
 """The run folder: what a finished (or interrupted) run leaves behind, written so a crash loses nothing.
+This module is the only code that reads or writes config.yaml and run.json; everyone else asks
+`read_adapter_folder` (what a run or PEFT adapter folder says about itself) or the writers below.
 
 runs/<name>/
   adapter_config.json, adapter_model.safetensors   the adapter, PEFT format
@@ -17,18 +19,77 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gemmatune.config import Config, dump_config, load_config
+from gemmatune.config import Config, DataConfig, ModelConfig, dump_config, load_config
 from gemmatune.errors import GemmatuneError
+from gemmatune.integrity import safetensors_problem
 
 CONFIG_FILE = "config.yaml"
 RECORD_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 CHECKPOINTS = "checkpoints"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class AdapterFolder:
+    """A run folder or a bare PEFT adapter folder, as gemmatune reads it back."""
+
+    path: Path
+    base: ModelConfig
+    """The base model it was trained on: config.yaml's model section, or PEFT's base_model_name_or_path."""
+    template: str | None
+    """The prompt template it was trained with; None when the folder does not say."""
+    base_class: str | None
+    """The transformers class of the base model at training time (run.json); None for a bare PEFT folder."""
+    test_file: str | None
+    """The run's data.test_file (the default file of `gemmatune eval`)."""
+
+
+def read_adapter_folder(path: str | Path, key: str = "adapter") -> AdapterFolder:
+    """Read and check an adapter folder a user hands in: PEFT config readable, weights in safetensors and whole
+    (a pickled adapter_model.bin is refused: loading it can run code). Errors name `key` and the folder."""
+    path = Path(path).expanduser()
+    if not (path / ADAPTER_CONFIG).is_file():
+        if (path / "config.json").is_file():
+            raise GemmatuneError(f"{key} {path} is a full model folder, not an adapter; pass it as the base model")
+        raise GemmatuneError(f"{key} {path}: no {ADAPTER_CONFIG} there; give a run folder or a PEFT adapter folder")
+    try:
+        peft_config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GemmatuneError(f"{key} {path}/{ADAPTER_CONFIG}: not valid JSON ({exc})") from None
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = "; adapter_model.bin is a pickle file that can run code when loaded: convert it to safetensors " \
+            "where you trust it" if (path / "adapter_model.bin").is_file() else ""
+        raise GemmatuneError(f"{key} {path}: no {ADAPTER_WEIGHTS}{pickled}")
+    problem = safetensors_problem(weights)
+    if problem:
+        raise GemmatuneError(f"{key} {weights} is {problem}; the adapter cannot be used")
+    record = read_record(path)
+    template = (record.get("data") or {}).get("template")
+    test_file = None
+    if (path / CONFIG_FILE).is_file():
+        cfg = load_config(path / CONFIG_FILE)
+        base = cfg.model
+        test_file = cfg.data.test_file
+        if template is None and cfg.data.template != "auto":
+            template = cfg.data.template
+    else:
+        base = ModelConfig(name=peft_config.get("base_model_name_or_path") or "embedded")
+    return AdapterFolder(path, base, template, (record.get("base_model") or {}).get("class"), test_file)
+
+
+def describe_adapter(folder: Path, base: ModelConfig, template: str, record: dict[str, Any]) -> None:
+    """Write config.yaml and run.json into an adapter folder gemmatune made without training it (e.g. a
+    combination of adapters), so it reads back like a run: which base, which template, where it came from."""
+    write_atomic(folder / CONFIG_FILE, dump_config(Config(model=base, data=DataConfig(template=template))))
+    write_record(folder, {**record, "data": {**record.get("data", {}), "template": template}})
 
 
 def current_umask() -> int:
