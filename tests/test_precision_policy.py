@@ -37,6 +37,9 @@ def test_model_in_training_dtypes_evaluates_and_generates(tiny_gemma3):
     assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     tuned = TunedModel(model, loaded.tokenizer, loaded.family, "chat", {"default": "chat"}, "bf16")
+    for name, param in tuned.model.named_parameters():  # on CUDA the base weights stay bf16 (CPU: fp32)
+        if "lora_" not in name:
+            param.data = param.data.to(torch.bfloat16)
     loss, count = response_loss(tuned, CHAT, "default")
     assert count > 0 and loss == loss
     assert tuned.generate(["hello"], greedy=True, max_new_tokens=3)[0].new_tokens > 0

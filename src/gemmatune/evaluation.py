@@ -20,9 +20,7 @@ import torch
 
 from gemmatune.data import detect_format, normalize, read_rows
 from gemmatune.errors import GemmatuneError
-from gemmatune.hardware import inference_weight_dtype
 from gemmatune.infer import BASE, SamplingSettings, TunedModel
-from gemmatune.quantization import cast_unquantized_
 from gemmatune.runs import write_atomic
 from gemmatune.templates import IGNORE, tokenize_row
 
@@ -235,11 +233,6 @@ def evaluate(
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,
                             precision: str) -> EvalReport:
     """Base vs the adapter just trained (same model object, adapter switched off for the base)."""
-    device = next(peft_model.parameters()).device.type
-    if inference_weight_dtype(precision, device) == torch.float32:
-        # CPU: fp32 base weights under bf16 autocast (hardware.inference_weight_dtype); 4-bit weights stay packed
-        # and LoRA weights are fp32 already.
-        cast_unquantized_(peft_model, torch.float32)
     tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision)
     report = evaluate(tuned, test_file, labels={"default": Path(run_dir).name})
     report.save(run_dir)

@@ -22,7 +22,7 @@ from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPE_NAMES, autocast_dtype, device_kind, inference_weight_dtype, resolve_precision
 from gemmatune.loading import load_model, stop_token_ids
 from gemmatune.lora import skip_input_casts
-from gemmatune.quantization import bitsandbytes_usable
+from gemmatune.quantization import bitsandbytes_usable, cast_unquantized_
 from gemmatune.runs import AdapterFolder, read_adapter_folder
 from gemmatune.templates import prompt_ids
 
@@ -95,8 +95,13 @@ class TunedModel:
         self.checkpoint_dtype = checkpoint_dtype  # the base checkpoint's own dtype, for `merge --dtype auto`
         self.stop_ids = stop_token_ids(tokenizer, family)
         self.model.eval()
+        # The inference side of the precision policy, also for a model handed over straight from training:
+        # fp32 base weights on CPU (4-bit ones stay packed; LoRA weights are fp32 already), and no PEFT input
+        # casts under autocast, as in training.
+        if inference_weight_dtype(precision, self.device.type) == torch.float32:
+            cast_unquantized_(self.model, torch.float32)
         if autocast_dtype(precision) is not None and adapters:
-            skip_input_casts(self.model)  # as in training: autocast casts for each matmul
+            skip_input_casts(self.model)
 
     @property
     def default_adapter(self) -> str:
