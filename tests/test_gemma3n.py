@@ -7,14 +7,14 @@ import torch
 
 from gemmatune.config import load_config
 from gemmatune.errors import GemmatuneError
-from gemmatune.loading import ModelSource, choose_model_class, load_model
+from gemmatune.loading import choose_model_class, load_model
 from gemmatune.lora import attach_lora, freeze_quantized, wrapped_module_names
 from gemmatune.models import family_for
 from gemmatune.models.gemma3n import FAMILY
 from gemmatune.train import train
 from tests.conftest import gemma3n_config, tiny_config
 
-SOURCE = ModelSource("hub", "google/gemma-3n-E4B-it")
+SOURCE = "google/gemma-3n-E4B-it"
 
 
 def _model_cfg(*sets):

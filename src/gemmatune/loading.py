@@ -203,7 +203,7 @@ def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False)
         from transformers import GgufConfig
 
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    model_class = choose_model_class(cfg, config.model_type, family, source)
+    model_class = choose_model_class(cfg, config.model_type, family, source.describe())
     if cfg.quantization == "4bit":
         keep = modules_to_keep_unquantized(build_on_meta(model_class, config), family)
         kwargs["quantization_config"] = bnb_4bit_config(keep)
@@ -250,10 +250,11 @@ def build_on_meta(model_class, config):
         return model_class(config)
 
 
-def choose_model_class(cfg: ModelConfig, model_type: str, family: ModelFamily, source: ModelSource):
+def choose_model_class(cfg: ModelConfig, model_type: str, family: ModelFamily, where: str):
     """The transformers class to load: the language model alone for text, the full model on request.
 
     Which classes exist is family data (`text_class`, `multimodal_class`); nothing here names a model.
+    `where` names the model in errors (its source).
     """
     import transformers
 
@@ -261,7 +262,7 @@ def choose_model_class(cfg: ModelConfig, model_type: str, family: ModelFamily, s
     if cfg.multimodal:
         if family.multimodal_class is None or not multimodal_checkpoint:
             raise GemmatuneError(
-                f"config key model.multimodal: {source.describe()} ({model_type}) has no multimodal model to load; "
+                f"config key model.multimodal: {where} ({model_type}) has no multimodal model to load; "
                 "set model.multimodal: false"
             )
         missing = [name for name in family.multimodal_requires if not _imports(name)]

@@ -85,11 +85,7 @@ def measure(cfg: Config) -> ModelShape:
     config, where = load_architecture(cfg)
     family = family_for(config.model_type)
 
-    class _Source:  # choose_model_class only describes the source in its errors
-        def describe(self) -> str:
-            return where
-
-    model_class = choose_model_class(cfg.model, config.model_type, family, _Source())
+    model_class = choose_model_class(cfg.model, config.model_type, family, where)
     model = build_on_meta(model_class, config)
     total = sum(p.numel() for p in model.parameters())
     keep = modules_to_keep_unquantized(model, family)  # exactly what a 4-bit load leaves in 16 bits
