@@ -1,3 +1,4 @@
+import inspect
 import json
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 from gemmatune import runs
 from gemmatune.checkpoints import MARKER, checkpoint_problem, latest_complete, resume_point, retain
 from gemmatune.integrity import safetensors_problem
-from tests.test_kill_resume import ENV, _args
+from tests.cli_subprocess import ENV, train_args
 
 
 def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
@@ -23,6 +24,19 @@ def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
         files = {p.name: p.stat().st_size for p in path.iterdir()}
         (path / MARKER).write_text(json.dumps({"step": step, "files": files}))
     return path
+
+
+def test_the_private_trainer_methods_the_atomic_save_overrides_are_unchanged():
+    """Checked against transformers 5.24. GemmatuneTrainer points `_get_output_dir` at a staging folder while
+    the stock `_save_checkpoint` runs; if this fails after an upgrade, read the new `_save_checkpoint` and check
+    that every file it writes still lands under the folder `_get_output_dir` returns before changing this test."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
+    save = inspect.getsource(Trainer._save_checkpoint)
+    assert save.count("self._get_output_dir(") == 1 and "run_dir = self._get_output_dir(trial=trial)" in save
+    assert "output_dir = os.path.join(run_dir, checkpoint_folder)" in save
 
 
 def test_safetensors_damage_is_described(tmp_path):
@@ -97,7 +111,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_complete_checkpoi
                                                                                      tmp_path):
     out = tmp_path / "small-disk"
     out.mkdir()
-    args = _args(tiny_gemma3, alpaca_file, out, "r", "train.save_steps=1", "train.max_steps=6")
+    args = train_args(tiny_gemma3, alpaca_file, out, "r", "train.save_steps=1", "train.max_steps=6")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", DISK_FULL, "sh", *args], capture_output=True, text=True,
                           timeout=300, env={**ENV, "OUT": str(out), "PY": sys.executable})
     assert "rc=2" in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -6,7 +6,6 @@ so data order and RNG are restored too, not only weights).
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -19,26 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.cli_subprocess import ENV, run_cli, train_args
 from tests.conftest import ALPACA_ROWS, write_jsonl
-
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
-                                                    os.environ.get("PYTHONPATH", "")])}
-
-
-def _args(model_dir, train_file, out, name, *extra):
-    sets = [
-        f"model.name={model_dir}", f"data.train_file={train_file}", f"train.output_dir={out}",
-        f"train.run_name={name}", "data.template=alpaca-en", "data.max_length=256", "train.precision=fp32",
-        "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1", "train.per_device_train_batch_size=2",
-        "train.gradient_accumulation_steps=2", "train.warmup_steps=2", "train.learning_rate=5e-3",
-        "lora.lora_dropout=0.1", "train.num_threads=1", *extra,
-    ]
-    return ["train", *[a for s in sets for a in ("--set", s)]]
-
-
-def _cli(args, driver=None, **kw):
-    cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, "-m", "gemmatune", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, **kw)
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -56,7 +37,7 @@ def _logged_steps(run: Path) -> list[int]:
 def setup(tiny_gemma3, tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     data = write_jsonl(root / "train.jsonl", ALPACA_ROWS)
-    proc = _cli(_args(tiny_gemma3, data, root / "runs", "reference"))
+    proc = run_cli(train_args(tiny_gemma3, data, root / "runs", "reference"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return tiny_gemma3, data, root / "runs"
 
@@ -65,7 +46,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(setup
     model, data, runs = setup
     kill_at = random.Random().randint(3, 9)
     run = runs / f"killed-{kill_at}"
-    args = _args(model, data, runs, run.name)
+    args = train_args(model, data, runs, run.name)
     proc = subprocess.Popen([sys.executable, "-m", "gemmatune", *args], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -77,7 +58,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(setup
         time.sleep(0.02)
     assert proc.wait(60) == -signal.SIGKILL, f"the run ended before step {kill_at}"
     assert not (run / "adapter_model.safetensors").exists()
-    resumed = _cli([*args, "--resume"])
+    resumed = run_cli([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _logged_steps(run) == list(range(1, 13))  # steps after the checkpoint are logged once, not twice
     assert _max_diff(runs / "reference", run) <= 1e-6, f"killed at step {kill_at}"
@@ -99,12 +80,12 @@ sys.exit(main(sys.argv[1:]))
 def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(setup):
     model, data, runs = setup
     run = runs / "killed-in-save"
-    args = _args(model, data, runs, run.name)
-    proc = _cli(args, driver=KILL_DURING_SAVE)
+    args = train_args(model, data, runs, run.name)
+    proc = run_cli(args, driver=KILL_DURING_SAVE)
     assert proc.returncode == -signal.SIGKILL
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == [".staging", "checkpoint-2", "checkpoint-4"]  # checkpoint-6 never appeared
-    resumed = _cli([*args, "--resume"])
+    resumed = run_cli([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr and "checkpoint-4" in resumed.stderr
     assert not (run / "checkpoints" / ".staging").exists()
@@ -129,8 +110,8 @@ sys.exit(main(sys.argv[1:]))
 def test_sigterm_saves_exits_0_and_the_printed_command_resumes(setup):
     model, data, runs = setup
     run = runs / "terminated"
-    args = _args(model, data, runs, run.name)
-    proc = _cli(args, driver=TERM_AT_STEP_3)
+    args = train_args(model, data, runs, run.name)
+    proc = run_cli(args, driver=TERM_AT_STEP_3)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM: saving a checkpoint after this step" in err
@@ -141,7 +122,7 @@ def test_sigterm_saves_exits_0_and_the_printed_command_resumes(setup):
     assert not (run / "adapter_model.safetensors").exists()  # not finished, so no final adapter
     command = out.strip().split("continue with: ", 1)[1].split()
     assert command[:2] == ["gemmatune", "train"]
-    resumed = _cli(command[1:])
+    resumed = run_cli(command[1:])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _max_diff(runs / "reference", run) <= 1e-6
 
@@ -172,14 +153,14 @@ def poisoned(tiny_gemma3, tmp_path_factory):
 
 
 def _nan_args(model, data, root, name, *extra):
-    return _args(model, data, root / "runs", name, "train.max_steps=10", "train.save_steps=1",
+    return train_args(model, data, root / "runs", name, "train.max_steps=10", "train.save_steps=1",
                  "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1",
                  "train.save_total_limit=null", *extra)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(poisoned):
     model, data, root = poisoned
-    proc = _cli(_nan_args(model, data, root, "stop"))
+    proc = run_cli(_nan_args(model, data, root, "stop"))
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training stopped at step ") and "train.on_nonfinite=skip" in last
@@ -195,7 +176,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(poisoned):
 
 def test_skip_mode_skips_the_bad_steps_and_counts_them(poisoned):
     model, data, root = poisoned
-    proc = _cli(_nan_args(model, data, root, "skip", "train.on_nonfinite=skip"))
+    proc = run_cli(_nan_args(model, data, root, "skip", "train.on_nonfinite=skip"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = root / "runs" / "skip"
     skipped = json.loads((run / "run.json").read_text())["training"]["nonfinite_steps_skipped"]

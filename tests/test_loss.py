@@ -57,12 +57,29 @@ def test_loss_divides_by_num_items_in_batch(tiny_gemma3):
     assert torch.allclose(over_two, own / 2)
 
 
+def test_the_trainer_internals_the_chunked_loss_relies_on_are_unchanged():
+    """Checked against transformers 5.24. GemmatuneTrainer sets `model_accepts_loss_kwargs` so the Trainer counts
+    label tokens over the accumulated batch, and `loss_is_scaled_for_ga` so it does not divide by the
+    accumulation steps again. If this fails after an upgrade, the loss would be scaled wrongly: read the new
+    `_get_num_items_in_batch` and `training_step` before changing this test."""
+    import inspect
+
+    from transformers import Trainer
+
+    assert "self.model_accepts_loss_kwargs" in inspect.getsource(Trainer._get_num_items_in_batch)
+    assert "loss_is_scaled_for_ga" in vars(Trainer)
+    step = inspect.getsource(Trainer.training_step)
+    assert "if self.loss_is_scaled_for_ga is not None:" in step
+    assert list(inspect.signature(Trainer.compute_loss).parameters) == [
+        "self", "model", "inputs", "return_outputs", "num_items_in_batch"]
+
+
 def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny_gemma3, tmp_path):
     from transformers import TrainingArguments
 
     from gemmatune.data import ExampleDataset
     from gemmatune.templates import Tokenized
-    from gemmatune.trainer import ChunkedLossTrainer
+    from gemmatune.trainer import GemmatuneTrainer
 
     model = _peft_model(tiny_gemma3)
     examples = [Tokenized(e["input_ids"], e["labels"]) for e in _examples()]
@@ -74,8 +91,10 @@ def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(examples),
                              per_device_eval_batch_size=len(examples), max_steps=1, report_to="none",
                              use_cpu=True, remove_unused_columns=False, save_strategy="no")
-    trainer = ChunkedLossTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
-                                 eval_dataset=ExampleDataset(examples), data_collator=PackCollator())
+    trainer = GemmatuneTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
+                               eval_dataset=ExampleDataset(examples), data_collator=PackCollator(),
+                               run_dir=tmp_path, packing=True)
+    assert trainer.path.chunked_loss
     trainer.train()
     assert rows_seen == [label_tokens] and label_tokens < tokens  # one chunk: every label row, nothing else
     rows_seen.clear()

@@ -91,7 +91,7 @@ def test_near_miss_id_fails_plan_too():
 def test_fp16_refused_for_gemma3n_on_gpu_plans():
     cfg = load_config(E4B_EXAMPLE, ["train.precision=fp16"])
     with pytest.raises(GemmatuneError, match="fp16 overflows"):
-        make_plan(cfg)
+        make_plan(cfg, device="cuda")
 
 
 @pytest.mark.parametrize("text,size", [("16GiB", 16 * GIB), ("24GB", 24 * GIB), ("8192MiB", 8 * GIB), ("16", 16 * GIB)])
@@ -104,16 +104,54 @@ def test_parse_size_refuses_garbage():
         parse_size("lots")
 
 
-@pytest.mark.slow
-def test_quickstart_plan_is_within_25_percent_of_its_measured_peak_rss():
-    from gemmatune.plan import QUICKSTART_PEAK_RSS
+# Peak RSS of `gemmatune train examples/quickstart.yaml` (6 steps, batch 8, longest example 64 tokens) on the
+# full-logits path: padded batches, fp32 frozen weights under bf16 autocast (/usr/bin/time -v: 4,886,408 KiB).
+QUICKSTART_FULL_LOGITS_PEAK_RSS = 4_886_408 * 1024
 
-    # the path the constant was measured on: padded batches, full logits, fp32 frozen weights
-    old_path = ["train.precision=bf16", "train.packing=false", "model.dtype=fp32"]
-    plan = make_plan(load_config(EXAMPLES_DIR / "quickstart.yaml", old_path),
-                     device="cpu")
+
+@pytest.mark.slow
+def test_quickstart_full_logits_estimate_is_within_25_percent_of_its_measured_peak_rss():
+    from gemmatune.plan import CPU_FULL_LOGITS
+
+    measured_run = ["train.precision=bf16", "train.packing=false", "model.dtype=fp32"]
+    plan = make_plan(load_config(EXAMPLES_DIR / "quickstart.yaml", measured_run), device="cpu")
     assert "the longest training example" in plan.seq_note
-    assert abs(plan.estimate.total / QUICKSTART_PEAK_RSS - 1) < 0.25
+    full_logits = estimate(plan.shape, plan.settings, CPU_FULL_LOGITS)
+    assert abs(full_logits.total / QUICKSTART_FULL_LOGITS_PEAK_RSS - 1) < 0.25
+
+
+def test_plan_without_packing_takes_the_path_the_trainer_takes(tiny_gemma3, alpaca_file, tmp_path):
+    """train.packing=false on one process: padded batches, and still the label-only chunked loss."""
+    from transformers import TrainingArguments
+
+    from gemmatune.data import ExampleDataset, PadCollator, prepare
+    from gemmatune.loading import load_model
+    from gemmatune.loss import causal_lm_parts
+    from gemmatune.train import prepare_for_training
+    from gemmatune.trainer import GemmatuneTrainer, TrainingPath
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_gemma3, alpaca_file, tmp_path / "runs", packing=False)
+    plan = make_plan(cfg, device="cpu")
+    assert plan.training_path == TrainingPath(packed=False, chunked_loss=True)
+    assert plan.path.chunk_logits and plan.path.name == "cpu, padded batches, label-only chunked loss"
+
+    loaded = load_model(cfg.model, "fp32", packing=False)
+    model, _ = prepare_for_training(loaded, cfg)
+    data = prepare(cfg.data, loaded.tokenizer, cfg.train.seed)
+    examples = data.train.examples[:4]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=len(examples),
+                             max_steps=1, report_to="none", use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no")
+    collator, dataset = PadCollator(loaded.tokenizer.pad_token_id), ExampleDataset(examples)
+    trainer = GemmatuneTrainer(model=model, args=args, train_dataset=dataset,
+                               data_collator=collator, run_dir=tmp_path, packing=cfg.train.packing)
+    assert trainer.path == plan.training_path
+    rows_seen = []
+    causal_lm_parts(model).head.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[0]))
+    trainer.train()
+    labels = collator([dataset[i] for i in range(len(dataset))])["labels"]
+    assert rows_seen == [int((labels[:, 1:] != -100).sum())] and rows_seen[0] < labels.numel()  # no full logits
 
 
 def test_plan_of_a_multimodal_checkpoint_plans_the_language_model(tmp_path):

@@ -37,8 +37,22 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_gemma3n, alpaca_file,
     assert _losses(ckpt.run_dir) == pytest.approx(_losses(plain.run_dir), rel=1e-4)
 
 
-def test_tcmalloc_restart_is_skipped_when_opted_out():
-    assert reexec_with_tcmalloc(["train", "x.yaml", OPT_OUT]) is None  # returned: this process was not replaced
+def test_tcmalloc_restart_happens_once_and_not_when_opted_out(monkeypatch):
+    from gemmatune import allocator
+
+    lib = "/usr/lib/libtcmalloc_minimal.so.4"
+    restarts = []
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: lib)
+    monkeypatch.setattr(allocator, "tcmalloc_loaded", lambda: False)
+    monkeypatch.setattr(allocator.os, "execve", lambda path, argv, env: restarts.append((argv, env["LD_PRELOAD"])))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    reexec_with_tcmalloc(["train", "x.yaml", OPT_OUT])
+    assert restarts == []
+    reexec_with_tcmalloc(["train", "x.yaml"])
+    assert restarts == [([sys.executable, "-m", "gemmatune", "train", "x.yaml"], lib)]
+    monkeypatch.setenv("LD_PRELOAD", lib)  # preloaded, yet not loaded: restarting again would loop
+    reexec_with_tcmalloc(["train", "x.yaml"])
+    assert len(restarts) == 1
 
 
 @pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")

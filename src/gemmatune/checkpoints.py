@@ -3,23 +3,19 @@
 transformers 5.24's `Trainer._save_checkpoint` writes adapter, optimizer, scheduler, RNG and trainer
 state straight into `checkpoint-N`, without fsync, then deletes old checkpoints by mtime. A kill
 during that save leaves a `checkpoint-N` that `get_last_checkpoint` picks on resume and that fails to
-load (or loads a mix of two steps). `AtomicCheckpointTrainer` keeps the Trainer's own save code but
-points it at a staging folder, then:
+load (or loads a mix of two steps). `GemmatuneTrainer` (trainer.py) keeps the Trainer's own save code
+but points it at a staging folder (`new_staging`), then calls the functions here:
 
-  1. writes `checkpoint_complete.json` (step and size of every file) into the staging copy, last;
-  2. fsyncs every file and folder;
-  3. renames the staging copy to `checkpoints/checkpoint-N` (atomic on one file system), fsyncs the parent;
-  4. applies retention itself, counting only complete checkpoints and never deleting the newest
-     complete one or the best one.
+  1. `seal`: fsync every file and folder, then write `checkpoint_complete.json` (step and size of
+     every file) into the staging copy, last;
+  2. `publish`: rename the staging copy to `checkpoints/checkpoint-N` (atomic on one file system) and
+     fsync the parent;
+  3. `retain`: retention counting only complete checkpoints, never deleting the newest complete one
+     or the best one.
 
-Resume takes the newest checkpoint whose marker is present and whose files still have the recorded
-sizes (and whole safetensors headers); anything else is skipped with a warning. The marker is the
-"latest" pointer: it exists only after every byte of its checkpoint is on disk.
-
-Why a Trainer subclass overriding the private `_save_checkpoint`: no public hook runs before the
-Trainer writes into `checkpoint-N` or lets the writing be redirected; `on_save` runs after the
-damage is possible. The override calls the original unchanged, so the Trainer's checkpoint contents
-(and its loading code on resume) stay the stock ones.
+Resume (`resume_point`) takes the newest checkpoint whose marker is present and whose files still have
+the recorded sizes (and whole safetensors headers); anything else is skipped with a warning. The marker
+is the "latest" pointer: it exists only after every byte of its checkpoint is on disk.
 """
 
 from __future__ import annotations
@@ -31,8 +27,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-
-from transformers import Trainer
 
 from gemmatune import runs
 from gemmatune.errors import GemmatuneError
@@ -154,6 +148,37 @@ def _delete(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def new_staging(folder: Path) -> Path:
+    """An empty staging folder in `folder` (checkpoints/) for the Trainer to save the next checkpoint into."""
+    staging = folder / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def discard_staging(folder: Path) -> None:
+    shutil.rmtree(folder / STAGING, ignore_errors=True)
+
+
+def seal(staged: Path, step: int) -> None:
+    """Make a staged checkpoint complete: every file on disk first, then the marker that lists them, last."""
+    runs.ordinary_modes(staged)  # safetensors writes 0600; the checkpoint is the user's like any file
+    sizes = _fsync_tree(staged)
+    marker = staged / MARKER
+    marker.write_text(json.dumps({"step": step, "files": sizes}, indent=1) + "\n")
+    with marker.open("rb") as fh:
+        os.fsync(fh.fileno())
+    _fsync_dir(staged)
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Rename a sealed checkpoint into place (atomic on one file system) and make the rename durable."""
+    if target.exists():  # an incomplete leftover of the same step from a killed run
+        _delete(target)
+    os.replace(staged, target)
+    _fsync_dir(target.parent)
+
+
 def retain(folder: Path, limit: int | None, best: Path | None) -> None:
     """Keep the newest `limit` complete checkpoints plus the best; drop incomplete ones older than the newest."""
     complete = complete_checkpoints(folder)
@@ -187,9 +212,12 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def _no_room_for_checkpoint(folder: Path, staged: Path) -> bool:
-    """After a failed save: would a checkpoint the size of the last one have fitted? torch reports a full
-    disk only as "[enforce fail at inline_container.cc] unexpected pos", so the free space has to tell."""
+def save_failed_for_space(exc: BaseException, folder: Path, staged: Path) -> bool:
+    """After a failed checkpoint save into `staged`: was the disk full? torch reports a full disk only as
+    "[enforce fail at inline_container.cc] unexpected pos", so failing that, the free space has to tell:
+    would a checkpoint the size of the last one have fitted?"""
+    if is_out_of_space(exc):
+        return True
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -207,68 +235,3 @@ def out_of_space_error(what: str, folder: Path, exc: BaseException) -> Gemmatune
     return GemmatuneError(f"no space left on the device of {folder} while saving {what} ({free}); free some space "
                           f"(or set train.output_dir elsewhere) and continue with --resume")
 
-
-class AtomicCheckpointTrainer(Trainer):
-    """The stock Trainer, with checkpoints written to a staging folder and renamed into place when whole.
-
-    `keep_checkpoints` replaces `save_total_limit` (pass that as None to TrainingArguments): the
-    Trainer's own rotation counts half-written folders and, with save_total_limit=1 and a best
-    model, deletes the newest checkpoint at the end, which an interrupted run still needs.
-    """
-
-    def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.keep_checkpoints = keep_checkpoints
-        self._staging_root: Path | None = None
-
-    def _get_output_dir(self, trial) -> str:
-        if self._staging_root is not None:
-            return str(self._staging_root)
-        return super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        final_root = Path(super()._get_output_dir(trial))
-        name = f"checkpoint-{self.state.global_step}"
-        staging_root = final_root / STAGING
-        staged, target = staging_root / name, final_root / name
-        # Under torchrun every rank writes its RNG state into the checkpoint: rank 0 prepares the staging
-        # folder, all write, and only when all have written does rank 0 seal and publish it.
-        main, multi = self.args.should_save, self.args.world_size > 1
-        if main:
-            shutil.rmtree(staging_root, ignore_errors=True)
-            staging_root.mkdir(parents=True)
-        if multi:
-            self.accelerator.wait_for_everyone()
-        self._staging_root = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-            if multi:
-                self.accelerator.wait_for_everyone()
-            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
-                # The Trainer recorded the staging path as best (on every rank); record where it will live.
-                self.state.best_model_checkpoint = str(target)
-                if main:
-                    self.state.save_to_json(str(staged / "trainer_state.json"))
-            if not main:
-                return
-            runs.ordinary_modes(staged)  # safetensors writes 0600; the checkpoint is the user's like any file
-            sizes = _fsync_tree(staged)
-            marker = staged / MARKER
-            marker.write_text(json.dumps({"step": self.state.global_step, "files": sizes}, indent=1) + "\n")
-            with marker.open("rb") as fh:
-                os.fsync(fh.fileno())
-            _fsync_dir(staged)
-            if target.exists():  # an incomplete leftover of the same step from a killed run
-                _delete(target)
-            os.replace(staged, target)
-            _fsync_dir(final_root)
-        except Exception as exc:
-            if is_out_of_space(exc) or _no_room_for_checkpoint(final_root, staged):
-                raise out_of_space_error(name, final_root, exc) from exc
-            raise
-        finally:
-            self._staging_root = None
-            if main:
-                shutil.rmtree(staging_root, ignore_errors=True)
-        best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
-        retain(final_root, self.keep_checkpoints, best)

@@ -2,8 +2,8 @@
 
 Parameter counts are exact (PEFT on a meta-device model, see model_shape.py). Memory is an estimate:
 weights per storage kind, LoRA parameters, gradients, optimizer state, activations and logits for the
-configured batch and length, and the runtime's own baseline. Activations and logits follow `TrainingPath`,
-a handful of named per-token factors: one measured path is calibrated, the others derived from it.
+configured batch and length, and the runtime's own baseline. Activations and logits follow the training path
+the trainer takes (`trainer.training_path`), through a handful of measured per-token factors (`PathMemory`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from gemmatune.config import Config
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPE_NAMES, device_kind, resolve_precision, weight_dtype
 from gemmatune.model_shape import ModelShape, measure
+from gemmatune.trainer import TrainingPath, training_path
 
 GIB = 1024**3
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -29,8 +30,9 @@ _OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "ad
 
 
 @dataclass(frozen=True)
-class TrainingPath:
-    """Bytes kept for backward per token, as a few named factors (bf16 compute; fp32 doubles activations).
+class PathMemory:
+    """Bytes kept for backward per token on a training path, as a few named factors (bf16 compute; fp32
+    doubles activations).
 
     hidden_bytes:   per decoder layer, per hidden unit (norm inputs, LoRA inputs and dropout masks, attention in/out)
     stream_bytes:   per layer, per hidden unit, per extra residual stream (Gemma 3n AltUp keeps 4 streams)
@@ -48,36 +50,42 @@ class TrainingPath:
     chunk_logits: bool = False  # the loss materialises one chunk of rows at a time, not every token
 
 
-# Calibrated on this CPU with the foundation's train.py path: Trainer, batch padded to its longest row, full
-# [tokens, vocab] logits, fp32 frozen weights with bf16 autocast, LoRA r=16 with dropout.
+# The model's own loss over full [tokens, vocab] logits (multi-process runs). Measured on this CPU with padded
+# batches, fp32 frozen weights under bf16 autocast, LoRA r=16 with dropout, the stock RMSNorms and PEFT's input
+# casts. Every path trains the lean body of CPU_CHUNKED_LOSS below, so these per-layer factors over-estimate a
+# multi-process run (on the safe side); re-measuring this path would tighten them.
 # - Per-layer factors: benchmarks/activation_bytes.py counts the bytes autograd saves per layer per token on
 #   real-width layers: 70,676 (Gemma 3 270M: hidden 640, MLP 2048) and 491,498 (Gemma 3n E4B: hidden 2048,
 #   MLP 16384, 4 AltUp streams). With mlp_bytes fixed at 16 (gate, up, activation, product, down-proj LoRA
 #   input and its dropout mask), hidden_bytes=59 and stream_bytes=17.6 reproduce both totals; how the total
 #   splits between hidden and MLP is the assumption.
 # - logits_bytes=16 counts the loss' vocab-wide tensors (bf16 logits, fp32 copy, log-softmax, two gradients).
-# - Check against a whole run: the quick start (examples/quickstart.yaml, 6 steps, batch 8, longest example
-#   64 tokens) peaked at 4.66 GiB RSS (/usr/bin/time -v); the plan says 5.06 GiB (+9%).
-# Packing, a chunked loss or bf16 frozen weights change logits_bytes and weights: re-measure and update.
-CPU_FULL_LOGITS = TrainingPath("cpu, padded batches, full logits, bf16 autocast", hidden_bytes=59, stream_bytes=17.6,
-                               mlp_bytes=16, logits_bytes=16, overhead_bytes=0.9 * GIB)
-# The same Trainer path on CUDA (not measured on a GPU yet: benchmarks/gpu_smoke.py compares); the CUDA
-# context (~0.5 GiB) is outside torch.cuda.max_memory_allocated.
-CUDA_FULL_LOGITS = replace(CPU_FULL_LOGITS, name="cuda, padded batches, full logits, bf16", overhead_bytes=0.5 * GIB)
+# - Checked against a whole run's peak RSS in tests/test_plan.py (the quick start on this path: within 25%).
+CPU_FULL_LOGITS = PathMemory("full logits", hidden_bytes=59, stream_bytes=17.6, mlp_bytes=16, logits_bytes=16,
+                             overhead_bytes=0.9 * GIB)
+# On CUDA (not measured on a GPU yet: benchmarks/gpu_smoke.py compares); the CUDA context (~0.5 GiB) is outside
+# torch.cuda.max_memory_allocated.
+CUDA_FULL_LOGITS = replace(CPU_FULL_LOGITS, overhead_bytes=0.5 * GIB)
 
-# The default path since the speed work (train.packing, loss.py): packed rows, the LM head only on label
-# positions and in chunks of LOGITS_PER_CHUNK logits, so the loss holds at most one chunk's vocab-wide
-# tensors (chunk_logits=True) instead of [tokens, vocab]: the bf16 logits, overwritten in place by their
-# gradient, plus a 16 MiB fp32 block (logits_bytes=2.5). Per-layer factors re-measured with
-# benchmarks/activation_bytes.py on this path (bf16 frozen weights, lean RMSNorms, no PEFT input casts):
-# 50,452 bytes per layer per token (270M) and 337,306 (E4B); with mlp_bytes=16 that is hidden_bytes=27.6
-# and stream_bytes=3.0 (session 1's path: 70,676 and 491,498).
-CPU_CHUNKED_LOSS = replace(CPU_FULL_LOGITS, name="cpu, packed batches, label-only chunked loss, bf16 autocast",
-                           hidden_bytes=27.6, stream_bytes=3.0, logits_bytes=2.5, chunk_logits=True)
-CUDA_CHUNKED_LOSS = replace(CPU_CHUNKED_LOSS, name="cuda, packed batches, label-only chunked loss, bf16",
-                            overhead_bytes=0.5 * GIB)
+# The label-only chunked loss (loss.py; single-process runs, packed or padded): the LM head runs only on label
+# positions, in chunks of LOGITS_PER_CHUNK logits, so the loss holds at most one chunk's vocab-wide tensors
+# (chunk_logits=True) instead of [tokens, vocab]: the bf16 logits, overwritten in place by their gradient, plus a
+# 16 MiB fp32 block (logits_bytes=2.5). Per-layer factors measured with benchmarks/activation_bytes.py on the
+# body gemmatune trains (bf16 frozen weights, lean RMSNorms, no PEFT input casts): 50,452 bytes per layer per
+# token (270M) and 337,306 (E4B); with mlp_bytes=16 that is hidden_bytes=27.6 and stream_bytes=3.0.
+CPU_CHUNKED_LOSS = replace(CPU_FULL_LOGITS, name="label-only chunked loss", hidden_bytes=27.6, stream_bytes=3.0,
+                           logits_bytes=2.5, chunk_logits=True)
+CUDA_CHUNKED_LOSS = replace(CPU_CHUNKED_LOSS, overhead_bytes=0.5 * GIB)
 
-QUICKSTART_PEAK_RSS = 4_886_408 * 1024  # bytes, examples/quickstart.yaml on CPU_FULL_LOGITS (train.packing=false)
+
+def path_memory(path: TrainingPath, device: str) -> PathMemory:
+    """The factors for a training path on `device` ("cpu" or "cuda"). Packed and padded batches keep the same
+    bytes per token; the padding is counted in the tokens (the batch's longest row sets its length)."""
+    if path.chunked_loss:
+        factors = CUDA_CHUNKED_LOSS if device == "cuda" else CPU_CHUNKED_LOSS
+    else:
+        factors = CUDA_FULL_LOGITS if device == "cuda" else CPU_FULL_LOGITS
+    return replace(factors, name=f"{device}, {path.describe()}")
 
 
 @dataclass
@@ -104,7 +112,7 @@ class Estimate:
         return sum(self.parts.values())
 
 
-def estimate(shape: ModelShape, s: Settings, path: TrainingPath) -> Estimate:
+def estimate(shape: ModelShape, s: Settings, path: PathMemory) -> Estimate:
     tokens = s.batch * s.seq_len
     if s.weights == "nf4":
         per = NF4_BYTES if s.double_quant else NF4_BYTES_NO_DOUBLE_QUANT
@@ -136,7 +144,7 @@ def estimate(shape: ModelShape, s: Settings, path: TrainingPath) -> Estimate:
     })
 
 
-def _loss_rows(tokens: int, vocab: int, path: TrainingPath) -> int:
+def _loss_rows(tokens: int, vocab: int, path: PathMemory) -> int:
     from gemmatune.loss import LOGITS_PER_CHUNK
 
     return min(tokens, max(1, LOGITS_PER_CHUNK // vocab)) if path.chunk_logits else tokens
@@ -155,7 +163,8 @@ def parse_size(text: str) -> int:
 class Plan:
     shape: ModelShape
     settings: Settings
-    path: TrainingPath
+    training_path: TrainingPath  # what the trainer will run
+    path: PathMemory  # its memory factors
     estimate: Estimate
     world_size: int
     grad_accum: int
@@ -210,7 +219,7 @@ def _settings(cfg: Config, device: str) -> Settings:
                     cfg.data.max_length, cfg.train.gradient_checkpointing, cfg.train.optim)
 
 
-def suggest(shape: ModelShape, s: Settings, path: TrainingPath, limit: int, grad_accum: int):
+def suggest(shape: ModelShape, s: Settings, path: PathMemory, limit: int, grad_accum: int):
     """The first change (in order of least harm to the result) that fits: a smaller batch with more
     accumulation (same effective batch), gradient checkpointing, 4-bit weights, then a smaller rank."""
     tried: list[tuple[list[str], Settings]] = []
@@ -268,15 +277,11 @@ def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1
     elif (longest := longest_example(cfg)) is not None:
         # Batches are padded to their longest row, so the longest example sets the peak.
         settings.seq_len, seq_note = longest, f"the longest training example; data.max_length={cfg.data.max_length}"
-    # The chunked loss runs in single-process training; under DDP/FSDP the model's own full-logits loss does.
-    fast = cfg.train.packing and world_size == 1
-    if device == "cuda":
-        path = CUDA_CHUNKED_LOSS if fast else CUDA_FULL_LOGITS
-    else:
-        path = CPU_CHUNKED_LOSS if fast else CPU_FULL_LOGITS
+    training = training_path(cfg.train.packing, world_size)
+    path = path_memory(training, device)
     est = estimate(shape, settings, path)
     suggestion = None
     if device_memory and est.total > device_memory:
         suggestion = suggest(shape, settings, path, device_memory, cfg.train.gradient_accumulation_steps)
-    return Plan(shape, settings, path, est, world_size, cfg.train.gradient_accumulation_steps, seq_note,
+    return Plan(shape, settings, training, path, est, world_size, cfg.train.gradient_accumulation_steps, seq_note,
                 device_memory, suggestion)

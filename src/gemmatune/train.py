@@ -7,26 +7,27 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import set_seed
 
 from gemmatune import runs
 from gemmatune.allocator import allocator_note
-from gemmatune.callbacks import MetricsCallback
 from gemmatune.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
 from gemmatune.config import Config
 from gemmatune.data import ExampleDataset, PadCollator, prepare
 from gemmatune.errors import GemmatuneError
 from gemmatune.evaluation import evaluate_after_training
-from gemmatune.guards import NonFiniteGuard
 from gemmatune.hardware import device_kind, set_threads
-from gemmatune.interrupts import StopOnSignal
 from gemmatune.loading import Loaded, load_model
 from gemmatune.lora import attach_lora
 from gemmatune.norms import use_lean_rms_norm
 from gemmatune.preflight import check_inputs
 from gemmatune.quantization import describe_weights, quantized_layers
+
+if TYPE_CHECKING:
+    from gemmatune.trainer import GemmatuneTrainer
 
 log = logging.getLogger("gemmatune")
 
@@ -54,10 +55,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
     tokenizer, family = loaded.tokenizer, loaded.family
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
-    log.info("model: %s (%s), precision %s (weights %s), attention %s, %s, %d threads on %s%s",
+    log.info("model: %s (%s), precision %s (weights %s), attention %s, %d threads on %s%s",
              loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
-             describe_weights(loaded.model), loaded.model.config._attn_implementation,
-             "packed batches" if cfg.train.packing else "padded batches", threads, device_kind(),
+             describe_weights(loaded.model), loaded.model.config._attn_implementation, threads, device_kind(),
              allocator_note())
     log.info("data: %s rows as %s with template %s", data.train.report.rows, data.fmt, data.template)
     log.info(data.train.report.line("train", cfg.data.max_length))
@@ -65,12 +65,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
         log.info(data.eval.report.line("eval", cfg.data.max_length))
     model, report = prepare_for_training(loaded, cfg)
     log.info(report.line())
-    stop, guard = StopOnSignal(), NonFiniteGuard(cfg.train.on_nonfinite)
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision, [stop, guard])
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision)
+    guard, stop = trainer.guard, trainer.stop
     t = cfg.train
-    log.info("global batch: %d examples per optimizer step (%d per device x %d accumulation x %d processes)",
+    log.info("global batch: %d examples per optimizer step (%d per device x %d accumulation x %d processes); %s",
              t.per_device_train_batch_size * t.gradient_accumulation_steps * dist.num_processes,
-             t.per_device_train_batch_size, t.gradient_accumulation_steps, dist.num_processes)
+             t.per_device_train_batch_size, t.gradient_accumulation_steps, dist.num_processes,
+             trainer.path.describe())
 
     # --- train
     if dist.is_main_process:
@@ -81,7 +82,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except BaseException:
-            close_progress_bar(trainer)  # so the error starts on a line of its own
+            trainer.progress.close()
             raise
     if guard.stopped_at is not None:
         raise guard.error(latest_complete(run_dir / runs.CHECKPOINTS))
@@ -90,12 +91,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
         return TrainResult(run_dir, model, tokenizer, {}, dist.is_main_process,
                            stopped=f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in "
                                    f"{saved}")
-    metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
-    metrics_cb.final = True
+    trainer.metrics.final = True
     final_eval = trainer.evaluate() if data.eval else {}
 
     # --- save (rank 0 only; the others wait so no process exits while files are being written)
-    record = run_record(cfg, loaded, data, report, result, final_eval, metrics_cb.tokens_per_second,
+    record = run_record(cfg, loaded, data, report, result, final_eval, trainer.metrics.tokens_per_second,
                         threads, time.perf_counter() - started, dist.num_processes)
     record["training"]["nonfinite_steps_skipped"] = guard.skipped_steps
     # Under FSDP the weights are sharded: gathering them is collective, so every rank takes part.
@@ -127,14 +127,6 @@ def distributed_state():
     return state
 
 
-def close_progress_bar(trainer) -> None:
-    from transformers.trainer_callback import ProgressCallback
-
-    for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
-            cb.training_bar.close()
-
-
 def prepare_for_training(loaded: Loaded, cfg: Config):
     """The loaded model made ready to train: no KV cache, lean norms, LoRA attached; returns (model, report)."""
     family = loaded.family
@@ -153,11 +145,10 @@ def disable_cache(model, family) -> None:
         text_config.use_cache = False
 
 
-def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str, extra_callbacks=()):
+def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str) -> GemmatuneTrainer:
+    """The Trainer for `cfg`, writing checkpoints and metrics.jsonl into `run_dir`."""
     from transformers import EarlyStoppingCallback, TrainingArguments
-    from transformers.trainer_callback import ProgressCallback
 
-    from gemmatune.callbacks import LossProgressCallback
     from gemmatune.packing import PackCollator
     from gemmatune.trainer import GemmatuneTrainer
 
@@ -199,7 +190,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         eval_on_start=has_eval,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=None,  # retention is GuardedTrainer's: it counts only complete checkpoints
+        save_total_limit=None,  # retention is GemmatuneTrainer's (keep_checkpoints): it counts only complete ones
         load_best_model_at_end=best_at_end,
         metric_for_best_model="eval_loss" if best_at_end else None,
         greater_is_better=False if best_at_end else None,
@@ -213,10 +204,12 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         use_cpu=device_kind() == "cpu",
         disable_tqdm=False,
     )
-    callbacks = [MetricsCallback(run_dir), *extra_callbacks]
-    if t.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = GemmatuneTrainer(
+    early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
+                      if t.early_stopping_patience else [])
+    return GemmatuneTrainer(
+        run_dir=run_dir,
+        packing=t.packing,
+        on_nonfinite=t.on_nonfinite,
         keep_checkpoints=t.save_total_limit,
         model=model,
         args=args,
@@ -224,11 +217,8 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
         data_collator=PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=early_stopping,
     )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(LossProgressCallback())
-    return trainer
 
 
 def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall, processes) -> dict:
