@@ -1,6 +1,7 @@
 """Every bad input a user can hand `gemmatune train`: exit code 2, one `error:` line naming the file, line or
 key, no traceback, and no run folder left behind. Real CLI in a subprocess, tiny model."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ def files(tiny_gemma3, tmp_path_factory):
     (d / "empty.jsonl").write_text("")
     (d / "long.jsonl").write_text(json.dumps({"instruction": "x" * 300, "output": "y" * 300}) + "\n")
     (d / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1"))
+    (d / "object.json").write_text(json.dumps(ALPACA_ROWS[0]) + "\n")
     (d / "notes.txt").write_text("hello\n")
     (d / "folder.jsonl").mkdir()
     for name, damage in [("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"\x00garbage" * 10)]:
@@ -45,6 +47,7 @@ def _hub_note():
 
 
 CUDA = torch.cuda.is_available()
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 CASES = [
     # (id, --set overrides, text the error line must contain)
     ("missing-file", ["data.train_file={d}/nope.jsonl"], "nope.jsonl not found"),
@@ -52,6 +55,8 @@ CASES = [
     ("malformed-jsonl", ["data.train_file={d}/malformed.jsonl"], "malformed.jsonl line 2: malformed JSON"),
     ("missing-field", ["data.train_file={d}/missing.jsonl"], "missing.jsonl line 2: field 'output' is missing"),
     ("wrong-type", ["data.train_file={d}/wrongtype.jsonl"], "wrongtype.jsonl line 2: field 'output'"),
+    ("one-json-object", ["data.train_file={d}/object.json", "data.eval_ratio=0.1"],
+     "object.json: one JSON object, not a list of rows"),
     ("empty-data", ["data.train_file={d}/empty.jsonl"], "empty.jsonl: no rows"),
     ("all-too-long", ["data.train_file={d}/long.jsonl", "data.max_length=16"], "data.max_length=16"),
     ("not-utf8", ["data.train_file={d}/latin1.jsonl"], "latin1.jsonl line 2: not UTF-8"),
@@ -65,7 +70,8 @@ CASES = [
     ("truncated-safetensors", ["model.name={d}/truncated"], "model.safetensors is truncated"),
     ("garbage-safetensors", ["model.name={d}/garbage"], "model.safetensors is not a safetensors file"),
     pytest.param("4bit-on-cpu", ["model.quantization=4bit"], "model.quantization",
-                 marks=pytest.mark.skipif(CUDA, reason="CUDA present"), id="4bit-on-cpu"),
+                 marks=pytest.mark.skipif(CUDA or HAS_BNB, reason="4-bit runs here (CPU needs only bitsandbytes); "
+                                          "tests/test_gemma3n.py covers a missing bitsandbytes"), id="4bit-on-cpu"),
     pytest.param("fp16-on-cpu", ["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(CUDA, reason="CUDA present"), id="fp16-on-cpu"),
 ]

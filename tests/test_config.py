@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from gemmatune.config import load_config
+from gemmatune.data import is_local
 from gemmatune.errors import GemmatuneError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -67,8 +68,10 @@ def test_unknown_yaml_section(tmp_path):
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_parses(path):
     cfg = load_config(path)
-    if cfg.data.train_file:
-        assert Path(cfg.data.train_file).is_file() or "/" in cfg.data.train_file
+    for key in ("train_file", "eval_file", "test_file"):
+        spec = getattr(cfg.data, key)
+        if spec and is_local(spec):  # a local data file ships next to the config; other names are hub data sets
+            assert Path(spec).is_absolute() and Path(spec).is_file(), f"data.{key}: {spec} is not a shipped file"
 
 
 def test_cli_bad_key_exits_2_with_one_line():

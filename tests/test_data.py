@@ -128,3 +128,60 @@ def test_missing_file_and_unknown_format(tmp_path):
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(GemmatuneError, match="unknown data format '.txt'"):
         read_rows(str(tmp_path / "d.txt"))
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["one-line", "pretty-printed"])
+def test_one_json_object_in_a_json_file_is_refused_naming_the_file(tmp_path, indent):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}, indent=indent))
+    with pytest.raises(GemmatuneError, match=r"d\.json: one JSON object, not a list of rows"):
+        read_rows(str(path))
+
+
+def test_json_lines_in_a_json_file_are_read(tmp_path):
+    path = write_jsonl(tmp_path / "d.json", [{"text": "a"}, {"text": "b"}])
+    assert [r.data["text"] for r in read_rows(str(path))] == ["a", "b"]
+    path.write_text('{"text": "a"}\n{"text": oops}\n')
+    with pytest.raises(GemmatuneError, match=r"d.json line 2: malformed JSON"):
+        read_rows(str(path))
+
+
+def test_rows_are_read_and_validated_once_then_tokenized_without_reading_again(tmp_path, tokenizer):
+    from gemmatune.data import read_data, tokenize_data
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}] * 4)
+    cfg = load_config(None, [f"data.train_file={path}", "data.eval_ratio=0.25"])
+    rows = read_data(cfg.data, seed=0)  # no tokenizer: this is the check before the model loads
+    assert (len(rows.train), len(rows.eval), rows.fmt, rows.template) == (3, 1, "alpaca", "alpaca-en")
+    assert rows.train[0].data == {"instruction": "a", "input": "", "output": "b"}  # validated and normalized
+    path.unlink()  # tokenizing uses the rows read above, not the file
+    prepared = tokenize_data(rows, tokenizer, cfg.data)
+    assert (prepared.train.report.examples, prepared.eval.report.examples) == (3, 1)
+    assert len(prepared.files[str(path)]) == 64  # the sha256 of the bytes that were read
+
+
+def test_preflight_refuses_bad_rows_and_returns_the_checked_ones(tmp_path):
+    from gemmatune.preflight import check_inputs
+
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}))
+    cfg = load_config(None, [f"data.train_file={path}", "data.eval_ratio=0.1", "train.precision=fp32"])
+    with pytest.raises(GemmatuneError, match=r"one\.json: one JSON object"):
+        check_inputs(cfg)
+    write_jsonl(tmp_path / "two.jsonl", [{"text": "a"}, {"text": "b"}])
+    cfg.data.train_file, cfg.data.eval_ratio = str(tmp_path / "two.jsonl"), 0.0
+    assert [r.data for r in check_inputs(cfg).train] == [{"text": "a"}, {"text": "b"}]
+
+
+def test_prompt_rows_share_the_message_checks_of_training_rows(tmp_path):
+    from gemmatune.data import read_prompt_rows
+
+    rows = [{"prompt": "p", "id": 7}, {"instruction": "i"}, {"messages": [{"role": "user", "content": "u"}]}]
+    got = read_prompt_rows(str(write_jsonl(tmp_path / "q.jsonl", rows)))
+    assert got == [{"prompt": "p", "id": 7, "instruction": "p", "input": ""}, {"instruction": "i", "input": ""},
+                   rows[2]]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "robot", "content": "u"}]}])
+    with pytest.raises(GemmatuneError, match=r"bad.jsonl line 1: messages\[0\] needs a role of system, user"):
+        read_prompt_rows(str(bad))
+    with pytest.raises(GemmatuneError, match=r"line 1: a prompt row needs 'instruction'"):
+        read_prompt_rows(str(write_jsonl(tmp_path / "none.jsonl", [{"question": "q"}])))

@@ -1,15 +1,65 @@
-"""Command line: argv -> config -> one library call per subcommand. No logic of its own."""
+"""Command line: argv -> config or arguments -> one library call per subcommand. No logic of its own.
+
+Every subcommand is here (train, plan, generate, chat, eval, merge). The options several commands share
+(--debug, the config and --set, the model options, the sampling options) are each declared once, in a
+parent parser that those commands list.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
 import textwrap
+from pathlib import Path
 
-from gemmatune.cli_use import add_commands as add_use_commands
 from gemmatune.errors import GemmatuneError
+
+ADAPTER_HELP = ("an adapter: a run folder (its base model and template are reused) or a PEFT adapter folder, "
+                "as PATH or NAME=PATH; repeat to load several on one base")
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """Parent parsers, one per group of options that several commands take."""
+    debug = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS as default: no default value is set, so a subcommand cannot reset the `--debug` given before it
+    # (`gemmatune --debug plan ...`); main() reads it with getattr.
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show full tracebacks instead of one-line errors")
+
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("config", nargs="?", help="YAML config file (omit to use defaults and --set only)")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--base", metavar="MODEL", help="base model: embedded, a hub id, a model folder or a .gguf "
+                      "file (default: the base the first adapter was trained on; embedded without adapters)")
+
+    model = argparse.ArgumentParser(add_help=False, parents=[base])
+    model.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="[NAME=]PATH",
+                       help=ADAPTER_HELP)
+    model.add_argument("--template", choices=["alpaca-zh", "alpaca-en", "chat"],
+                       help="prompt template (default: the one the first adapter was trained with; chat without)")
+    model.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                       help="compute precision (default auto: bf16 where the hardware has it, else fp32)")
+    model.add_argument("--cache-dir", help="where the embedded model is cached (default ~/.cache/gemmatune)")
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--max-new-tokens", type=int, default=200,
+                          help="most tokens to generate per answer (default 200)")
+    sampling.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    sampling.add_argument("--top-p", type=float, default=0.95,
+                          help="nucleus sampling: keep this probability mass (0.95)")
+    sampling.add_argument("--top-k", type=int, default=64,
+                          help="sample among the k likeliest tokens; 0 for all (default 64)")
+    sampling.add_argument("--greedy", action="store_true",
+                          help="always take the likeliest token (ignores the three above)")
+    sampling.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    return {"debug": debug, "config": config, "base": base, "model": model, "sampling": sampling}
 
 
 def _config_keys_help() -> str:
@@ -23,53 +73,131 @@ def _config_keys_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    shared = _shared_options()
     parser = argparse.ArgumentParser(
         prog="gemmatune",
         description="Fine-tune Gemma (3, 3n) and other causal LMs with LoRA / QLoRA.",
         epilog="Run 'gemmatune COMMAND --help' for the options of each command.",
+        parents=[shared["debug"]],
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
-        "train",
-        help="fine-tune a model with LoRA from a YAML config",
-        description="Fine-tune a model with LoRA from a YAML config; the run goes to train.output_dir/run_name.",
-        epilog=_config_keys_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("config", nargs="?", help="YAML config file (omit to use defaults and --set only)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    def command(name: str, *groups: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[shared[g] for g in ("debug", *groups)], **kw)
+
+    p = command("train", "config", help="fine-tune a model with LoRA from a YAML config",
+                description="Fine-tune a model with LoRA from a YAML config; the run goes to "
+                            "train.output_dir/run_name.",
+                epilog=_config_keys_help(), formatter_class=RAW)
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--force", action="store_true",
                    help="with --resume: continue although train/data keys changed (model and lora keys never)")
-    # SUPPRESS as default: otherwise this subcommand's False overwrites a `gemmatune --debug train`.
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--no-tcmalloc", action="store_true",
                    help="do not restart with tcmalloc preloaded (by default the command restarts itself once "
                         "with LD_PRELOAD set to an installed tcmalloc: ~20%% faster CPU training)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "plan",
-        help="show what a config trains and the memory it needs, without loading weights",
-        description="Count wrapped modules and trainable parameters exactly (model on the meta device) and "
-        "estimate memory per device; offline for local models and the bundled Gemma 3n E2B/E4B configs.",
-    )
-    p.add_argument("config", nargs="?", help="YAML config file (omit to use defaults and --set only)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
+    p = command("plan", "config", help="show what a config trains and the memory it needs, without loading weights",
+                description="Count wrapped modules and trainable parameters exactly (model on the meta device) and "
+                            "estimate memory per device; offline for local models and the bundled Gemma 3n E2B/E4B "
+                            "configs.")
     p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 16GiB: says whether it fits")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (default 1)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: this machine's; "
                    "4-bit runs on either)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence instead of data.max_length")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_plan)
-    add_use_commands(sub)
+
+    p = command("generate", "model", "sampling", help="generate answers with the base model and adapters",
+                formatter_class=RAW, description="Generate answers: one --prompt, or a file of prompts (batched).",
+                epilog="examples:\n  gemmatune generate --adapter runs/quickstart --prompt 'Route: ...'"
+                       "\n  gemmatune generate --adapter runs/a --adapter runs/b --use a,b,base --input q.jsonl"
+                       " --output answers.jsonl")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="an instruction to answer (repeatable); printed answers go to stdout")
+    prompts.add_argument("--input", metavar="FILE", help="prompts file: .jsonl/.json/.csv/.parquet with Alpaca rows "
+                         "(instruction, input), chat rows (messages) or a prompt field; a row's 'adapter' field "
+                         "picks its adapter")
+    p.add_argument("--output", metavar="FILE", help="write JSONL (each row plus generation, adapter, stopped) here "
+                   "instead of stdout")
+    p.add_argument("--use", metavar="NAMES", help="adapter(s) to answer with, comma-separated; 'base' is the base "
+                   "model alone (default: the first adapter). Several names answer every prompt once per adapter, "
+                   "in one mixed batch")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.set_defaults(func=cmd_generate)
+
+    p = command("chat", "model", "sampling", help="chat in the terminal with streaming replies",
+                description="Interactive multi-turn chat with the chat template; replies stream as they are "
+                            "generated. Type /reset to start a new conversation, /exit (or Ctrl-D) to quit; "
+                            "Ctrl-C stops a reply.")
+    p.add_argument("--use", metavar="NAME", help="adapter to chat with, or 'base' (default: the first adapter)")
+    p.add_argument("--system", metavar="TEXT", help="a system message put before the conversation")
+    p.set_defaults(func=cmd_chat)
+
+    p = command("eval", "model", help="evaluate the base model and adapters on a held-out file", formatter_class=RAW,
+                description="Score the base model and each adapter on a held-out file: response loss and "
+                            "perplexity (training's masking), exact match, ROUGE-L, share of generations "
+                            "that stop on EOS/end-of-turn (greedy). Prints the table, writes eval.json and "
+                            "eval.md.",
+                epilog="example:\n  gemmatune eval --adapter runs/quickstart          "
+                       "# on the run's data.test_file, report into the run folder")
+    p.add_argument("file", nargs="?", help="held-out rows, Alpaca or chat (default: the first adapter's "
+                   "data.test_file)")
+    p.add_argument("--limit", type=int, metavar="N", help="use only the first N rows (quick check)")
+    # Not the sampling option: eval is greedy, and its default comes from the references.
+    p.add_argument("--max-new-tokens", type=int, help="cap per generation (default: twice the longest reference, "
+                   "at least 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
+    p.add_argument("--samples", type=int, default=3, help="sample generations shown side by side (default 3)")
+    p.add_argument("--out", metavar="DIR", help="folder for eval.json and eval.md (default: the first adapter's "
+                   "folder; the current folder without adapters)")
+    p.set_defaults(func=cmd_eval)
+
+    p = command("merge", "base", help="fold an adapter into a standalone model, or combine adapters",
+                formatter_class=RAW,
+                description="Fold ADAPTER into its base and save a standalone model folder (safetensors, "
+                            "tokenizer, chat template, generation config with both stop ids) that plain "
+                            "transformers loads; or, with --combine, mix adapters with weights into a new "
+                            "adapter folder.",
+                epilog="examples:\n  gemmatune merge runs/quickstart --out merged/quickstart\n"
+                       "  gemmatune merge --combine runs/billing:0.7 runs/shipping:0.3 --out runs/mix")
+    p.add_argument("adapter", nargs="?", help="run folder or PEFT adapter folder to merge")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be new or empty)")
+    p.add_argument("--combine", nargs="+", metavar="ADAPTER:WEIGHT",
+                   help="combine these adapters with these weights into a new adapter instead of merging")
+    p.add_argument("--combination", default="cat", choices=["cat", "svd", "linear"],
+                   help="how --combine mixes: cat (exact weighted sum of the updates, ranks add up; default), "
+                        "svd (that sum compressed to the largest rank), linear (mixes A and B; same ranks; "
+                        "approximate)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype of the merged weights (default auto: the base checkpoint's; bf16 for a QLoRA base)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_merge)
     return parser
+
+
+# --- train and plan: a config in, one library call
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gemmatune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing torch: a typo is reported at once
+    _quiet_libraries()
+    from gemmatune.train import train
+
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
+    if not result.is_main_process:  # only rank 0 speaks
+        return 0
+    if result.stopped:
+        again = ["gemmatune", "train", *([args.config] if args.config else [])]
+        again += [a for item in args.overrides for a in ("--set", item)] + ["--resume"]
+        print(f"{result.stopped}; continue with: {shlex.join(again)}")
+        return 0
+    print(f"run folder: {result.run_dir}")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -83,27 +211,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from gemmatune.config import load_config
-
-    cfg = load_config(args.config, args.overrides)  # before importing torch: a typo is reported at once
-    _quiet_libraries()
-    from gemmatune.train import train
-
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
-    if not result.is_main_process:
-        return 0
-    if result.stopped:
-        again = ["gemmatune", "train", *([args.config] if args.config else [])]
-        again += [a for item in args.overrides for a in ("--set", item)] + ["--resume"]
-        if result.is_main_process:
-            print(f"{result.stopped}; continue with: {shlex.join(again)}")
-        return 0
-    if result.is_main_process:
-        print(f"run folder: {result.run_dir}")
-    return 0
-
-
 def _quiet_libraries() -> None:
     import transformers
 
@@ -111,22 +218,129 @@ def _quiet_libraries() -> None:
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 
+# --- generate, chat, eval, merge: a result in; the work is done by gemmatune.load, TunedModel.generate,
+# gemmatune.evaluate and gemmatune.export
+
+
+def _load(args: argparse.Namespace):
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from gemmatune import load
+
+    # A terminal user needs neither the weight-loading bar nor PEFT's use of a deprecated transformers name.
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return load(args.adapters, base=args.base, template=args.template, precision=args.precision,
+                    cache_dir=args.cache_dir)
+
+
+def _settings(args: argparse.Namespace):
+    from gemmatune.infer import SamplingSettings
+
+    return SamplingSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gemmatune.data import read_prompt_rows
+
+    settings = _settings(args)
+    # The prompts file is read and checked before the model loads: a bad row costs seconds.
+    rows = [{"instruction": p, "input": ""} for p in args.prompt] if args.prompt else read_prompt_rows(args.input)
+    tuned = _load(args)
+    uses = [u.strip() for u in args.use.split(",")] if args.use else [None]
+    jobs = [(row, row.get("adapter") or use) for row in rows for use in uses]
+    gens = tuned.generate([r for r, _ in jobs], adapter=[a for _, a in jobs], settings=settings,
+                          batch_size=args.batch_size)
+    if args.prompt and not args.output:
+        for gen in gens:
+            if len(uses) > 1:
+                print(f"[{gen.adapter}]")
+            print(gen.text if gen.stopped else gen.text + "  [max_new_tokens reached]", flush=True)
+        return 0
+    lines = [json.dumps({**row, "generation": g.text, "adapter": g.adapter, "stopped": g.stopped},
+                        ensure_ascii=False) for (row, _), g in zip(jobs, gens, strict=True)]
+    if args.output:
+        from gemmatune.runs import write_atomic
+
+        write_atomic(Path(args.output), "".join(line + "\n" for line in lines))
+        print(f"wrote {len(lines)} generations to {args.output}", file=sys.stderr)
+    else:
+        print("\n".join(lines), flush=True)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gemmatune.chat import chat_loop
+
+    settings = _settings(args)
+    tuned = _load(args)
+    return chat_loop(tuned, tuned.check_adapter(args.use), settings, system=args.system)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gemmatune.evaluation import evaluate
+    from gemmatune.infer import read_adapter
+
+    if args.limit is not None and args.limit < 1:
+        raise GemmatuneError(f"--limit must be >= 1, got {args.limit}")
+    first = read_adapter(args.adapters[0]) if args.adapters else None
+    file = args.file
+    if file is None:
+        from gemmatune.config import load_config
+        from gemmatune.runs import CONFIG_FILE
+
+        if first is not None and (first.path / CONFIG_FILE).is_file():
+            file = load_config(first.path / CONFIG_FILE).data.test_file
+        if not file:
+            raise GemmatuneError("eval: give a FILE of held-out rows (the first adapter's run names no data.test_file)")
+    tuned = _load(args)
+    report = evaluate(tuned, file, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      samples=args.samples)
+    out = Path(args.out) if args.out else (first.path if first is not None else Path.cwd())
+    md = report.save(out)
+    print(report.table())
+    print(f"\n{report.rows} rows, greedy, at most {report.max_new_tokens} new tokens, {report.wall_seconds:.0f} s; "
+          f"report: {md}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from gemmatune.export import combine, merge, parse_weighted
+
+    if args.combine:
+        if args.adapter:
+            raise GemmatuneError("merge: give either ADAPTER or --combine, not both")
+        out = combine([parse_weighted(s) for s in args.combine], args.out, args.combination, base=args.base,
+                      overwrite=args.overwrite)
+        print(f"combined adapter: {out}")
+        return 0
+    if not args.adapter:
+        raise GemmatuneError("merge: give the ADAPTER to merge (a run folder), or --combine A:W B:W")
+    out = merge(args.adapter, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model: {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one `gemmatune` command; returns the exit code (2 for a GemmatuneError, printed as one line)."""
     if argv is None and "train" in sys.argv[1:3]:
         # Only a real `gemmatune train` process restarts itself; library calls with an argv never do.
         from gemmatune.allocator import limit_onednn_cache, reexec_with_tcmalloc
 
         limit_onednn_cache()  # before the restart, so the restarted process inherits it
         reexec_with_tcmalloc(sys.argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except GemmatuneError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

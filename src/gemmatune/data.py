@@ -1,13 +1,17 @@
 """Read rows from files or the hub, check them, and turn them into token ids + labels.
 
-Local files are read by us, not by `datasets`, so text stays exactly as written (pyarrow would turn
-a column of dates into datetimes) and every error can name the file and line.
+Two steps, so bad data costs seconds, not a model load: `read_data` reads and validates every row
+once, before the model loads, and keeps the clean rows; `tokenize_data` turns those same rows into
+token ids once the tokenizer is there. Local files are read by us, not by `datasets`, so text stays
+exactly as written (pyarrow would turn a column of dates into datetimes) and every error can name
+the file and line.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -57,26 +61,34 @@ def is_local(spec: str) -> bool:
 
 def read_rows(spec: str, split: str = "train") -> list[Row]:
     """All rows of a local file, or of a hub data set split (e.g. `train[:1000]`)."""
-    if not spec:
-        raise GemmatuneError("config key data.train_file: no training data given (a .jsonl/.json/.csv/.parquet file)")
-    path = Path(spec).expanduser()
-    if is_local(spec):
+    return _read(spec, split)[0]
+
+
+def _read(spec: str, split: str) -> tuple[list[Row], str]:
+    """The rows and a fingerprint for the run record: the sha256 of the bytes read, or `hub:NAME`."""
+    if not is_local(spec):
+        rows, fingerprint = _read_hub(spec, split), "hub:" + spec
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            raise GemmatuneError(f"{path} is a folder; give a .jsonl/.json/.csv/.parquet file")
         if not path.is_file():
             raise GemmatuneError(f"data file {path} not found")
         suffix = path.suffix.lower()
         if suffix not in LOCAL_SUFFIXES:
             raise GemmatuneError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl, .csv or .parquet")
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise GemmatuneError(f"{path} cannot be read ({exc.strerror}); check its permissions") from None
         reader = {".json": _read_json, ".jsonl": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
-        rows = reader(path)
-    else:
-        rows = _read_hub(spec, split)
+        rows, fingerprint = reader(path, raw), hashlib.sha256(raw).hexdigest()
     if not rows:
         raise GemmatuneError(f"{spec}: no rows; the data set is empty")
-    return rows
+    return rows, fingerprint
 
 
-def _text(path: Path) -> str:
-    raw = path.read_bytes()
+def _text(path: Path, raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -84,14 +96,27 @@ def _text(path: Path) -> str:
         raise GemmatuneError(f"{path} line {line}: not UTF-8 text; re-save the file as UTF-8") from None
 
 
-def _read_json(path: Path) -> list[Row]:
-    text = _text(path)
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GemmatuneError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
-        return [Row(f"{path.name} row {i + 1}", r) for i, r in enumerate(data)]
+def _read_json(path: Path, raw: bytes) -> list[Row]:
+    """A JSON list of rows, or JSON Lines (in a .json file too, as `datasets` reads them)."""
+    text = _text(path, raw)
+    is_list = text.lstrip().startswith("[")
+    if not is_list and (path.suffix.lower() == ".jsonl" or not text.strip()):
+        return _read_json_lines(path, text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and not is_list:  # a second document follows the first: JSON Lines
+            return _read_json_lines(path, text)
+        raise GemmatuneError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        # One row alone in a .json file is much more often a wrapper ({"data": [...]}) or a mistake.
+        kind = "object" if isinstance(data, dict) else type(data).__name__
+        raise GemmatuneError(f"{path}: one JSON {kind}, not a list of rows; write the rows as a JSON list "
+                             "[{...}, {...}] or one object per line (.jsonl)")
+    return [Row(f"{path.name} row {i + 1}", r) for i, r in enumerate(data)]
+
+
+def _read_json_lines(path: Path, text: str) -> list[Row]:
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -103,19 +128,19 @@ def _read_json(path: Path) -> list[Row]:
     return rows
 
 
-def _read_csv(path: Path) -> list[Row]:
-    reader = csv.DictReader(_text(path).splitlines())
+def _read_csv(path: Path, raw: bytes) -> list[Row]:
+    reader = csv.DictReader(_text(path, raw).splitlines())
     try:
         return [Row(f"{path.name} line {reader.line_num}", dict(r)) for r in reader]
     except csv.Error as exc:
         raise GemmatuneError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _read_parquet(path: Path, raw: bytes) -> list[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(raw))
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise GemmatuneError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     return [Row(f"{path.name} row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
@@ -173,7 +198,14 @@ def normalize(row: Row, fmt: str) -> dict:
         }
     if fmt == "text":
         return {"text": _need_str(row, "text", d.get("text"))}
-    messages = d.get("messages")
+    clean = _clean_messages(row, d.get("messages"))
+    if not any(m["role"] == "assistant" for m in clean):
+        raise GemmatuneError(f"{row.where}: no assistant message, so nothing to learn")
+    return {"messages": clean}
+
+
+def _clean_messages(row: Row, messages) -> list[dict]:
+    """The `messages` of a chat row as {role, content} dicts; every chat row, trained on or prompted, passes here."""
     if not isinstance(messages, list) or not messages:
         raise GemmatuneError(f"{row.where}: field 'messages' must be a non-empty list of {{role, content}}")
     clean = []
@@ -181,20 +213,35 @@ def normalize(row: Row, fmt: str) -> dict:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise GemmatuneError(f"{row.where}: messages[{i}] needs a role of {', '.join(ROLES)}")
         clean.append({"role": m["role"], "content": _need_str(row, f"messages[{i}].content", m.get("content"))})
-    if not any(m["role"] == "assistant" for m in clean):
-        raise GemmatuneError(f"{row.where}: no assistant message, so nothing to learn")
-    return {"messages": clean}
+    return clean
 
 
-def tokenize_rows(
-    rows: list[Row], fmt: str, template: str, tokenizer, cfg: DataConfig, split: str
-) -> Split:
+def read_prompt_rows(spec: str) -> list[dict]:
+    """Rows to answer, each kept whole (extra fields such as `adapter` or an id stay): `instruction` (+ `input`),
+    `messages` (checked like training rows; a final assistant turn is left out of the prompt), or `prompt`."""
+    out = []
+    for row in read_rows(spec):
+        data = row.data if isinstance(row.data, dict) else {}
+        messages = data.get("messages")
+        if isinstance(messages, list) and messages:
+            _clean_messages(row, messages)
+            out.append(data)
+        elif isinstance(data.get("instruction"), str):
+            out.append({**data, "input": data.get("input") or ""})
+        elif isinstance(data.get("prompt"), str):
+            out.append({**data, "instruction": data["prompt"], "input": ""})
+        else:
+            raise GemmatuneError(f"{row.where}: a prompt row needs 'instruction' (and 'input'), 'messages' or 'prompt'")
+    return out
+
+
+def _tokenize_split(rows: list[Row], template: str, tokenizer, cfg: DataConfig, split: str) -> Split:
+    """Token ids + labels for rows that `read_data` validated; overlong ones truncated or dropped, and counted."""
     report = DataReport(rows=len(rows))
     examples = []
     kept = []
     for row in rows:
-        clean = normalize(row, fmt)
-        ex = tokenize_row(clean, template, tokenizer, cfg.train_on_prompt)
+        ex = tokenize_row(row.data, template, tokenizer, cfg.train_on_prompt)
         if len(ex.input_ids) > cfg.max_length:
             ex = Tokenized(ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length])
             if cfg.overlong == "drop" or all(label == IGNORE for label in ex.labels):
@@ -202,7 +249,7 @@ def tokenize_rows(
                 continue
             report.truncated += 1
         examples.append(ex)
-        kept.append(Row(row.where, clean))
+        kept.append(row)
         report.tokens += len(ex.input_ids)
         report.label_tokens += sum(label != IGNORE for label in ex.labels)
         report.longest = max(report.longest, len(ex.input_ids))
@@ -216,38 +263,41 @@ def tokenize_rows(
 
 
 @dataclass
+class CheckedRows:
+    """The training and validation rows, read and validated once (before the model loads), normalized."""
+
+    fmt: str
+    template: str
+    train: list[Row]
+    eval: list[Row]  # empty without a validation set
+    files: dict[str, str]  # file -> sha256 of the bytes read (or hub:NAME), for the run record
+
+
+@dataclass
 class Prepared:
     fmt: str
     template: str
     train: Split
     eval: Split | None
-    files: dict[str, str]  # file -> sha256, for the run record
+    files: dict[str, str]  # as in CheckedRows
 
 
-def file_sha256(spec: str) -> str:
-    path = Path(spec)
-    if not path.is_file():
-        return "hub:" + spec
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def prepare(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
-    """Read, validate, split and tokenize the training (and validation) data."""
-    rows = read_rows(cfg.train_file, cfg.split)
+def read_data(cfg: DataConfig, seed: int) -> CheckedRows:
+    """Read every training and validation row once, validate and normalize it, and split off validation rows;
+    no tokenizer needed, so this runs before the model loads. Raises GemmatuneError naming the file and line."""
+    if not cfg.train_file:
+        raise GemmatuneError("config key data.train_file: no training data given (a .jsonl/.json/.csv/.parquet file)")
+    rows, fingerprint = _read(cfg.train_file, cfg.split)
+    files = {cfg.train_file: fingerprint}
     fmt = detect_format(rows, cfg.format)
     template = default_template(fmt) if cfg.template == "auto" else cfg.template
-    check_template(template, fmt, tokenizer)
+    rows = _normalized(rows, fmt)  # every row, also those max_rows leaves out: a bad file is refused whole
     rng = random.Random(seed)
-    files = {cfg.train_file: file_sha256(cfg.train_file)}
     eval_rows: list[Row] = []
     if cfg.eval_file or cfg.eval_split:
         eval_spec = cfg.eval_file or cfg.train_file
-        eval_rows = read_rows(eval_spec, cfg.eval_split or "train")
-        files[eval_spec] = file_sha256(eval_spec)
+        eval_rows, files[eval_spec] = _read(eval_spec, cfg.eval_split or "train")
+        eval_rows = _normalized(eval_rows, fmt)
     elif cfg.eval_ratio > 0:
         order = list(range(len(rows)))
         rng.shuffle(order)
@@ -258,9 +308,24 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
         rows = [rows[i] for i in sorted(order[n_eval:])]
     if cfg.max_rows is not None and cfg.max_rows < len(rows):
         rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), cfg.max_rows))]
-    train = tokenize_rows(rows, fmt, template, tokenizer, cfg, "train")
-    evaluation = tokenize_rows(eval_rows, fmt, template, tokenizer, cfg, "eval") if eval_rows else None
-    return Prepared(fmt, template, train, evaluation, files)
+    return CheckedRows(fmt, template, rows, eval_rows, files)
+
+
+def _normalized(rows: list[Row], fmt: str) -> list[Row]:
+    return [Row(r.where, normalize(r, fmt)) for r in rows]
+
+
+def tokenize_data(rows: CheckedRows, tokenizer, cfg: DataConfig) -> Prepared:
+    """Tokenize the rows `read_data` checked, once the tokenizer is loaded; reads no file."""
+    check_template(rows.template, rows.fmt, tokenizer)
+    train = _tokenize_split(rows.train, rows.template, tokenizer, cfg, "train")
+    evaluation = _tokenize_split(rows.eval, rows.template, tokenizer, cfg, "eval") if rows.eval else None
+    return Prepared(rows.fmt, rows.template, train, evaluation, rows.files)
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
+    """`read_data` then `tokenize_data`, for callers that have the tokenizer at hand (plan, benchmarks)."""
+    return tokenize_data(read_data(cfg, seed), tokenizer, cfg)
 
 
 class ExampleDataset:

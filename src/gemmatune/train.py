@@ -16,7 +16,7 @@ from gemmatune import runs
 from gemmatune.allocator import allocator_note
 from gemmatune.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
 from gemmatune.config import Config
-from gemmatune.data import ExampleDataset, PadCollator, prepare
+from gemmatune.data import ExampleDataset, PadCollator, tokenize_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.evaluation import evaluate_after_training
 from gemmatune.hardware import device_kind, set_threads
@@ -49,12 +49,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     # --- setup: everything that can fail on bad input happens before the run folder is touched
     dist = distributed_state()
     run_dir = runs.open_run_dir(cfg, resume, overwrite, force)
-    check_inputs(cfg)
+    rows = check_inputs(cfg)  # every data row read and validated here, before the model loads
     dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
     threads = set_threads(cfg.train.num_threads)
     loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
     tokenizer, family = loaded.tokenizer, loaded.family
-    data = prepare(cfg.data, tokenizer, cfg.train.seed)
+    data = tokenize_data(rows, tokenizer, cfg.data)
     log.info("model: %s (%s), precision %s (weights %s), attention %s, %d threads on %s%s",
              loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
              describe_weights(loaded.model), loaded.model.config._attn_implementation, threads, device_kind(),

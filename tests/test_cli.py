@@ -1,0 +1,37 @@
+"""The command line's shared options: `--debug` is honoured before and after every subcommand, and without it a
+user error is one `error:` line with exit code 2. In-process: each command fails before any model loads."""
+
+import pytest
+
+from gemmatune.cli import main
+from gemmatune.errors import GemmatuneError
+
+# Per command: arguments that make it raise GemmatuneError before a model or tokenizer is loaded.
+FAILING_ARGS = {
+    "train": ["--set", "train.lerning_rate=1"],
+    "plan": ["--set", "train.lerning_rate=1"],
+    "generate": ["--adapter", "{tmp}/no-such-adapter", "--prompt", "hi"],
+    "chat": ["--adapter", "{tmp}/no-such-adapter"],
+    "eval": ["--limit", "0"],
+    "merge": ["--out", "{tmp}/merged"],
+}
+
+
+def _args(command, tmp_path):
+    return [a.format(tmp=tmp_path) for a in FAILING_ARGS[command]]
+
+
+@pytest.mark.parametrize("command", FAILING_ARGS)
+def test_without_debug_an_error_is_one_line_and_exit_2(command, tmp_path, capsys):
+    assert main([command, *_args(command, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("command", FAILING_ARGS)
+def test_debug_before_or_after_the_command_shows_the_exception(command, where, tmp_path):
+    args = _args(command, tmp_path)
+    argv = ["--debug", command, *args] if where == "before" else [command, *args, "--debug"]
+    with pytest.raises(GemmatuneError):
+        main(argv)
