@@ -5,6 +5,9 @@ import pytest
 
 from gemmatune.cli import main
 from gemmatune.errors import GemmatuneError
+from tests import adapters
+
+two_adapters = adapters.two_adapters  # the fixture, shared with the other test modules
 
 # Per command: arguments that make it raise GemmatuneError before a model or tokenizer is loaded.
 FAILING_ARGS = {
@@ -35,3 +38,26 @@ def test_debug_before_or_after_the_command_shows_the_exception(command, where, t
     argv = ["--debug", command, *args] if where == "before" else [command, *args, "--debug"]
     with pytest.raises(GemmatuneError):
         main(argv)
+
+
+def test_eval_defaults_to_the_runs_test_file(two_adapters, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import gemmatune.cli
+    import gemmatune.evaluation
+    from gemmatune.config import dump_config, load_config
+
+    bare = two_adapters[0]  # a PEFT folder: names no test file
+    assert main(["eval", "--adapter", str(bare)]) == 2
+    assert "names no data.test_file" in capsys.readouterr().err
+    run = shutil.copytree(bare, tmp_path / "run")
+    test_file = tmp_path / "held_out.jsonl"
+    (run / "config.yaml").write_text(dump_config(load_config(None, [f"data.test_file={test_file}"])))
+
+    def evaluate(tuned, data, **kw):  # stands in for the real one: which file would be scored?
+        raise GemmatuneError(f"would evaluate {data}")
+
+    monkeypatch.setattr(gemmatune.cli, "_load", lambda args: None)
+    monkeypatch.setattr(gemmatune.evaluation, "evaluate", evaluate)
+    assert main(["eval", "--adapter", str(run)]) == 2
+    assert f"would evaluate {test_file}" in capsys.readouterr().err

@@ -288,15 +288,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise GemmatuneError(f"--limit must be >= 1, got {args.limit}")
     first = read_adapter(args.adapters[0]) if args.adapters else None
-    file = args.file
-    if file is None:
-        from gemmatune.config import load_config
-        from gemmatune.runs import CONFIG_FILE
-
-        if first is not None and (first.path / CONFIG_FILE).is_file():
-            file = load_config(first.path / CONFIG_FILE).data.test_file
-        if not file:
-            raise GemmatuneError("eval: give a FILE of held-out rows (the first adapter's run names no data.test_file)")
+    file = args.file or (first.folder.test_file if first is not None else None)
+    if not file:
+        raise GemmatuneError("eval: give a FILE of held-out rows (the first adapter's run names no data.test_file)")
     tuned = _load(args)
     report = evaluate(tuned, file, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       samples=args.samples)
