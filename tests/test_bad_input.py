@@ -1,7 +1,6 @@
 """Every bad input a user can hand `gemmatune train`: exit code 2, one `error:` line naming the file, line or
 key, no traceback, and no run folder left behind. Real CLI in a subprocess, tiny model."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -47,7 +46,6 @@ def _hub_note():
 
 
 CUDA = torch.cuda.is_available()
-HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 CASES = [
     # (id, --set overrides, text the error line must contain)
     ("missing-file", ["data.train_file={d}/nope.jsonl"], "nope.jsonl not found"),
@@ -69,9 +67,6 @@ CASES = [
     ("hub-id-not-here", ["model.name=gemmatune-tests/no-such-model"], "gemmatune-tests/no-such-model"),
     ("truncated-safetensors", ["model.name={d}/truncated"], "model.safetensors is truncated"),
     ("garbage-safetensors", ["model.name={d}/garbage"], "model.safetensors is not a safetensors file"),
-    pytest.param("4bit-on-cpu", ["model.quantization=4bit"], "model.quantization",
-                 marks=pytest.mark.skipif(CUDA or HAS_BNB, reason="4-bit runs here (CPU needs only bitsandbytes); "
-                                          "tests/test_gemma3n.py covers a missing bitsandbytes"), id="4bit-on-cpu"),
     pytest.param("fp16-on-cpu", ["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(CUDA, reason="CUDA present"), id="fp16-on-cpu"),
 ]
