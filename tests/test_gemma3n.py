@@ -8,7 +8,7 @@ import torch
 from gemmatune.config import load_config
 from gemmatune.errors import GemmatuneError
 from gemmatune.loading import choose_model_class, load_model
-from gemmatune.lora import attach_lora, freeze_quantized, wrapped_module_names
+from gemmatune.lora import attach_lora, wrapped_module_names
 from gemmatune.models import family_for
 from gemmatune.models.gemma3n import FAMILY
 from gemmatune.train import train
@@ -75,10 +75,17 @@ def test_4bit_without_bitsandbytes_names_the_extra(monkeypatch, tiny_gemma3n, al
     assert not (tmp_path / "runs").exists()
 
 
-def test_quantized_freeze_keeps_bf16_weights_bf16():
-    # peft.prepare_model_for_kbit_training would upcast these to fp32 (Gemma 3n E4B: +5.8 GB of embeddings)
-    from transformers import AutoModelForCausalLM
+def test_qlora_keeps_the_unquantized_weights_bf16(tiny_gemma3n_4bit):
+    # peft.prepare_model_for_kbit_training upcasts every non-4-bit weight to fp32 (Gemma 3n E4B: +5.8 GB of
+    # embeddings); attach_lora(quantized=True) freezes them in the bf16 they were loaded in.
+    from peft import prepare_model_for_kbit_training
 
-    model = AutoModelForCausalLM.from_config(gemma3n_config(), dtype=torch.bfloat16)
-    freeze_quantized(model)
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+    cfg = load_config(None, [f"model.name={tiny_gemma3n_4bit}", "model.quantization=4bit"])
+    model = load_model(cfg.model, "bf16").model
+    peft_model, _ = attach_lora(model, cfg.lora, FAMILY, quantized=True)
+    frozen = {n: p for n, p in peft_model.named_parameters() if not p.requires_grad and p.dtype != torch.uint8}
+    assert frozen and {p.dtype for p in frozen.values()} == {torch.bfloat16}
+    assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.float32}
+    reference = prepare_model_for_kbit_training(load_model(cfg.model, "bf16").model)
+    assert any(p.dtype == torch.float32 for n, p in reference.named_parameters() if "embed_tokens" in n), \
+        "PEFT no longer upcasts embeddings for k-bit training: freeze_quantized may be unnecessary"
