@@ -42,8 +42,9 @@ def test_chunked_loss_equals_plain_loss_and_gradients(model_fixture, request):
     assert abs(chunked.item() - plain.item()) < 1e-5
     assert len(got) > 10
     for name, grad in expected.items():
-        # fp32 summation order differs (chunks vs one matmul): compare relative to the tensor's norm.
-        assert (got[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-7, name
+        # fp32 summation order differs (chunks vs one matmul, and with the kernels earlier tests left selected):
+        # compare relative to the tensor's norm; a wrong gradient is off by O(1), not 1e-5.
+        assert (got[name] - grad).norm() <= 5e-5 * grad.norm() + 1e-7, name
     assert any(g.abs().max() > 0 for g in got.values())
 
 

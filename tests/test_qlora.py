@@ -190,7 +190,7 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
     (tmp_path / "qlora.yaml").write_text(
         "model: {name: gemma3n-tiny, quantization: 4bit}\n"
         "lora: {r: 8, lora_alpha: 16, lora_dropout: 0.0}\n"
-        "data: {train_file: train.jsonl, test_file: test.jsonl, template: chat, max_length: 64}\n"
+        "data: {train_file: train.jsonl, template: chat, max_length: 64}\n"
         "train: {max_steps: 3, per_device_train_batch_size: 4, gradient_accumulation_steps: 1, warmup_steps: 0,\n"
         "        learning_rate: 0.005, logging_steps: 1, num_threads: 2, output_dir: runs}\n", encoding="utf-8")
 
@@ -207,7 +207,7 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
 
     log, peak = gemmatune("train", "qlora.yaml", "--no-tcmalloc")
     assert "(weights 4-bit nf4 in " in log
-    # `gemmatune plan` models 4-bit on CPU: its estimate for this run against the run's measured peak RSS.
+    # `gemmatune plan` models 4-bit on CPU: its estimate for this training run against its measured peak RSS.
     from gemmatune.plan import make_plan
 
     plan = make_plan(load_config(tmp_path / "qlora.yaml"))
@@ -216,7 +216,9 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
     run = tmp_path / "runs" / "qlora"
     record = json.loads((run / "run.json").read_text())
     assert record["base_model"]["quantization"] == "4bit"
-    assert (run / "eval.json").is_file()
+    gemmatune("eval", "test.jsonl", "--adapter", str(run), "--max-new-tokens", "4")
+    report = json.loads((run / "eval.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["base", "qlora"]
     out, _ = gemmatune("generate", "--adapter", str(run), "--greedy", "--max-new-tokens", "4", "--prompt", "hello")
     assert out.strip()
     gemmatune("merge", str(run), "--out", str(tmp_path / "merged"))
