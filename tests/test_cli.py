@@ -5,9 +5,6 @@ import pytest
 
 from gemmatune.cli import main
 from gemmatune.errors import GemmatuneError
-from tests import adapters
-
-two_adapters = adapters.two_adapters  # the fixture, shared with the other test modules
 
 # Per command: arguments that make it raise GemmatuneError before a model or tokenizer is loaded.
 FAILING_ARGS = {

@@ -7,10 +7,7 @@ from gemmatune.evaluation import evaluate, read_eval_rows, response_loss, rouge_
 from gemmatune.infer import BASE, load
 from gemmatune.templates import IGNORE, tokenize_row
 from gemmatune.train import train
-from tests import adapters
 from tests.conftest import ALPACA_ROWS, tiny_config, write_jsonl
-
-two_adapters = adapters.two_adapters  # the fixture, shared with the other test modules
 
 CHAT_ROWS = [
     {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},

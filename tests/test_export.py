@@ -6,9 +6,6 @@ import torch
 from gemmatune.errors import GemmatuneError
 from gemmatune.export import combine, merge, parse_weighted
 from gemmatune.infer import load
-from tests import adapters
-
-two_adapters = adapters.two_adapters  # the fixture, shared with the other test modules
 
 IDS = torch.tensor([[2, 40, 50, 60, 70, 80, 90, 100]])
 

@@ -13,10 +13,7 @@ import pytest
 from gemmatune.export import combine, merge
 from gemmatune.runs import write_atomic
 from gemmatune.train import train
-from tests import adapters
 from tests.conftest import ALPACA_ROWS, tiny_config, write_jsonl
-
-two_adapters = adapters.two_adapters  # the fixture, shared with the other test modules
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=["022", "077", "002"])

@@ -3,9 +3,6 @@ import torch
 
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer import BASE, load
-from tests import adapters
-
-two_adapters = adapters.two_adapters  # the fixture, shared with the other test modules
 
 PROMPTS = ["hi", "Route the ticket: my parcel is late", "a", "Where is order 12345? It has been two weeks now.", "ok?"]
 

@@ -4,10 +4,7 @@ import json
 from gemmatune.chat import chat_loop
 from gemmatune.cli import main
 from gemmatune.infer import SamplingSettings, load
-from tests import adapters
 from tests.conftest import ALPACA_ROWS, write_jsonl
-
-two_adapters = adapters.two_adapters  # the fixture, shared with the other test modules
 
 
 def test_generate_cli_prompt_and_file_with_per_row_adapters(tiny_gemma3, two_adapters, tmp_path, capsys):

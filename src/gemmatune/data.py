@@ -342,6 +342,23 @@ class ExampleDataset:
         return {"input_ids": ex.input_ids, "labels": ex.labels}
 
 
+def pad_rows(rows: list[list[int]], fill: int, left: bool = False):
+    """[batch, longest] tensor of `rows` padded with `fill`, and the attention mask (1 on real tokens).
+
+    Right padding for training batches; left padding for generation, so every row's next token is in the same
+    column."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        out[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return out, mask
+
+
 class PadCollator:
     """Right-pads a batch; padded positions get label -100 and attention mask 0."""
 
@@ -349,15 +366,6 @@ class PadCollator:
         self.pad = pad_token_id
 
     def __call__(self, batch: list[dict]) -> dict:
-        import torch
-
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            mask[i, :n] = 1
+        ids, mask = pad_rows([b["input_ids"] for b in batch], self.pad)
+        labels, _ = pad_rows([b["labels"] for b in batch], IGNORE)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -18,6 +18,7 @@ import torch
 
 from gemmatune.adapters import check_adapter_fits
 from gemmatune.config import TEMPLATES, ModelConfig
+from gemmatune.data import pad_rows
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPE_NAMES, autocast_dtype, device_kind, inference_weight_dtype, resolve_precision
 from gemmatune.loading import load_model, stop_token_ids
@@ -163,12 +164,8 @@ class TunedModel:
     def _generate_batch(self, batch: list[list[int]], names: list[str], settings: SamplingSettings,
                         streamer) -> list[Generation]:
         pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):  # left padding: every row's next token is at the same column
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
+        input_ids, mask = pad_rows(batch, pad, left=True)
+        width = input_ids.shape[1]
         kwargs = {"max_new_tokens": settings.max_new_tokens, "eos_token_id": self.stop_ids, "pad_token_id": pad,
                   "use_cache": True, "do_sample": not settings.greedy}
         if settings.greedy:
