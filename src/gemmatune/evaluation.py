@@ -21,8 +21,10 @@ import torch
 from gemmatune.data import detect_format, normalize, read_rows
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer import BASE, SamplingSettings, TunedModel
+from gemmatune.loss import causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
+from gemmatune.packing import PACKED_SDPA, PackCollator
 from gemmatune.runs import write_atomic
-from gemmatune.templates import IGNORE, tokenize_row
+from gemmatune.templates import IGNORE, Tokenized, tokenize_row
 
 log = logging.getLogger(__name__)
 
@@ -140,42 +142,95 @@ def _prompt_summary(row: dict) -> str:
     return row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
 
 
-def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size: int = 8) -> tuple[float, int]:
+# Tokens per forward pass of the response-loss pass (padding included for padded batches). Training's default
+# micro-batch is 4 x 512 = 2,048 tokens *with* activations kept for backward; a forward without gradient keeps
+# one layer's activations at a time, so twice as many tokens still needs less memory than training. A row
+# longer than this forms a batch of its own.
+EVAL_TOKENS_PER_BATCH = 4096
+
+
+def packs_natively(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention keeps packed examples apart without a dense [tokens x tokens] mask.
+
+    Models loaded with `load_model(packing=True)` (as training loads them) attend per example; any other
+    implementation (plain sdpa, eager) would get transformers' block-diagonal mask for a packed row and compute
+    every off-diagonal block: quadratic in the packed length, in time and, for eager, memory.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None) in (PACKED_SDPA, "flash_attention_2")
+
+
+def token_batches(lengths: list[int], max_tokens: int, padded: bool, max_rows: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` grouped into batches of at most `max_tokens` tokens (and `max_rows` rows).
+
+    Shortest first, so a padded batch holds rows of similar length: its cost is rows x its longest row.
+    A packed batch costs the sum of its rows. A single row over the budget is a batch alone.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = used = 0
+    for i in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        n = lengths[i]
+        cost = (len(current) + 1) * max(longest, n) if padded else used + n
+        if current and (cost > max_tokens or (max_rows is not None and len(current) >= max_rows)):
+            batches.append(current)
+            current, longest, used = [], 0, 0
+        current.append(i)
+        longest, used = max(longest, n), used + n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _padded_batch(examples: list[Tokenized], pad_id: int) -> dict:
+    """Right-padded rows with an attention mask: causal attention means no real token sees the padding."""
+    width = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[i, :n] = torch.tensor(ex.input_ids)
+        labels[i, :n] = torch.tensor(ex.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size: int | None = None,
+                  max_tokens: int = EVAL_TOKENS_PER_BATCH) -> tuple[float, int]:
     """Mean cross-entropy over the response tokens training puts in the loss, and their count.
 
-    Rows are left-padded with explicit position ids, so the responses line up at the right edge and
-    only their logits are computed (`logits_to_keep`): a [batch, vocab] slice per position, not the
-    whole sequence times a 262k vocabulary.
+    The same computation as training's loss (loss.py): the model body runs to hidden states, and the LM head
+    and cross-entropy run only on positions that predict a response token, a few hundred rows of logits at a
+    time, never [batch, sequence, vocab]. Batches are bounded by `max_tokens` (and `batch_size` rows, if
+    given) rather than a row count, so long answers make more batches, not bigger ones.
+
+    Batches are packed as in training when the model was loaded with packing-aware attention (the model
+    `gemmatune train` just trained); otherwise (`gemmatune eval` loads for generation, with plain sdpa)
+    rows of similar length are right-padded with an attention mask: both are exact, and neither ever
+    computes attention across two rows.
     """
     template = tuned.template_for(adapter)
     examples = [tokenize_row(row, template, tuned.tokenizer) for row in rows]
+    parts = causal_lm_parts(tuned.model, any_head=True)
+    if parts is None:
+        raise GemmatuneError(f"{type(tuned.model).__name__}: no body and LM head to compute a response loss with")
+    packed = packs_natively(tuned.model)
+    batches = token_batches([len(ex.input_ids) for ex in examples], max_tokens, padded=not packed, max_rows=batch_size)
+    collate = PackCollator()
+    device = tuned.device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        width = max(len(ex.input_ids) for ex in batch)
-        ids = torch.full((len(batch), width), tuned.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        keep = 1
-        for i, ex in enumerate(batch):
-            n = len(ex.input_ids)
-            ids[i, width - n:] = torch.tensor(ex.input_ids)
-            labels[i, width - n:] = torch.tensor(ex.labels)
-            mask[i, width - n:] = 1
-            first = next((k for k, label in enumerate(ex.labels) if label != IGNORE), n)
-            keep = max(keep, n - first + 1)  # logits from the position before the first label to the end
-        keep = min(keep, width)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        device = tuned.device
-        with tuned.adapter_context([adapter] * len(batch)) as extra, torch.no_grad(), tuned.autocast():
-            logits = tuned.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 position_ids=positions.to(device), logits_to_keep=keep, use_cache=False,
-                                 **extra).logits
-        logits = logits[:, :-1].float()
-        targets = labels[:, width - keep + 1:].to(logits.device)
-        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                   ignore_index=IGNORE, reduction="sum").item()
-        count += int((targets != IGNORE).sum())
+    with tuned.adapter_context([adapter]) as extra, torch.no_grad(), tuned.autocast():
+        assert not extra  # one adapter for every row: set on the modules, nothing to pass to the body
+        for batch in batches:
+            chosen = [examples[i] for i in batch]
+            if packed:
+                inputs = collate([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in chosen])
+            else:
+                inputs = _padded_batch(chosen, tuned.tokenizer.pad_token_id)
+            hidden, targets = selected_hidden(parts, {k: v.to(device) for k, v in inputs.items()})
+            total += chunked_cross_entropy_sum(hidden, targets, parts).item()
+            count += targets.numel()
     if count == 0:
         raise GemmatuneError("no response tokens to score; are the reference answers empty?")
     return total / count, count
@@ -209,7 +264,7 @@ def evaluate(
     variants, outputs = [], {}
     for name in names:
         label = labels.get(name, name)
-        loss, tokens = response_loss(tuned, rows, name, batch_size)
+        loss, tokens = response_loss(tuned, rows, name)  # batches bounded by tokens, not batch_size
         gens = tuned.generate(rows, adapter=name, settings=settings, batch_size=batch_size)
         outputs[label] = [g.text for g in gens]
         variants.append(VariantScores(

@@ -7,6 +7,9 @@ respect to its hidden states is computed right away in the forward pass (as fuse
 so only [chunk, vocab] logits exist at any time, and backward is one multiply. The math equals the plain
 `model(labels=...)` loss: sum over label tokens divided by their count (or the Trainer's
 `num_items_in_batch`, which spans all gradient-accumulation micro-batches).
+
+Evaluation (the Trainer's eval loop, `gemmatune eval`, the evaluation after training) runs the same code under
+torch.no_grad: then no chunk gradient is formed, and any LM head module (LoRA-wrapped, quantized) can be used.
 """
 
 from __future__ import annotations
@@ -28,18 +31,22 @@ LOGITS_PER_FP32_BLOCK = 1 << 22
 @dataclass
 class CausalLMParts:
     body: torch.nn.Module  # input_ids -> last_hidden_state
-    head: torch.nn.Linear  # hidden -> vocab
+    head: torch.nn.Module  # hidden -> vocab: a plain nn.Linear, except for `causal_lm_parts(any_head=True)`
     softcap: float | None  # final logit soft-capping (Gemma 3n: 30), None when the family has none
 
 
-def causal_lm_parts(model: torch.nn.Module) -> CausalLMParts | None:
+def causal_lm_parts(model: torch.nn.Module, any_head: bool = False) -> CausalLMParts | None:
     """Body, LM head and softcap of a (PEFT-wrapped) causal LM through public attributes; None if the
-    model is not laid out that way (then the caller uses the plain loss)."""
+    model is not laid out that way (then the caller uses the plain loss).
+
+    Training needs a plain nn.Linear head (its gradient is computed here from the weight). `any_head`
+    accepts any head module (LoRA-wrapped, quantized): a loss without gradient only calls it.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, "model", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if body is None or type(head) is not torch.nn.Linear:
-        return None  # e.g. a LoRA-wrapped or quantized LM head: its own forward must run
+    if body is None or head is None or (type(head) is not torch.nn.Linear and not any_head):
+        return None  # e.g. a LoRA-wrapped or quantized LM head in training: its own forward must run
     config = base.config
     softcap = getattr(config, "final_logit_softcapping", None)
     text_config = getattr(config, "text_config", None)
@@ -80,6 +87,37 @@ def _cross_entropy_and_grad_(logits: torch.Tensor, targets: torch.Tensor, softca
     return -target_log_probs.sum()
 
 
+def _chunked_sum(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None, chunk: int,
+                 on_gradient=None) -> torch.Tensor:
+    """Sum of cross-entropy over the rows of `hidden`, `chunk` rows of logits at a time.
+
+    `head` maps [rows, d] to [rows, vocab] logits. With `on_gradient`, each chunk's logits are overwritten
+    with d(sum)/d(logits) and passed on as `on_gradient(start, grad_logits, hidden_rows)`; without it no
+    gradient is formed (evaluation).
+    """
+    n = hidden.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    chunk = -(-n // -(-n // chunk))  # equal chunks: 566 rows at most 256 -> 3 x 189, not 256 + 256 + 54
+    block = None
+    work = None
+    for start in range(0, n, chunk):
+        h = hidden[start:start + chunk]
+        t = targets[start:start + chunk]
+        logits = head(h)
+        if block is None:
+            block = max(1, LOGITS_PER_FP32_BLOCK // logits.shape[1])
+        if logits.dtype != torch.float32 and work is None:
+            work = torch.empty((min(block, logits.shape[0]), logits.shape[1]), dtype=torch.float32,
+                               device=logits.device)
+        # Block by block so the fp32 passes stay in cache; each block's rows become their gradient in place.
+        for b in range(0, logits.shape[0], block):
+            total += _cross_entropy_and_grad_(logits[b:b + block], t[b:b + block], softcap, work,
+                                              on_gradient is not None)
+        if on_gradient is not None:
+            on_gradient(start, logits, h)
+    return total
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy over rows of `hidden`; gradients computed chunk by chunk in forward."""
 
@@ -87,9 +125,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, head, softcap, chunk):
         need_hidden_grad = ctx.needs_input_grad[0]
         need_weight_grad = ctx.needs_input_grad[1]
-        need_grad = need_hidden_grad or need_weight_grad
         ctx.weight_dtype = weight.dtype
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         # The gradient matmuls run in the autocast dtype when autocast is on (bf16 on CPU/GPU), as the
@@ -97,27 +133,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         kind = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
         w = weight.to(compute_dtype) if need_hidden_grad else None
-        n = hidden.shape[0]
-        chunk = -(-n // -(-n // chunk))  # equal chunks: 566 rows at most 256 -> 3 x 189, not 256 + 256 + 54
-        block = max(1, LOGITS_PER_FP32_BLOCK // weight.shape[0])
-        work = None
-        for start in range(0, n, chunk):
-            h = hidden[start:start + chunk]
-            t = targets[start:start + chunk]
-            logits = head(h)
-            if logits.dtype != torch.float32 and work is None:
-                work = torch.empty((min(block, logits.shape[0]), logits.shape[1]), dtype=torch.float32,
-                                   device=logits.device)
-            # Block by block so the fp32 passes stay in cache; each block's rows become their gradient in place.
-            for b in range(0, logits.shape[0], block):
-                total += _cross_entropy_and_grad_(logits[b:b + block], t[b:b + block], softcap, work, need_grad)
-            if not need_grad:
-                continue
-            g = logits.to(compute_dtype)
+
+        def accumulate(start: int, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+            g = grad_logits.to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
+                grad_hidden[start:start + h.shape[0]] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (g.T @ h.to(g.dtype)).float()
+                grad_weight.add_((g.T @ h.to(g.dtype)).float())
+
+        need_grad = need_hidden_grad or need_weight_grad
+        total = _chunked_sum(hidden, targets, head, softcap, chunk, accumulate if need_grad else None)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -129,14 +154,49 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+def _needs_grad(hidden: torch.Tensor, head: torch.nn.Module) -> bool:
+    # Decided here, not inside the autograd.Function: its `needs_input_grad` follows `requires_grad` even
+    # under torch.no_grad, so an evaluation of a model whose head weight requires grad (a plain transformers
+    # model, never frozen) would build a [vocab, d] weight gradient and a gradient matmul per chunk for nothing.
+    return torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+
+
+def _inference_head(head: torch.nn.Module, hidden: torch.Tensor):
+    """`head` as a function of hidden rows, for a loss without gradient.
+
+    Under autocast a frozen fp32 weight (generation keeps fp32 weights on CPU, see TunedModel.autocast) would
+    be cast to the autocast dtype on every chunk's call (autocast caches casts only of weights that require
+    grad): 2 x 168M elements per chunk for Gemma's head. Cast it once instead; the logits are the same.
+    """
+    kind = hidden.device.type
+    if type(head) is not torch.nn.Linear or not torch.is_autocast_enabled(kind):
+        return head
+    dtype = torch.get_autocast_dtype(kind)
+    if head.weight.dtype == dtype or not head.weight.is_floating_point():
+        return head
+    weight = head.weight.to(dtype)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    return lambda h: F.linear(h.to(dtype), weight, bias)
+
+
 def chunked_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, parts: CausalLMParts,
                               chunk: int | None = None) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the rows of `hidden` [n, d] against `targets` [n]."""
+    """Sum of next-token cross-entropy over the rows of `hidden` [n, d] against `targets` [n].
+
+    Under torch.no_grad (evaluation) only the loss is computed, with any head module; with gradients the
+    head must be a plain nn.Linear.
+    """
     head = parts.head
     if chunk is None:
-        chunk = max(1, LOGITS_PER_CHUNK // head.out_features)
+        vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+        chunk = max(1, LOGITS_PER_CHUNK // vocab)
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
+    if not _needs_grad(hidden, head):
+        with torch.no_grad():
+            return _chunked_sum(hidden, targets, _inference_head(head, hidden), parts.softcap, chunk)
+    if type(head) is not torch.nn.Linear:
+        raise ValueError("the chunked loss computes gradients only for a plain nn.Linear LM head")
     if head.bias is not None:
         # Rare for causal LMs; keep the exact path simple rather than fuse a bias gradient.
         logits = head(hidden).float()
