@@ -12,8 +12,7 @@ from gemmatune.infer import BASE, TunedModel, load
 from gemmatune.loading import load_model
 from gemmatune.loss import CausalLMParts, causal_lm_parts, chunked_cross_entropy_sum
 from gemmatune.templates import IGNORE, tokenize_row
-from tests.adapters import make_adapter
-from tests.conftest import ALPACA_ROWS
+from tests.conftest import ALPACA_ROWS, make_adapter
 from tests.test_evaluation import CHAT_ROWS
 
 # Lengths vary (61 to ~250 tokens, all longer than the tiny models' sliding window of 16; the longest is over
