@@ -8,7 +8,9 @@ accounting of that child, `wait4`):
          (all response tokens) then greedy generation with --max-new-tokens (default 1: the loss pass is what
          is measured; generation memory grows with --max-new-tokens through the KV cache)
 With --after, a third: `gemmatune train` with data.test_file set, so the evaluation after training runs in the
-training process (its peak is the larger of the two phases).
+training process (its peak is the larger of the two phases). That evaluation has no --max-new-tokens: it
+generates up to twice the longest reference (~1,000 tokens on Alpaca), so it is slow and its figure includes
+generation's KV cache.
 
 The rows are the first --rows of the English Alpaca demo set (../shared/data/alpaca), written to a temporary
 folder; nothing is written to the repository. --src runs another gemmatune source tree (e.g. an older commit
