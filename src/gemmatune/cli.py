@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Not the sampling option: eval is greedy, and its default comes from the references.
     p.add_argument("--max-new-tokens", type=int, help="cap per generation (default: twice the longest reference, "
                    "at least 16)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16); "
+                   "the loss pass takes batches of at most 4,096 tokens")
     p.add_argument("--samples", type=int, default=3, help="sample generations shown side by side (default 3)")
     p.add_argument("--out", metavar="DIR", help="folder for eval.json and eval.md (default: the first adapter's "
                    "folder; the current folder without adapters)")
