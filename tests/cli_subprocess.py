@@ -30,3 +30,26 @@ def run_cli(args: list[str], driver: str | None = None, **kw) -> subprocess.Comp
     """`python -m gemmatune ARGS`, or `python -c DRIVER ARGS` when a driver script wraps the CLI."""
     cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, "-m", "gemmatune", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, **kw)
+
+
+# wait4's ru_maxrss is no measure of a child's own peak: the kernel carries the high-water mark across exec, so a
+# child forked from a pytest process of 4 GiB "peaks" at 4 GiB (seen in CI). VmHWM belongs to the address space
+# that exec made, so the child reads it itself as it exits.
+PEAK_RSS_DRIVER = """
+import atexit, sys
+def report_peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print(f"peak_rss_bytes={int(line.split()[1]) * 1024}", file=sys.stderr, flush=True)
+atexit.register(report_peak)
+from gemmatune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli_with_peak_rss(args: list[str], **kw) -> tuple[subprocess.CompletedProcess, int]:
+    """`run_cli(args)` and the child's own peak RSS in bytes."""
+    proc = run_cli(args, driver=PEAK_RSS_DRIVER, **kw)
+    reported = [line for line in proc.stderr.splitlines() if line.startswith("peak_rss_bytes=")]
+    assert reported, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc, int(reported[-1].split("=", 1)[1])

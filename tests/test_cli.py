@@ -58,3 +58,15 @@ def test_eval_defaults_to_the_runs_test_file(two_adapters, tmp_path, monkeypatch
     monkeypatch.setattr(gemmatune.evaluation, "evaluate", evaluate)
     assert main(["eval", "--adapter", str(run)]) == 2
     assert f"would evaluate {test_file}" in capsys.readouterr().err
+
+
+def test_a_cli_childs_peak_rss_is_its_own_not_its_parents():
+    """The peak RSS tests read is the child's: a parent holding 1 GiB does not raise it (wait4's figure did)."""
+    from tests.cli_subprocess import run_cli_with_peak_rss
+
+    ballast = bytearray(2**30)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # resident, not just reserved
+    proc, peak = run_cli_with_peak_rss(["--help"])
+    assert proc.returncode == 0 and "train" in proc.stdout
+    assert 10 * 2**20 < peak < 2**30 / 2, peak
+    del ballast

@@ -170,13 +170,10 @@ def test_qlora_train_resume_evaluate_generate_merge(model_fixture, request, tmp_
 def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
     """A local Gemma 3n folder (tiny random weights, the embedded model's real Gemma tokenizer): train in 4 bits,
     generate, merge, each through `gemmatune`, as a user runs it."""
-    import os
-    import subprocess
-    import sys
-
     from transformers import AutoTokenizer
 
     from gemmatune.loading import embedded_model_dir
+    from tests.cli_subprocess import run_cli_with_peak_rss
     from tests.conftest import gemma3n_4bit_config, save_tiny
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
@@ -195,15 +192,10 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
         "        learning_rate: 0.005, logging_steps: 1, num_threads: 2, output_dir: runs}\n", encoding="utf-8")
 
     def gemmatune(*args) -> tuple[str, int]:
-        """Run the CLI; returns its output and its peak RSS in bytes (os.wait4: this child alone)."""
-        with open(tmp_path / "out.txt", "w+") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "gemmatune", *args], cwd=tmp_path, stdout=out,
-                                    stderr=subprocess.STDOUT, text=True)
-            _, status, usage = os.wait4(proc.pid, 0)
-            out.seek(0)
-            text = out.read()
-        assert os.waitstatus_to_exitcode(status) == 0, text[-3000:]
-        return text, usage.ru_maxrss * 1024
+        """Run the CLI as a user does; returns its output and its own peak RSS in bytes."""
+        proc, peak = run_cli_with_peak_rss(list(args), cwd=tmp_path)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return proc.stdout + proc.stderr, peak
 
     log, peak = gemmatune("train", "qlora.yaml", "--no-tcmalloc")
     assert "(weights 4-bit nf4 in " in log
