@@ -6,6 +6,7 @@ Saved as ordinary Hugging Face folders, so tests exercise the same loading path 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ from gemmatune.models.gemma3 import CHAT_TEMPLATE
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 VOCAB = 272  # 6 specials + 256 bytes, rounded up
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip a test whose outside part (a browser, a built llama.cpp, a second torch) is absent here; in CI
+    (`GEMMATUNE_TEST_ALL=1`, set by .ci/run, which installs those parts) the same absence is a failure."""
+    if not condition:
+        (pytest.fail if os.environ.get("GEMMATUNE_TEST_ALL") == "1" else pytest.skip)(f"needs {what}")
 
 
 @pytest.fixture(autouse=True, scope="session")
