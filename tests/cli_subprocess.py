@@ -26,10 +26,10 @@ def train_args(model_dir: Path, train_file: Path, out: Path, name: str, *extra: 
     return ["train", *[a for s in sets for a in ("--set", s)]]
 
 
-def run_cli(args: list[str], driver: str | None = None, **kw) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], driver: str | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """`python -m gemmatune ARGS`, or `python -c DRIVER ARGS` when a driver script wraps the CLI."""
     cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, "-m", "gemmatune", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
 
 
 # wait4's ru_maxrss is no measure of a child's own peak: the kernel carries the high-water mark across exec, so a

@@ -193,7 +193,7 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
 
     def gemmatune(*args) -> tuple[str, int]:
         """Run the CLI as a user does; returns its output and its own peak RSS in bytes."""
-        proc, peak = run_cli_with_peak_rss(list(args), cwd=tmp_path)
+        proc, peak = run_cli_with_peak_rss(list(args), cwd=tmp_path, timeout=1800)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         return proc.stdout + proc.stderr, peak
 
