@@ -204,8 +204,8 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
 
     plan = make_plan(load_config(tmp_path / "qlora.yaml"))
     assert plan.settings.device == "cpu" and plan.settings.weights == "nf4"
-    # The process baseline dominates a tiny run and varies between runs (1.03 and 1.30 GiB measured here).
-    assert abs(plan.estimate.total / peak - 1) < 0.25, (plan.estimate.total, peak)
+    # 0.99 GiB planned, 0.94 GiB measured here; the process baseline (torch, transformers) dominates a tiny run.
+    assert abs(plan.estimate.total / peak - 1) < 0.15, (plan.estimate.total, peak)
     run = tmp_path / "runs" / "qlora"
     record = json.loads((run / "run.json").read_text())
     assert record["base_model"]["quantization"] == "4bit"
