@@ -221,6 +221,7 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
         service.start()
         yield
         service.stop()  # uvicorn has let in-flight requests finish before this
+        log.info("stopped; every request in flight was answered")
 
     app = FastAPI(title="gemmatune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -232,6 +233,9 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
     @app.exception_handler(RequestValidationError)
     async def bad_body(_request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON (at character {first.get('loc', ('', '?'))[-1]})"
+            return JSONResponse(APIError(400, message).body(), status_code=400)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
