@@ -48,7 +48,11 @@ def page_server(tiny_gemma3, two_adapters, tmp_path_factory):
 
 def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_adapters, tmp_path):
     require(Path(CHROMIUM).is_file(), "Debian's chromium (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
+    require(sync_api is not None, "the playwright package (pip install -e '.[test]')")
     server, run_dir, rows = page_server
     a, b = two_adapters
     # The chat box sends the conversation greedily (temperature 0) with its max tokens: the reference is
