@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from gemmatune.infer import TunedModel
@@ -40,7 +42,13 @@ class Job:
     cancelled: bool = False  # the client went away: its row's output is dropped
     _tokens: list[int] = field(default_factory=list)
     _sent: str = ""
-    _finished: bool = False
+    _finished: bool = False  # its row is over: later tokens of the batch are not its own
+    _answered: bool = False  # done() was called
+
+    def answer(self, result: Result | BaseException) -> None:
+        if not self._answered:
+            self._answered = True
+            self.done(result)
 
     def batch_key(self) -> tuple:
         if self.seed is not None:
@@ -63,7 +71,8 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class _RowStreamer(BaseStreamer):
-    """Receives each step's token per row from `generate` and hands each job its new text.
+    """Receives each step's token per row from `generate`, hands each job its new text, and answers a job as
+    soon as its row is over, while the rest of the batch goes on.
 
     The first `put` is the prompt batch; later ones hold one token per row. A row is over at a stop token
     (the model's end of turn / EOS), at its own max_tokens or at a stop string; later tokens are ignored.
@@ -83,33 +92,50 @@ class _RowStreamer(BaseStreamer):
                 continue
             if token in self.model.stop_ids:
                 job._finished = True
+                job.answer(_finish(self.model, job, job._tokens, stopped=True))
                 continue
             job._tokens.append(token)
             if len(job._tokens) >= job.max_tokens:
                 job._finished = True
-            if job.emit is not None:
-                self._emit_new_text(job)
+            elif job.stop or job.emit is not None:
+                self._new_text(job)
+            if job._finished:
+                job.answer(_finish(self.model, job, job._tokens, stopped=False))
 
     def end(self) -> None:
         pass
 
-    def _emit_new_text(self, job: Job) -> None:
+    def _new_text(self, job: Job) -> None:
+        """End the row at a stop string; stream the text that is sure to stay."""
         text = self.model.tokenizer.decode(job._tokens, skip_special_tokens=True)
         text, hit = cut_at_stop(text, job.stop)
         if hit:
             job._finished = True
-        else:
+            return  # _finish sends the rest
+        if job.emit is not None:
             # Hold back what may be a stop string's start, or a character whose bytes have not all arrived.
             hold = max((len(s) - 1 for s in job.stop), default=0)
             text = text[: len(text) - hold] if hold else text
             text = text.rstrip("\ufffd")
-        if len(text) > len(job._sent) and text.startswith(job._sent):
-            job.emit(text[len(job._sent):])
-            job._sent = text
+            if len(text) > len(job._sent) and text.startswith(job._sent):
+                job.emit(text[len(job._sent):])
+                job._sent = text
+
+
+class _RowsOver(StoppingCriteria):
+    """Tells `generate` which rows are over by the rules above, or whose client left: when all are, it stops."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.tensor([j._finished or j.cancelled for j in self.jobs], dtype=torch.bool,
+                            device=input_ids.device)
 
 
 class Batcher:
-    """The worker thread and its queue. `submit` from any thread; `close` finishes queued work, then stops."""
+    """The worker thread and its queue. `submit` from any thread (before `start` too: what is queued when the
+    worker starts is its first batch); `close` finishes queued work, then stops."""
 
     def __init__(self, model: TunedModel, max_batch: int = 16):
         self.model = model
@@ -119,10 +145,13 @@ class Batcher:
         self.batches = 0  # batches run so far, and the rows in them: the health check shows them
         self.rows = 0
         self.thread = threading.Thread(target=self._work, name="gemmatune-batcher", daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        job.prompt_tokens = len(self.model.prompt_ids(job.row, job.adapter))
+        if not job.prompt_tokens:
+            job.prompt_tokens = len(self.model.prompt_ids(job.row, job.adapter))
         self.queue.put(job)
 
     def close(self, timeout: float | None = None) -> None:
@@ -162,30 +191,29 @@ class Batcher:
         first = jobs[0]
         self.busy = len(jobs)
         try:
-            gens = self.model.generate(
+            self.model.generate(
                 [j.row for j in jobs], adapter=[j.adapter for j in jobs], batch_size=len(jobs),
-                streamer=_RowStreamer(self.model, jobs), max_new_tokens=max(j.max_tokens for j in jobs),
+                streamer=_RowStreamer(self.model, jobs), stopping_criteria=StoppingCriteriaList([_RowsOver(jobs)]),
+                max_new_tokens=max(j.max_tokens for j in jobs),
                 greedy=first.greedy, temperature=first.temperature, top_p=first.top_p, top_k=0, seed=first.seed)
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the worker lives on
             log.exception("generation failed")
             for job in jobs:
-                job.done(exc)
+                job.answer(exc)
             return
         finally:
             self.busy = 0
         self.batches += 1
         self.rows += len(jobs)
-        for job, gen in zip(jobs, gens, strict=True):
-            job.done(_finish(self.model, job, gen.token_ids, gen.stopped))
+        for job in jobs:  # rows the streamer did not end: a cancelled client, or a batch cut short
+            job.answer(_finish(self.model, job, job._tokens, stopped=False))
 
     def status(self) -> dict:
         return {"queued": self.queue.qsize(), "generating": self.busy, "batches": self.batches, "rows": self.rows}
 
 
 def _finish(model: TunedModel, job: Job, tokens: list[int], stopped: bool) -> Result:
-    """The job's answer from its row of the batch: cut at its own max_tokens and stop strings, as if alone."""
-    if len(tokens) >= job.max_tokens:  # the stop token, if any, came after max_tokens: not generated alone
-        tokens, stopped = tokens[: job.max_tokens], False
+    """The job's answer from its row of the batch, `tokens` without the stop token: cut at its stop strings."""
     text, hit = cut_at_stop(model.tokenizer.decode(tokens, skip_special_tokens=True), job.stop)
     finish = "stop" if stopped or hit else "length"
     if job.emit is not None and not job.cancelled:

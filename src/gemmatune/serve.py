@@ -148,6 +148,7 @@ class Service:
 
     def start(self) -> None:
         self.batcher = Batcher(self.tuned, self.limits.max_batch)
+        self.batcher.start()
 
     def stop(self) -> None:
         if self.batcher is not None:
@@ -200,7 +201,7 @@ class Service:
 
         job = Job(row=row, adapter=adapter, max_tokens=max_tokens, greedy=req.temperature == 0,
                   temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed, stop=list(req.stop or []),
-                  emit=threadsafe_emit, done=done)
+                  emit=threadsafe_emit, done=done, prompt_tokens=prompt_tokens)
         assert self.batcher is not None
         self.batcher.submit(job)
         return job, future
