@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gemmatune.batching import Batcher, Job, Result
@@ -276,8 +276,13 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if not req.stream:
-            _job, future = service.job(req, row, None)
-            result: Result = await future
+            job, future = service.job(req, row, None)
+            while not future.done():
+                await asyncio.wait({future}, timeout=0.5)
+                if not future.done() and await request.is_disconnected():
+                    job.cancelled = True  # its row stops taking part in the batch
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+            result: Result = future.result()
             if kind == "chat.completion":
                 choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                           "finish_reason": result.finish_reason, "logprobs": None}
