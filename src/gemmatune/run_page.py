@@ -76,10 +76,10 @@ def run_summary(run_dir: Path) -> dict:
     tps = next((r["tokens_per_second"] for r in reversed(rows) if "tokens_per_second" in r), None)
     total = _total_steps(run_dir)
     finished = bool(record.get("finished"))
-    changed = metrics.stat().st_mtime if metrics.is_file() else None
+    started = run_dir / runs.CONFIG_FILE  # written when the run starts
+    changed = max((p.stat().st_mtime for p in (metrics, started) if p.is_file()), default=None)
     training = not finished and changed is not None and time.time() - changed < ACTIVE_SECONDS
     eta = None
-    started = run_dir / runs.CONFIG_FILE  # written when the run starts
     if training and total and step and started.is_file() and changed is not None:
         per_step = max(changed - started.stat().st_mtime, 0.0) / step
         eta = round(per_step * max(total - step, 0))

@@ -12,6 +12,7 @@ an Alpaca template answers the last user message alone (its template has no turn
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gemmatune.batching import Batcher, Job, Result
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer import BASE, TunedModel
+from gemmatune.templates import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,9 @@ class Service:
         self.api_key = api_key
         self.created = int(time.time())
         self.batcher: Batcher | None = None
+        # Prompts are checked here, in the event loop, while the worker thread encodes and decodes with the
+        # model's tokenizer: a copy of its own keeps the two from sharing one Rust tokenizer across threads.
+        self.tokenizer = copy.deepcopy(tuned.tokenizer)
 
     def start(self) -> None:
         self.batcher = Batcher(self.tuned, self.limits.max_batch)
@@ -174,7 +179,7 @@ class Service:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}",
                            param="max_tokens")
         try:
-            prompt_tokens = len(self.tuned.prompt_ids(row, adapter))
+            prompt_tokens = len(prompt_ids(row, self.tuned.template_for(adapter), self.tokenizer))
         except GemmatuneError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         if prompt_tokens > self.limits.max_prompt_tokens:
