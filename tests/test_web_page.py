@@ -109,3 +109,31 @@ def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_ada
         finally:
             browser.close()
     assert problems == []
+
+
+def test_run_summary_progress_eta_and_finish(tmp_path):
+    """What the page shows of a run: step / total (config max_steps, then run.json), tokens/s, ETA, state."""
+    import os
+    import time
+
+    from gemmatune.config import dump_config, load_config
+    from gemmatune.run_page import metrics_rows, run_summary
+    from gemmatune.runs import write_record
+
+    run_dir = tmp_path / "run"
+    write_run(run_dir)
+    (run_dir / "config.yaml").write_text(dump_config(load_config(None, ["train.max_steps=60"])), encoding="utf-8")
+    now = time.time()
+    os.utime(run_dir / "config.yaml", (now - 300, now - 300))  # started 300 s ago, 30 steps done: 10 s a step
+    os.utime(run_dir / "metrics.jsonl", (now, now))
+    summary = run_summary(run_dir)
+    assert summary["state"] == "training" and summary["step"] == 30 and summary["total"] == 60
+    assert summary["tokens_per_second"] == 880.0 and summary["has_eval"]
+    assert abs(summary["eta_seconds"] - 300) <= 2
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write('{"step": 31, "loss": 1.0}\n{"step": 32, "lo')  # a line still being written
+    rows, count = metrics_rows(run_dir, since=36)
+    assert rows == [{"step": 31, "loss": 1.0}] and count == 37  # the partial line waits for its newline
+    write_record(run_dir, {"finished": "2026-12-02T00:00:00", "training": {"global_steps": 58}})
+    summary = run_summary(run_dir)
+    assert summary["state"] == "finished" and summary["total"] == 58 and summary["eta_seconds"] is None
