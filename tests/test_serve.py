@@ -197,6 +197,11 @@ def test_load_16_clients_batched_zero_errors_health_answers(server, client, refe
     assert rows == 128 and batches < rows / 2, (rows, batches)  # concurrent requests shared forward passes
 
 
+def test_serve_cli_refuses_bad_limits_in_one_line(capsys):
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-batch must be >= 1"
+
+
 def test_sigterm_lets_in_flight_requests_finish(server, client):
     """Last in this file: it stops the module's server (the fixture's own stop then has nothing to do)."""
     stream = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=64, temperature=0, stream=True)
@@ -210,3 +215,4 @@ def test_sigterm_lets_in_flight_requests_finish(server, client):
     assert server.proc.wait(60) == -signal.SIGTERM
     log = server.log.read_text()
     assert "Traceback" not in log and "every request in flight was answered" in log
+
