@@ -7,7 +7,7 @@ import threading
 from gemmatune.batching import Batcher, Job
 from gemmatune.infer import load
 
-PROMPTS = ["Route the ticket: my parcel is late", "hi", "Where is my refund?", "Bonjour", "x" * 30]
+PROMPTS = ["Route the ticket: my parcel is late", "hi", "x" * 30]
 
 
 def test_one_batch_rows_answer_as_if_alone(tiny_gemma3, two_adapters):

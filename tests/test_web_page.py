@@ -80,7 +80,8 @@ def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_ada
             sync_api.expect(chart).to_have_attribute("data-train-points", str(train_points), timeout=20_000)
             sync_api.expect(chart).to_have_attribute("data-eval-points", str(eval_points))
             drawn = page.evaluate("window.gemmatune.plot.data.map(s => s.filter(v => v != null).length)")
-            assert drawn == [train_points, train_points, eval_points]  # uPlot holds every point
+            assert drawn == [train_points, train_points, eval_points, train_points]  # uPlot holds every point
+            assert page.evaluate("window.gemmatune.plot.series[3].show") is False  # smoothing off by default
             sync_api.expect(page.locator("#progress")).to_contain_text("step 30 / ?")
             sync_api.expect(page.locator("#progress")).to_contain_text("880 tokens/s")
             sync_api.expect(page.locator("#eval-table")).to_contain_text("support")
@@ -92,9 +93,11 @@ def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_ada
                 fh.write(json.dumps({"step": 31, "epoch": 1.0, "loss": 0.42}) + "\n")
             sync_api.expect(chart).to_have_attribute("data-train-points", str(train_points + 1), timeout=10_000)
             assert page.evaluate("window.gemmatune.plot.data[1].at(-1)") == 0.42
-            page.check("#smooth")  # smoothing redraws the same points
-            assert page.evaluate("window.gemmatune.plot.data[1].filter(v => v != null).length") == train_points + 1
-            assert page.evaluate("window.gemmatune.plot.data[1].at(-1)") != 0.42
+            page.check("#smooth")  # the EMA curve appears over the raw points, which stay
+            assert page.evaluate("window.gemmatune.plot.series[3].show") is True
+            assert page.evaluate("window.gemmatune.plot.data[1].at(-1)") == 0.42
+            smooth = page.evaluate("window.gemmatune.plot.data[3]")
+            assert len(smooth) == train_points + 1 and smooth[0] == pytest.approx(rows[0]["loss"]) and smooth[-1] != 0.42
 
             page.select_option("#model", "b")
             page.fill("#max-tokens", "12")

@@ -128,7 +128,8 @@ function seriesData() {
   const steps = [...byStep.keys()].sort((a, b) => a - b);
   const train = steps.map((s) => byStep.get(s).train);
   const evals = steps.map((s) => byStep.get(s).eval);
-  return [steps, $("smooth").checked ? smoothed(train) : train, evals];
+  // The smoothed curve is a series of its own, drawn over the raw points, which stay visible.
+  return [steps, train, evals, smoothed(train)];
 }
 
 function draw() {
@@ -140,6 +141,7 @@ function draw() {
   $("chart").dataset.evalPoints = evalPoints;
   if (state.plot) {
     state.plot.setData(data);
+    state.plot.setSeries(3, { show: $("smooth").checked });
     return;
   }
   const width = Math.max(320, $("chart").clientWidth || 640);
@@ -149,8 +151,10 @@ function draw() {
     axes: [{ label: "step" }, { label: "loss" }],
     series: [
       { label: "step" },
-      { label: "train loss", stroke: "#1e88e5", width: 1.5, spanGaps: true, points: { show: false } },
+      { label: "train loss", stroke: "#64b5f6", width: 1.5, spanGaps: true, points: { show: false } },
       { label: "eval loss", stroke: "#e53935", width: 2, spanGaps: true, points: { show: true, size: 6 } },
+      { label: `train loss, EMA ${EMA}`, stroke: "#0d47a1", width: 2, spanGaps: true, points: { show: false },
+        show: $("smooth").checked },
     ],
   }, data, $("chart"));
 }
