@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -137,9 +138,10 @@ class Batcher:
     """The worker thread and its queue. `submit` from any thread (before `start` too: what is queued when the
     worker starts is its first batch); `close` finishes queued work, then stops."""
 
-    def __init__(self, model: TunedModel, max_batch: int = 16):
+    def __init__(self, model: TunedModel, max_batch: int = 16, wait: float = 0.02):
         self.model = model
         self.max_batch = max_batch
+        self.wait = wait  # seconds a batch below max_batch waits for more requests before it starts
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.busy = 0  # rows in the batch being generated now
         self.batches = 0  # batches run so far, and the rows in them: the health check shows them
@@ -167,9 +169,16 @@ class Batcher:
                 if first is None:
                     break
                 pending.append(first)
-            while True:  # everything that arrived meanwhile joins
+            # Everything that arrived meanwhile joins; then, below a full batch, what arrives within `wait` s:
+            # clients answered by the last batch send their next requests a few milliseconds apart.
+            deadline = time.monotonic() + self.wait
+            while True:
+                left = deadline - time.monotonic()
                 try:
-                    item = self.queue.get_nowait()
+                    if left > 0 and not closing and len(pending) < self.max_batch:
+                        item = self.queue.get(timeout=left)
+                    else:
+                        item = self.queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
