@@ -1,6 +1,6 @@
 """Command line: argv -> config or arguments -> one library call per subcommand. No logic of its own.
 
-Every subcommand is here (train, plan, generate, chat, eval, merge). The options several commands share
+Every subcommand is here (train, plan, generate, chat, eval, merge, serve). The options several commands share
 (--debug, the config and --set, the model options, the sampling options) are each declared once, in a
 parent parser that those commands list.
 """
@@ -176,6 +176,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged weights (default auto: the base checkpoint's; bf16 for a QLoRA base)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_merge)
+
+    # issue 14: gemmatune serve
+    p = command("serve", "model", help="serve the base model and adapters over an OpenAI-compatible API, with a "
+                "page to watch runs", formatter_class=RAW,
+                description="An OpenAI-compatible HTTP server (/v1/models, /v1/chat/completions, /v1/completions, "
+                            "streaming or not): a request's 'model' names an adapter or 'base'; concurrent requests "
+                            "are answered in one mixed-adapter batch. The same port serves a page (/) with the runs "
+                            "under --runs: progress, loss curves, eval table and a chat box.",
+                epilog="example:\n  gemmatune serve --adapter support=runs/quickstart --runs runs\n"
+                       "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-') and model='support'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every route "
+                   "(default: the GEMMATUNE_API_KEY environment variable, else none)")
+    p.add_argument("--runs", metavar="DIR", default="runs", help="folder of run folders shown on the page "
+                   "(default runs)")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, metavar="N",
+                   help="largest max_tokens a request may ask for, and the default (2048)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                   help="largest request body; larger ones get 413 (default 1 MiB)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="most concurrent requests answered in one forward pass (default 16)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -317,6 +340,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise GemmatuneError("merge: give the ADAPTER to merge (a run folder), or --combine A:W B:W")
     out = merge(args.adapter, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged model: {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from gemmatune.serve import Limits, serve
+    except ImportError as exc:
+        raise GemmatuneError(f"gemmatune serve needs its extra ({exc.name} is missing): "
+                             "pip install 'gemmatune[serve]'") from exc
+    for name in ("max_tokens_limit", "max_body_bytes", "max_batch"):
+        if getattr(args, name) < 1:
+            raise GemmatuneError(f"--{name.replace('_', '-')} must be >= 1")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_batch=args.max_batch)
+    from gemmatune.infer import read_adapter
+
+    base_name = args.base or (read_adapter(args.adapters[0]).folder.base.name if args.adapters else "embedded")
+    tuned = _load(args)
+    serve(tuned, base_name, host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("GEMMATUNE_API_KEY") or None, limits=limits, runs_dir=args.runs)
     return 0
 
 

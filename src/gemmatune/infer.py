@@ -134,13 +134,15 @@ class TunedModel:
         settings: SamplingSettings | None = None,
         batch_size: int = 8,
         streamer=None,
+        stopping_criteria=None,
         **sampling,
     ) -> list[Generation]:
         """Generate for one prompt or many; `adapter` is one name for all rows, or one per row.
 
         A prompt is text (treated as an instruction), an Alpaca row or a chat row. `adapter=None` uses the
         first loaded adapter; `"base"` the base model alone. Sampling keywords (max_new_tokens, greedy,
-        temperature, top_p, top_k, seed) override `settings`.
+        temperature, top_p, top_k, seed) override `settings`. `streamer` and `stopping_criteria` go to
+        transformers' generate as they are (gemmatune serve uses both to end rows on its own rules).
         """
         rows = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
@@ -156,13 +158,14 @@ class TunedModel:
         results: list[Generation | None] = [None] * len(rows)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            out = self._generate_batch([ids[i] for i in chunk], [names[i] for i in chunk], settings, streamer)
+            out = self._generate_batch([ids[i] for i in chunk], [names[i] for i in chunk], settings, streamer,
+                                       stopping_criteria)
             for i, gen in zip(chunk, out, strict=True):
                 results[i] = gen
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[list[int]], names: list[str], settings: SamplingSettings,
-                        streamer) -> list[Generation]:
+                        streamer, stopping_criteria=None) -> list[Generation]:
         pad = self.tokenizer.pad_token_id
         input_ids, mask = pad_rows(batch, pad, left=True)
         width = input_ids.shape[1]
@@ -174,6 +177,8 @@ class TunedModel:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
         if streamer is not None:
             kwargs["streamer"] = streamer
+        if stopping_criteria is not None:
+            kwargs["stopping_criteria"] = stopping_criteria
         device = self.device
         with self.adapter_context(names) as extra, torch.no_grad(), self.autocast():
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),

@@ -222,6 +222,12 @@ def read_record(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def read_run_config(run_dir: Path) -> Config | None:
+    """The run's config.yaml, or None where there is none (a bare PEFT folder, a run not started)."""
+    path = Path(run_dir) / CONFIG_FILE
+    return load_config(path) if path.is_file() else None
+
+
 def save_adapter(peft_model, tokenizer, run_dir: Path, state_dict: dict | None = None) -> None:
     """Save adapter + tokenizer into a temporary folder, then move the files into place.
 

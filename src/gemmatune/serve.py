@@ -1,0 +1,410 @@
+"""`gemmatune serve`: an OpenAI-compatible HTTP API over a base model and its adapters, plus the run page.
+
+The request's `model` names the adapter (or `base`); concurrent requests are answered in mixed-adapter
+batches (gemmatune.batching). Routes: /v1/models, /v1/chat/completions, /v1/completions (streamed as
+server-sent events when `stream` is true), /health, and the page of gemmatune.run_page under /.
+
+A completion prompt is answered like `gemmatune generate --prompt`: as an instruction in the adapter's
+template, so both give the same text. Chat messages go through the chat template; an adapter trained on
+an Alpaca template answers the last user message alone (its template has no turns), as `gemmatune chat` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gemmatune.batching import Batcher, Job, Result
+from gemmatune.errors import GemmatuneError
+from gemmatune.infer import BASE, TunedModel
+from gemmatune.templates import prompt_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20  # a request body larger than this gets 413
+    max_tokens: int = 2048  # the largest max_tokens a request may ask for (also the default)
+    max_prompt_tokens: int = 8192
+    max_batch: int = 16  # rows per forward pass
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# The request bodies. Unknown fields are ignored, as many clients send defaults (user, presence_penalty=0, ...).
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    logprobs: bool | int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop: at most 4 non-empty strings")
+        return stops
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _single(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("prompt: give one string (batches of prompts are not supported)")
+            return v[0]
+        return v
+
+
+
+def chat_row(messages: list[dict], template: str) -> dict:
+    """The prompt row for `generate`: the conversation for the chat template, else the last user message."""
+    if template == "chat":
+        return {"messages": messages}
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise APIError(400, "messages: no user message", param="messages")
+    return {"instruction": users[-1], "input": ""}
+
+
+class Service:
+    """What the routes share: the model, its batcher, the names and the limits."""
+
+    def __init__(self, tuned: TunedModel, base_name: str, limits: Limits, api_key: str | None):
+        self.tuned = tuned
+        self.base_name = base_name
+        self.limits = limits
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.batcher: Batcher | None = None
+        # Prompts are checked here, in the event loop, while the worker thread encodes and decodes with the
+        # model's tokenizer: a copy of its own keeps the two from sharing one Rust tokenizer across threads.
+        self.tokenizer = copy.deepcopy(tuned.tokenizer)
+
+    def start(self) -> None:
+        self.batcher = Batcher(self.tuned, self.limits.max_batch)
+        self.batcher.start()
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close(timeout=60)
+
+    def model_list(self) -> dict:
+        base = {"id": BASE, "object": "model", "created": self.created, "owned_by": "gemmatune",
+                "root": self.base_name, "parent": None}
+        adapters = [{"id": name, "object": "model", "created": self.created, "owned_by": "gemmatune",
+                     "root": name, "parent": BASE} for name in self.tuned.adapters]
+        return {"object": "list", "data": [base, *adapters]}
+
+    def adapter(self, model: str) -> str:
+        if model == BASE or model in self.tuned.adapters:
+            return model
+        raise APIError(404, f"The model '{model}' does not exist; served: {', '.join([BASE, *self.tuned.adapters])}",
+                       param="model", code="model_not_found")
+
+    def job(self, req, row: dict, emit) -> tuple[Job, asyncio.Future]:
+        adapter = self.adapter(req.model)
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.limits.max_tokens
+        if max_tokens > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}",
+                           param="max_tokens")
+        try:
+            prompt_tokens = len(prompt_ids(row, self.tuned.template_for(adapter), self.tokenizer))
+        except GemmatuneError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        if prompt_tokens > self.limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {prompt_tokens} tokens; this server allows at most "
+                           f"{self.limits.max_prompt_tokens}", param="messages")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def done(result: Result | BaseException) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+            loop.call_soon_threadsafe(settle)
+
+        threadsafe_emit = None
+        if emit is not None:
+            def threadsafe_emit(text: str) -> None:
+                loop.call_soon_threadsafe(emit, text)
+
+        job = Job(row=row, adapter=adapter, max_tokens=max_tokens, greedy=req.temperature == 0,
+                  temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed, stop=list(req.stop or []),
+                  emit=threadsafe_emit, done=done, prompt_tokens=prompt_tokens)
+        assert self.batcher is not None
+        self.batcher.submit(job)
+        return job, future
+
+
+def _usage(result: Result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None = None, api_key: str | None = None,
+               runs_dir: str | Path | None = None):
+    """The ASGI app: FastAPI routes inside a guard that checks the API key and the body size first."""
+    service = Service(tuned, base_name, limits or Limits(), api_key)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        service.start()
+        yield
+        service.stop()  # uvicorn has let in-flight requests finish before this
+        log.info("stopped; every request in flight was answered")
+
+    app = FastAPI(title="gemmatune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON (at character {first.get('loc', ('', '?'))[-1]})"
+            return JSONResponse(APIError(400, message).body(), status_code=400)
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception):
+        log.exception("request failed")
+        return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **(service.batcher.status() if service.batcher else {})}
+
+    @app.get("/v1/models")
+    async def models():
+        return service.model_list()
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        service.adapter(name)
+        return next(m for m in service.model_list()["data"] if m["id"] == name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        adapter = service.adapter(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        row = chat_row(messages, tuned.template_for(adapter))
+        return await _answer(req, row, request, "chat.completion")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        row = {"instruction": req.prompt, "input": ""}
+        return await _answer(req, row, request, "text_completion")
+
+    async def _answer(req, row: dict, request: Request, kind: str):
+        rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if not req.stream:
+            job, future = service.job(req, row, None)
+            while not future.done():
+                await asyncio.wait({future}, timeout=0.5)
+                if not future.done() and await request.is_disconnected():
+                    job.cancelled = True  # its row stops taking part in the batch
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+            result: Result = future.result()
+            if kind == "chat.completion":
+                choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                          "finish_reason": result.finish_reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+            return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": [choice],
+                    "usage": _usage(result)}
+
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        job, future = service.job(req, row, pieces.put_nowait)
+        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+            if kind == "chat.completion":
+                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                if delta is not None:
+                    d["content"] = delta
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": chunk_kind, "created": created, "model": req.model, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                if kind == "chat.completion":
+                    yield chunk(None, None, first=True)
+                while True:
+                    getter = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield chunk(getter.result(), None)
+                        continue
+                    getter.cancel()
+                    break
+                while not pieces.empty():
+                    yield chunk(pieces.get_nowait(), None)
+                exc = future.exception()
+                if exc is not None:
+                    error = APIError(500, f"internal error: {exc}", "server_error")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    return
+                result: Result = future.result()
+                yield chunk(None if kind == "chat.completion" else "", result.finish_reason)
+                if include_usage:
+                    body = {"id": rid, "object": chunk_kind, "created": created, "model": req.model, "choices": [],
+                            "usage": _usage(result)}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = not future.done()  # the client left: its row's output is dropped
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    if runs_dir is not None:
+        from gemmatune.run_page import add_run_page
+
+        add_run_page(app, Path(runs_dir))
+    return Guard(app, service)
+
+
+class Guard:
+    """Pure ASGI, outside FastAPI: the API key (every route but the page's static files, which hold no data)
+    and the body size, checked before a byte of the body is read."""
+
+    def __init__(self, app, service: Service):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        key = self.service.api_key
+        if key and not _is_page_asset(path):
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return await _send_error(send, APIError(401, "Incorrect or missing API key: send 'Authorization: "
+                                                        "Bearer KEY'", code="invalid_api_key"))
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length")
+            if length is None or not length.isdigit():
+                return await _send_error(send, APIError(411, "send the body with a Content-Length header"))
+            limit = self.service.limits.max_body_bytes
+            if int(length) > limit:
+                return await _send_error(send, APIError(413, f"the body is {length} bytes; this server allows at "
+                                                        f"most {limit}"))
+        return await self.app(scope, receive, send)
+
+
+def _is_page_asset(path: str) -> bool:
+    return path == "/" or path.startswith("/static/")
+
+
+async def _send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve(tuned: TunedModel, base_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: Limits | None = None, runs_dir: str | Path | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; uvicorn lets in-flight requests finish before it stops."""
+    import uvicorn
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without --api-key: anyone who reaches this address can use the model", host)
+    app = create_app(tuned, base_name, limits, api_key, runs_dir)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=120,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    log.info("serving %s on http://%s:%d (models: %s)", base_name, host, port,
+             ", ".join([BASE, *tuned.adapters]))
+    server.run()

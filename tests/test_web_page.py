@@ -1,0 +1,143 @@
+"""The run page of `gemmatune serve` in a real headless browser (Debian's chromium driven by Playwright):
+no console errors, every metrics.jsonl point on the curve, a new line shows without a reload, the eval table,
+and the chat box answering with the adapter's greedy text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gemmatune.cli import main
+from gemmatune.evaluation import EvalReport, VariantScores
+from tests.conftest import require, write_jsonl
+from tests.serve_process import API_KEY, ServerProcess, serve_args
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def write_run(run_dir: Path) -> list[dict]:
+    """A run folder as training leaves it mid-way: metrics.jsonl (train loss every step, eval every 5), and the
+    eval.json that `gemmatune eval` writes (its own writer)."""
+    run_dir.mkdir(parents=True)
+    rows = []
+    for step in range(1, 31):
+        rows.append({"step": step, "epoch": round(step / 30, 4), "loss": 3.0 / (1 + step / 10) + 0.05 * (step % 3),
+                     "learning_rate": 1e-4, "tokens_per_second": 850.0 + step})
+        if step % 5 == 0:
+            rows.append({"step": step, "epoch": round(step / 30, 4), "eval_loss": 2.5 / (1 + step / 12)})
+    write_jsonl(run_dir / "metrics.jsonl", rows)
+    variants = [VariantScores("base", 2.9, 18.2, 0.0, 12.5, 40.0, 80.2, 120),
+                VariantScores("support", 1.1, 3.0, 45.0, 71.3, 100.0, 9.5, 120)]
+    EvalReport("test.jsonl", 20, "chat", 64, variants,
+               [{"prompt": "My parcel is late", "reference": "team: shipping", "base": "I am a model",
+                 "support": "team: shipping"}]).save(run_dir)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def page_server(tiny_gemma3, two_adapters, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("page")
+    rows = write_run(tmp / "runs" / "support")
+    proc = ServerProcess(serve_args(tiny_gemma3, two_adapters, tmp / "runs"), tmp / "server.log")
+    yield proc, tmp / "runs" / "support", rows
+    proc.stop()
+
+
+def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_adapters, tmp_path):
+    require(Path(CHROMIUM).is_file(), "Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
+    require(sync_api is not None, "the playwright package (pip install -e '.[test]')")
+    server, run_dir, rows = page_server
+    a, b = two_adapters
+    # The chat box sends the conversation greedily (temperature 0) with its max tokens: the reference is
+    # `gemmatune generate --greedy` on the same message with the same adapter.
+    answers = tmp_path / "answers.jsonl"
+    assert main(["generate", "--base", str(tiny_gemma3), "--adapter", f"a={a}", "--adapter", f"b={b}",
+                 "--precision", "fp32", "--greedy", "--max-new-tokens", "12", "--use", "b", "--input",
+                 str(write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "hello"}]}])),
+                 "--output", str(answers)]) == 0
+    expected = json.loads(answers.read_text(encoding="utf-8"))["generation"]
+
+    train_points = sum("loss" in r for r in rows)
+    eval_points = sum("eval_loss" in r for r in rows)
+    problems: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1500, "height": 900})
+            context.add_init_script(f"localStorage.setItem('gemmatune-api-key', {json.dumps(API_KEY)})")
+            page = context.new_page()
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(server.url + "/")
+            chart = page.locator("#chart")
+            sync_api.expect(chart).to_have_attribute("data-train-points", str(train_points), timeout=20_000)
+            sync_api.expect(chart).to_have_attribute("data-eval-points", str(eval_points))
+            drawn = page.evaluate("window.gemmatune.plot.data.map(s => s.filter(v => v != null).length)")
+            assert drawn == [train_points, train_points, eval_points, train_points]  # uPlot holds every point
+            assert page.evaluate("window.gemmatune.plot.series[3].show") is False  # smoothing off by default
+            sync_api.expect(page.locator("#progress")).to_contain_text("step 30 / ?")
+            sync_api.expect(page.locator("#progress")).to_contain_text("880 tokens/s")
+            sync_api.expect(page.locator("#eval-table")).to_contain_text("support")
+            sync_api.expect(page.locator("#eval-table")).to_contain_text("71.3")
+            sync_api.expect(page.locator("#eval")).to_contain_text("team: shipping")
+
+            # A line appended while the page is open appears without a reload.
+            with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": 31, "epoch": 1.0, "loss": 0.42}) + "\n")
+            sync_api.expect(chart).to_have_attribute("data-train-points", str(train_points + 1), timeout=10_000)
+            assert page.evaluate("window.gemmatune.plot.data[1].at(-1)") == 0.42
+            page.check("#smooth")  # the EMA curve appears over the raw points, which stay
+            assert page.evaluate("window.gemmatune.plot.series[3].show") is True
+            assert page.evaluate("window.gemmatune.plot.data[1].at(-1)") == 0.42
+            smooth = page.evaluate("window.gemmatune.plot.data[3]")
+            assert len(smooth) == train_points + 1 and smooth[-1] != 0.42
+            assert smooth[0] == pytest.approx(rows[0]["loss"])  # debiased: the first point is not pulled to 0
+
+            page.select_option("#model", "b")
+            page.fill("#max-tokens", "12")
+            page.fill("#prompt", "hello")
+            page.click("#send")
+            reply = page.locator(".msg.assistant")
+            sync_api.expect(reply).to_have_attribute("data-done", "1", timeout=60_000)
+            assert page.evaluate("window.gemmatune.history.map(m => m.role)") == ["user", "assistant"]
+            assert page.evaluate("window.gemmatune.history[1].content") == expected
+            assert reply.get_attribute("data-finish") in ("stop", "length")
+            page.screenshot(path=str(tmp_path / "run-page.png"), full_page=True)  # a test artifact, not in the repo
+        finally:
+            browser.close()
+    assert problems == []
+
+
+def test_run_summary_progress_eta_and_finish(tmp_path):
+    """What the page shows of a run: step / total (config max_steps, then run.json), tokens/s, ETA, state."""
+    import os
+    import time
+
+    from gemmatune.config import dump_config, load_config
+    from gemmatune.run_page import metrics_rows, run_summary
+    from gemmatune.runs import write_record
+
+    run_dir = tmp_path / "run"
+    write_run(run_dir)
+    (run_dir / "config.yaml").write_text(dump_config(load_config(None, ["train.max_steps=60"])), encoding="utf-8")
+    now = time.time()
+    os.utime(run_dir / "config.yaml", (now - 300, now - 300))  # started 300 s ago, 30 steps done: 10 s a step
+    os.utime(run_dir / "metrics.jsonl", (now, now))
+    summary = run_summary(run_dir)
+    assert summary["state"] == "training" and summary["step"] == 30 and summary["total"] == 60
+    assert summary["tokens_per_second"] == 880.0 and summary["has_eval"]
+    assert abs(summary["eta_seconds"] - 300) <= 2
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write('{"step": 31, "loss": 1.0}\n{"step": 32, "lo')  # a line still being written
+    rows, count = metrics_rows(run_dir, since=36)
+    assert rows == [{"step": 31, "loss": 1.0}] and count == 37  # the partial line waits for its newline
+    write_record(run_dir, {"finished": "2026-12-02T00:00:00", "training": {"global_steps": 58}})
+    summary = run_summary(run_dir)
+    assert summary["state"] == "finished" and summary["total"] == 58 and summary["eta_seconds"] is None
