@@ -219,15 +219,17 @@ TINY_AUDIO_TOKENS = 8  # a clip of up to ~1.2 s (100 frames a second, reduced 4 
 
 
 def needs_multimodal():
-    """The tiny multimodal model needs timm, which needs a torchvision built for this torch (see .ci/run)."""
-    from tests.conftest import require
-
+    """The tiny multimodal model needs timm, which needs a torchvision built for this torch. CI runs the
+    `multimodal` tests in a second environment that has them and then sets GEMMATUNE_MULTIMODAL_PASSED=1, so the
+    main environment skips them there instead of failing (.ci/run)."""
     try:
         import timm  # noqa: F401
         import torchvision  # noqa: F401
         ok = True
     except Exception:
         ok = False
+    if not ok and os.environ.get("GEMMATUNE_MULTIMODAL_PASSED") == "1":
+        pytest.skip("ran in the multimodal environment of .ci/run")
     require(ok, "timm and a torchvision that imports beside this torch (pip install 'gemmatune[multimodal]')")
 
 
