@@ -220,16 +220,16 @@ TINY_AUDIO_TOKENS = 8  # a clip of up to ~1.2 s (100 frames a second, reduced 4 
 
 def needs_multimodal():
     """The tiny multimodal model needs timm, which needs a torchvision built for this torch. CI runs the
-    `multimodal` tests in a second environment that has them and then sets GEMMATUNE_MULTIMODAL_PASSED=1, so the
-    main environment skips them there instead of failing (.ci/run)."""
+    `multimodal` tests in a second environment that has them and sets GEMMATUNE_MULTIMODAL_CI=1 for the main one,
+    which then skips them instead of failing (.ci/run fails the run when the second environment's tests fail)."""
     try:
         import timm  # noqa: F401
         import torchvision  # noqa: F401
         ok = True
     except Exception:
         ok = False
-    if not ok and os.environ.get("GEMMATUNE_MULTIMODAL_PASSED") == "1":
-        pytest.skip("ran in the multimodal environment of .ci/run")
+    if not ok and os.environ.get("GEMMATUNE_MULTIMODAL_CI") == "1":
+        pytest.skip("runs in the multimodal environment of .ci/run")
     require(ok, "timm and a torchvision that imports beside this torch (pip install 'gemmatune[multimodal]')")
 
 
@@ -244,7 +244,8 @@ def gemma3n_multimodal_config():
     audio = Gemma3nAudioConfig(vocab_size=VOCAB - EOA, vocab_offset=EOA, hidden_size=32, conf_num_attention_heads=2,
                                conf_num_hidden_layers=2, sscp_conv_channel_size=(8, 4))
     config = Gemma3nConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict(),
-                           audio_soft_tokens_per_image=TINY_AUDIO_TOKENS, vision_soft_tokens_per_image=TINY_IMAGE_TOKENS,
+                           audio_soft_tokens_per_image=TINY_AUDIO_TOKENS,
+                           vision_soft_tokens_per_image=TINY_IMAGE_TOKENS,
                            boi_token_id=BOI, eoi_token_id=EOI, image_token_id=IMAGE, boa_token_id=BOA,
                            eoa_token_id=EOA, audio_token_id=AUDIO, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     config.architectures = ["Gemma3nForConditionalGeneration"]

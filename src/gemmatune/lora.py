@@ -103,13 +103,18 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
     if autocast:
         skip_input_casts(peft_model)
     report = trainable_report(peft_model, family)
-    empty = [t for t in cfg.towers if not report.per_tower.get(t)]
+    check_towers(cfg, report.per_tower)
+    return peft_model, report
+
+
+def check_towers(cfg: LoraSection, per_tower: dict[str, int]) -> None:
+    """A tower asked for in `lora.towers` that got no adapter is an error: it would train nothing, silently."""
+    empty = [t for t in cfg.towers if not per_tower.get(t)]
     if empty:
         raise GemmatuneError(
             f"config key lora.towers: {', '.join(empty)} asked for, but no module of that tower matched the LoRA "
             "targets (is the tower loaded? model.multimodal: true loads it)"
         )
-    return peft_model, report
 
 
 def skip_input_casts(peft_model) -> None:

@@ -39,6 +39,15 @@ class Tokenized:
     media: tuple = ()  # media.Part of each image/audio part, in the order their soft tokens appear
 
 
+def content_text(content) -> str:
+    """A message's content as one line of text for reports: text parts as written, image/audio parts by file."""
+    if isinstance(content, str):
+        return content
+    from pathlib import Path
+
+    return " ".join(p["text"] if p["type"] == "text" else f"[{p['type']}: {Path(p['path']).name}]" for p in content)
+
+
 def text_messages(messages: list[dict], media=None) -> tuple[list[dict], tuple]:
     """Messages whose content lists (text, image and audio parts) become text: each image/audio part the text
     `media` (media.MediaTokens) gives for its kind, text parts trimmed and joined as the Gemma 3n chat template

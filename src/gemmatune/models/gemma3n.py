@@ -19,10 +19,10 @@ from gemmatune.models.gemma3 import CHAT_TEMPLATE
 
 TOWERS = ("audio_tower", "vision_tower", "embed_audio", "embed_vision")
 LANGUAGE_MODEL_PROJECTIONS = language_model_projections(TOWERS)
-AUDIO_TARGETS = (r"^.*\.audio_tower\..*\.(?:q_proj|k_proj|v_proj|post|ffw_layer_1|ffw_layer_2|linear_start|linear_end)$"
-                 r"|^.*\.embed_audio\.embedding_projection$")
-VISION_TARGETS = (r"^.*\.vision_tower\..*\.(?:attn\.(?:query|key|value|output)\.proj|msfa\.ffn\.(?:pw_exp|pw_proj)\.conv)$"
-                  r"|^.*\.embed_vision\.embedding_projection$")
+AUDIO_TARGETS = (r"^.*\.audio_tower\..*\.(?:q_proj|k_proj|v_proj|post|ffw_layer_1|ffw_layer_2|linear_start"
+                 r"|linear_end)$|^.*\.embed_audio\.embedding_projection$")
+VISION_TARGETS = (r"^.*\.vision_tower\..*\.(?:attn\.(?:query|key|value|output)\.proj"
+                  r"|msfa\.ffn\.(?:pw_exp|pw_proj)\.conv)$|^.*\.embed_vision\.embedding_projection$")
 
 _E2B = "gemma3n_e2b_text.json"
 _E4B = "gemma3n_e4b_text.json"
