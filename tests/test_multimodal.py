@@ -176,19 +176,22 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma3n_multimo
         assert moved, tower
 
 
-@pytest.mark.multimodal
-def test_a_tower_with_no_matching_module_is_refused(tiny_gemma3n_multimodal):
-    from transformers import Gemma3nForConditionalGeneration
-
+def test_a_tower_with_no_matching_module_is_refused(tiny_gemma3n, tiny_gemma3):
+    from gemmatune.config import LoraSection, ModelConfig
+    from gemmatune.loading import load_model
     from gemmatune.lora import attach_lora
-    from gemmatune.models.gemma3n import FAMILY
 
-    needs_multimodal()
-    model = Gemma3nForConditionalGeneration.from_pretrained(tiny_gemma3n_multimodal)
-    # The user's own names: nothing in the vision tower is called q_proj.
-    cfg = load_config(None, ["model.multimodal=true", 'lora.towers=["vision"]', 'lora.target_modules=["q_proj"]']).lora
+    # The language model alone (Gemma3nForCausalLM) has no vision tower: asking to train it must not pass silently.
+    # (The config refuses lora.towers without model.multimodal; this is the check behind it, for any cause.)
+    loaded = load_model(ModelConfig(name=str(tiny_gemma3n)), "fp32")
     with pytest.raises(GemmatuneError, match=r"lora.towers: vision asked for, but no module of that tower matched"):
-        attach_lora(model, cfg, FAMILY)
+        attach_lora(loaded.model, LoraSection(towers=["vision"]), loaded.family)
+    # A family without towers
+    loaded = load_model(ModelConfig(name=str(tiny_gemma3)), "fp32")
+    with pytest.raises(GemmatuneError, match=r"lora.towers: the gemma3 family has no audio tower"):
+        attach_lora(loaded.model, LoraSection(towers=["audio"]), loaded.family)
+    with pytest.raises(GemmatuneError, match=r"lora.towers: needs model.multimodal: true"):
+        load_config(None, ['lora.towers=["audio"]'])
 
 
 @pytest.mark.multimodal

@@ -262,6 +262,14 @@ def has_media(rows: list[Row]) -> str | None:
     return None
 
 
+def media_prompt_row(prompt: str, images: list[str], audios: list[str]) -> dict:
+    """A chat row asking `prompt` about image and audio files (given on the command line), each file checked."""
+    content = [{"type": "image", "path": p} for p in images] + [{"type": "audio", "path": p} for p in audios]
+    content.append({"type": "text", "text": prompt})
+    row = Row("--image/--audio", {}, Path.cwd())
+    return {"messages": _clean_messages(row, [{"role": "user", "content": content}])}
+
+
 def read_prompt_rows(spec: str) -> list[dict]:
     """Rows to answer, each kept whole (extra fields such as `adapter` or an id stay): `instruction` (+ `input`),
     `messages` (checked like training rows; a final assistant turn is left out of the prompt), or `prompt`."""

@@ -140,10 +140,27 @@ def media_features(parts: list[Part], processor) -> dict:
     if images:
         out["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     if clips:
-        features = processor.feature_extractor(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        out["input_features"] = features["input_features"]
-        out["input_features_mask"] = features["input_features_mask"]
+        out["input_features"], out["input_features_mask"] = _clip_features(clips, processor.feature_extractor)
     return out
+
+
+def _clip_features(clips: list[np.ndarray], extractor):
+    """Log-mel features of each clip computed alone, then padded to the longest (mask False on the padding).
+
+    Not one call for the batch: the feature extractor pads the waveforms to the longest clip first, and then a
+    shorter clip gets a few more valid frames than it has alone, so its soft tokens (and the loss) would depend
+    on which clips share its batch."""
+    import torch
+
+    feats = [extractor([c], sampling_rate=SAMPLE_RATE, return_tensors="pt") for c in clips]
+    width = max(f["input_features"].shape[1] for f in feats)
+    features = torch.zeros((len(clips), width, feats[0]["input_features"].shape[2]))
+    mask = torch.zeros((len(clips), width), dtype=torch.bool)
+    for i, f in enumerate(feats):
+        n = f["input_features"].shape[1]
+        features[i, :n] = f["input_features"][0]
+        mask[i, :n] = f["input_features_mask"][0].bool()
+    return features, mask
 
 
 class MediaCollator:
