@@ -136,7 +136,7 @@ def test_the_collator_gives_each_part_its_processor_tensors_in_order(media_file,
 # --- the full tiny multimodal model (timm vision tower)
 
 def _train_cfg(model_dir, train_file, out, *sets, **train):
-    cfg = tiny_config(model_dir, train_file, out, **{"max_steps": 4, "per_device_train_batch_size": 4, **train})
+    cfg = tiny_config(model_dir, train_file, out, **{"max_steps": 3, "per_device_train_batch_size": 4, **train})
     cfg.model.multimodal = True
     for item in sets:
         key, value = item.split("=", 1)
@@ -148,7 +148,7 @@ def _train_cfg(model_dir, train_file, out, *sets, **train):
 def _adapter(run_dir):
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    return load_file(run_dir / "adapter_model.safetensors")
 
 
 @pytest.mark.multimodal
@@ -165,10 +165,20 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma3n_multimo
 
     on = train(_train_cfg(tiny_gemma3n_multimodal, media_file, tmp_path / "on", 'lora.towers=["audio", "vision"]'))
     per_tower = on.record["lora"]["wrapped_per_tower"]
-    # audio: 2 conformer layers x (q, k, v, post, 2 x 2 feed-forward, light-conv start/end) + the embedder's projection
-    # vision: 19 multi-query attention blocks x (query, key, value, output) + the fusion FFN's 2 convs + the projection
-    assert per_tower == {"language model": 60, "audio": 2 * 10 + 1, "vision": 19 * 4 + 2 + 1}
-    assert f"language model: 60, audio: {2 * 10 + 1}, vision: {19 * 4 + 2 + 1}" in caplog.text
+    # The reference, counted by module class: per conformer block q, k, v, post, 2 x 2 feed-forward and the light
+    # conv's start/end; per multi-query attention block its query, key, value and output; the fusion adapter's FFN
+    # (2); and each embedder's projection (1).
+    from timm.layers import MultiQueryAttention2d
+    from transformers import Gemma3nForConditionalGeneration
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioConformerBlock
+
+    base = Gemma3nForConditionalGeneration.from_pretrained(tiny_gemma3n_multimodal)
+    blocks = sum(isinstance(m, Gemma3nAudioConformerBlock) for m in base.modules())
+    attentions = sum(isinstance(m, MultiQueryAttention2d) for m in base.modules())
+    assert (blocks, attentions) == (2, 33)
+    expected = {"language model": 60, "audio": blocks * 10 + 1, "vision": attentions * 4 + 2 + 1}
+    assert per_tower == expected
+    assert "language model: 60, audio: {audio}, vision: {vision}".format(**expected) in caplog.text
     # The towers' adapters trained: their B matrices (initialised to zero) moved.
     weights = _adapter(on.run_dir)
     for tower in ("audio_tower", "vision_tower", "embed_audio", "embed_vision"):
@@ -223,3 +233,85 @@ def test_a_packed_multimodal_batch_equals_its_examples_run_alone(tiny_gemma3n_mu
             for (start, end), ex in zip(bounds, examples, strict=True):
                 single = {k: v for k, v in collate([ex]).items() if k != "labels"}
                 assert torch.allclose(logits[start:end], model(**single, use_cache=False).logits[0], atol=1e-4)
+
+
+@pytest.mark.multimodal
+def test_cli_trains_on_image_and_audio_rows_then_generates_and_evaluates_them(tiny_gemma3n_multimodal, tmp_path,
+                                                                              capsys):
+    """The user's path: a config pointing at a local multimodal folder and rows with parts; train, then generate
+    (--image, --audio, and rows with parts) and eval the same rows."""
+    from gemmatune.cli import main
+    from gemmatune.infer import load
+    from gemmatune.media import media_features
+
+    needs_multimodal()
+    rows = media_rows(tmp_path, 8)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:2])
+    (tmp_path / "mm.yaml").write_text(
+        f"model: {{name: {tiny_gemma3n_multimodal}, multimodal: true}}\n"
+        "lora: {towers: [audio, vision], lora_dropout: 0.0}\n"
+        "data: {train_file: train.jsonl, test_file: test.jsonl, max_length: 128}\n"
+        f"train: {{output_dir: {tmp_path / 'runs'}, max_steps: 3, per_device_train_batch_size: 4, "
+        "gradient_accumulation_steps: 1, learning_rate: 5.0e-3, warmup_steps: 0, logging_steps: 1, precision: fp32, "
+        "num_threads: 2}\n", encoding="utf-8")
+    assert main(["train", str(tmp_path / "mm.yaml")]) == 0
+    run = tmp_path / "runs" / "mm"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run.json", "metrics.jsonl",
+                 "loss.png", "eval.json", "eval.md"):
+        assert (run / name).is_file(), name
+    record = json.loads((run / "run.json").read_text())
+    assert record["training"]["train_loss_last"] < record["training"]["train_loss_first"]
+    assert record["lora"]["wrapped_per_tower"]["vision"] > 0 and record["lora"]["wrapped_per_tower"]["audio"] > 0
+    capsys.readouterr()
+
+    common = ["--adapter", str(run), "--precision", "fp32", "--greedy", "--max-new-tokens", "4"]
+    assert main(["generate", *common, "--prompt", "What is this?", "--image", str(tmp_path / "img0.png")]) == 0
+    printed = capsys.readouterr().out.strip()
+    # The reference: the adapter's model given the same ids and the processor's pixels by hand.
+    tuned = load([str(run)], precision="fp32")
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "img0.png")},
+                                                     {"type": "text", "text": "What is this?"}]}]}
+    ids = torch.tensor([tuned.prompt_ids(row)])
+    assert ids[0].tolist().count(IMAGE) == TINY_IMAGE_TOKENS
+    pixels = media_features(tuned.media_inputs_parts(row), tuned.processor)
+    with torch.no_grad():
+        out = tuned.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                   do_sample=False, eos_token_id=tuned.stop_ids, **pixels)
+    new = out[0, ids.shape[1]:].tolist()
+    stop = next((k for k, t in enumerate(new) if t in tuned.stop_ids), len(new))
+    expected = tuned.tokenizer.decode(new[:stop], skip_special_tokens=True)
+    assert printed == (expected if stop < len(new) else expected + "  [max_new_tokens reached]")
+
+    assert main(["generate", *common, "--prompt", "And this?", "--audio", str(tmp_path / "tone1.wav")]) == 0
+    assert main(["generate", *common, "--input", str(tmp_path / "test.jsonl"), "--output",
+                 str(tmp_path / "answers.jsonl")]) == 0
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 2
+    assert main(["eval", str(tmp_path / "test.jsonl"), "--adapter", str(run), "--precision", "fp32",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"] == 2
+    assert main(["generate", *common, "--prompt", "x", "--image", str(tmp_path / "nowhere.png")]) == 2
+    assert "nowhere.png not found" in capsys.readouterr().err
+
+    # merge keeps the towers, with their trained adapters folded in, and the processor
+    from transformers import AutoProcessor, Gemma3nForConditionalGeneration
+
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged = Gemma3nForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    base = Gemma3nForConditionalGeneration.from_pretrained(tiny_gemma3n_multimodal)
+    name = next(n for n, _ in merged.named_parameters() if "vision_tower" in n and n.endswith("attn.query.proj.weight"))
+    assert not torch.equal(dict(merged.named_parameters())[name], dict(base.named_parameters())[name])
+    assert AutoProcessor.from_pretrained(tmp_path / "merged").image_seq_length == TINY_IMAGE_TOKENS
+
+
+@pytest.mark.multimodal
+def test_plan_counts_wrapped_modules_per_tower(tiny_gemma3n_multimodal):
+    from gemmatune.plan import make_plan
+
+    needs_multimodal()
+    sets = [f"model.name={tiny_gemma3n_multimodal}", "model.multimodal=true", "train.precision=fp32"]
+    plan = make_plan(load_config(None, [*sets, 'lora.towers=["audio", "vision"]']), device="cpu")
+    assert plan.shape.per_tower == {"language model": 60, "audio": 21, "vision": 135}  # as trained (test above)
+    assert "per tower: language model 60, audio 21, vision 135" in "\n".join(plan.lines())
+    assert make_plan(load_config(None, sets), device="cpu").shape.per_tower == {"language model": 60, "audio": 0,
+                                                                                "vision": 0}

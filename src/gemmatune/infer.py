@@ -141,15 +141,19 @@ class TunedModel:
 
         return media_tokens(self.processor)
 
-    def media_inputs(self, rows: Sequence[dict]) -> dict:
-        """The image/audio tensors for `rows` (chat rows with parts), in the order their soft tokens appear."""
-        from gemmatune.media import media_features
+    def media_inputs_parts(self, row: dict | str) -> tuple:
+        """The image/audio parts (media.Part) of a chat row, in the order their soft tokens appear."""
         from gemmatune.templates import text_messages
 
-        if self.processor is None:
-            return {}
-        parts = [p for row in rows if isinstance(row, dict) and "messages" in row
-                 for p in text_messages(row["messages"], self.media_tokens_for(row))[1]]
+        if self.processor is None or not isinstance(row, dict) or "messages" not in row:
+            return ()
+        return text_messages(row["messages"], self.media_tokens_for(row))[1]
+
+    def media_inputs(self, rows: Sequence[dict | str]) -> dict:
+        """The image/audio tensors for `rows` (chat rows with parts), in the order their soft tokens appear."""
+        from gemmatune.media import media_features
+
+        parts = [p for row in rows for p in self.media_inputs_parts(row)]
         return media_features(parts, self.processor) if parts else {}
 
     def generate(

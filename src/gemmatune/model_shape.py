@@ -68,7 +68,14 @@ def load_architecture(cfg: Config):
     bundled = bundled_config_file(name) if "/" in name and not Path(name).exists() else None
     if bundled is not None:
         data = json.loads(bundled.read_text(encoding="utf-8"))
-        return AutoConfig.for_model(data.pop("model_type"), **data), f"bundled config {Path(str(bundled)).name}"
+        text = AutoConfig.for_model(data.pop("model_type"), **data)
+        family = family_for(text.model_type)
+        if cfg.model.multimodal and family.multimodal_model_types:
+            # The full checkpoint: the bundled text config inside the family's multimodal config, whose tower
+            # configs default to the real ones (Gemma 3n: the E2B/E4B audio conformer and MobileNetV5).
+            full = AutoConfig.for_model(family.multimodal_model_types[0], text_config=text.to_dict())
+            return full, f"bundled config {Path(str(bundled)).name} + the default towers"
+        return text, f"bundled config {Path(str(bundled)).name}"
     source = resolve_source(cfg.model)  # near-miss ids fail here with 'did you mean'
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
     if source.gguf_file:
