@@ -289,9 +289,10 @@ def evaluate(
 
 
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,
-                            precision: str) -> EvalReport:
+                            precision: str, processor=None) -> EvalReport:
     """Base vs the adapter just trained (same model object, adapter switched off for the base)."""
-    tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision)
+    tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision,
+                       processor=processor)
     report = evaluate(tuned, test_file, labels={"default": Path(run_dir).name})
     report.save(run_dir)
     print(report.table(), flush=True)

@@ -113,7 +113,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
     if cfg.data.test_file and dist.is_main_process:
-        evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision)
+        evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision,
+                                loaded.processor)
     return TrainResult(run_dir, model, tokenizer, record, dist.is_main_process)
 
 
