@@ -162,17 +162,23 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma3n_multimo
     per_tower = off.record["lora"]["wrapped_per_tower"]
     assert per_tower["audio"] == 0 and per_tower["vision"] == 0 and per_tower["language model"] == 60
     assert not any("tower" in k or "embed_" in k for k in _adapter(off.run_dir))
+    from transformers import Gemma3nForConditionalGeneration
 
-    on = train(_train_cfg(tiny_gemma3n_multimodal, media_file, tmp_path / "on", 'lora.towers=["audio", "vision"]'))
+    base = Gemma3nForConditionalGeneration.from_pretrained(tiny_gemma3n_multimodal)
+    trained = {n.removeprefix("base_model.model."): p for n, p in off.model.named_parameters()}
+    towers = [n for n, _ in base.named_parameters() if "tower" in n or "embed_audio" in n or "embed_vision" in n]
+    assert towers and all(torch.equal(trained[n], dict(base.named_parameters())[n]) for n in towers)
+
+    # One step is enough to see the towers' adapters move.
+    on = train(_train_cfg(tiny_gemma3n_multimodal, media_file, tmp_path / "on", 'lora.towers=["audio", "vision"]',
+                          max_steps=1))
     per_tower = on.record["lora"]["wrapped_per_tower"]
     # The reference, counted by module class: per conformer block q, k, v, post, 2 x 2 feed-forward and the light
     # conv's start/end; per multi-query attention block its query, key, value and output; the fusion adapter's FFN
     # (2); and each embedder's projection (1).
     from timm.layers import MultiQueryAttention2d
-    from transformers import Gemma3nForConditionalGeneration
     from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioConformerBlock
 
-    base = Gemma3nForConditionalGeneration.from_pretrained(tiny_gemma3n_multimodal)
     blocks = sum(isinstance(m, Gemma3nAudioConformerBlock) for m in base.modules())
     attentions = sum(isinstance(m, MultiQueryAttention2d) for m in base.modules())
     assert (blocks, attentions) == (2, 33)
