@@ -205,3 +205,110 @@ def two_adapters(tiny_gemma3, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return (make_adapter(tiny_gemma3, root / "a", seed=1),
             make_adapter(tiny_gemma3, root / "b", seed=2, r=2, targets=("k_proj", "o_proj", "up_proj")))
+
+
+# --- issue 15: a tiny multimodal Gemma 3n (text + audio tower + timm vision tower) and its processor
+MEDIA_TOKENS = {"boi_token": "<start_of_image>", "boa_token": "<start_of_audio>", "eoi_token": "<end_of_image>",
+                "image_token": "<image_soft_token>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>"}
+# Ids 262..267 in the order added. As in the real vocabulary, the begin markers are ordinary text ids and the
+# vision (end-of-image, image) and audio (end-of-audio, audio, ...) ids start the embedders' ranges.
+BOI, BOA, EOI, IMAGE, EOA, AUDIO = range(262, 268)
+TINY_IMAGE_SIZE = 64  # the vision tower maps 64x64 to 4x4 = 16 soft tokens
+TINY_IMAGE_TOKENS = 16
+TINY_AUDIO_TOKENS = 8  # a clip of up to ~1.2 s (100 frames a second, reduced 4 x 4 by the audio tower)
+
+
+def needs_multimodal():
+    """The tiny multimodal model needs timm, which needs a torchvision built for this torch. CI runs the
+    `multimodal` tests in a second environment that has them and sets GEMMATUNE_MULTIMODAL_CI=1 for the main one,
+    which then skips them instead of failing (.ci/run fails the run when the second environment's tests fail)."""
+    try:
+        import timm  # noqa: F401
+        import torchvision  # noqa: F401
+        ok = True
+    except Exception:
+        ok = False
+    if not ok and os.environ.get("GEMMATUNE_MULTIMODAL_CI") == "1":
+        pytest.skip("runs in the multimodal environment of .ci/run")
+    require(ok, "timm and a torchvision that imports beside this torch (pip install 'gemmatune[multimodal]')")
+
+
+def gemma3n_multimodal_config():
+    """Gemma 3n's full layout, tiny: the 10-layer text model above; an audio conformer of 2 layers; the real timm
+    MobileNetV5 encoder (every block of it) at 1/16 of its channels, fusing to 4x4 instead of 16x16."""
+    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nVisionConfig
+
+    text = gemma3n_config(vocab_size_per_layer_input=EOI)
+    vision = Gemma3nVisionConfig(vocab_size=AUDIO - EOI - 1, vocab_offset=EOI,
+                                 model_args={"channel_multiplier": 0.0625, "msfa_output_resolution": 4})
+    audio = Gemma3nAudioConfig(vocab_size=VOCAB - EOA, vocab_offset=EOA, hidden_size=32, conf_num_attention_heads=2,
+                               conf_num_hidden_layers=2, sscp_conv_channel_size=(8, 4))
+    config = Gemma3nConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict(),
+                           audio_soft_tokens_per_image=TINY_AUDIO_TOKENS,
+                           vision_soft_tokens_per_image=TINY_IMAGE_TOKENS,
+                           boi_token_id=BOI, eoi_token_id=EOI, image_token_id=IMAGE, boa_token_id=BOA,
+                           eoa_token_id=EOA, audio_token_id=AUDIO, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config.architectures = ["Gemma3nForConditionalGeneration"]
+    return config
+
+
+def make_multimodal_processor(folder: Path):
+    """Gemma3nProcessor around the byte tokenizer (with the six media tokens) for the tiny model, saved in
+    `folder`: the same files AutoProcessor reads from a real checkpoint."""
+    from transformers import AutoTokenizer, Gemma3nAudioFeatureExtractor, Gemma3nProcessor, SiglipImageProcessor
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(MEDIA_TOKENS.values())},
+                           replace_extra_special_tokens=False)
+    tok.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, **MEDIA_TOKENS)  # named: tok.image_token, tok.image_token_id...
+    assert [tok.convert_tokens_to_ids(MEDIA_TOKENS[k]) for k in MEDIA_TOKENS] == [BOI, BOA, EOI, IMAGE, EOA, AUDIO]
+    image_processor = SiglipImageProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Gemma3nProcessor(Gemma3nAudioFeatureExtractor(), image_processor, tok, chat_template=CHAT_TEMPLATE,
+                                 audio_seq_length=TINY_AUDIO_TOKENS, image_seq_length=TINY_IMAGE_TOKENS)
+    processor.save_pretrained(folder)
+    return processor
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3n_multimodal(tmp_path_factory) -> Path:
+    needs_multimodal()
+    import transformers
+
+    folder = tmp_path_factory.mktemp("tiny-gemma3n-multimodal")
+    torch.manual_seed(0)
+    model = transformers.Gemma3nForConditionalGeneration(gemma3n_multimodal_config())
+    model.generation_config.eos_token_id = [1, 5]
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    make_multimodal_processor(folder)
+    return folder
+
+
+def media_rows(folder: Path, n: int = 8) -> list[dict]:
+    """`n` chat rows, alternately with an image and with an audio clip (files written into `folder`, paths relative
+    to it); each reply names the picture's colour or the tone's pitch, so a model must see or hear to learn it."""
+    import numpy as np
+    from PIL import Image
+
+    from gemmatune.media import SAMPLE_RATE, write_wav
+
+    rows = []
+    for i in range(n):
+        if i % 2 == 0:
+            colour = ("red", "blue")[i // 2 % 2]
+            pixels = np.zeros((TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), dtype=np.uint8)
+            pixels[..., 0 if colour == "red" else 2] = 200 + i
+            Image.fromarray(pixels).save(folder / f"img{i}.png")
+            part, answer = {"type": "image", "path": f"img{i}.png"}, colour
+        else:
+            pitch = ("low", "high")[i // 2 % 2]
+            t = np.arange(int(SAMPLE_RATE * (0.5 + 0.1 * (i % 3)))) / SAMPLE_RATE
+            write_wav(folder / f"tone{i}.wav", 0.5 * np.sin(2 * np.pi * (220 if pitch == "low" else 1760) * t))
+            part, answer = {"type": "audio", "path": f"tone{i}.wav"}, pitch
+        rows.append({"messages": [
+            {"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": f"It is {answer}."},
+        ]})
+    return rows

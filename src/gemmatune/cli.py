@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "model alone (default: the first adapter). Several names answer every prompt once per adapter, "
                    "in one mixed batch")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image each --prompt is asked about (repeatable; multimodal models, e.g. Gemma 3n)")
+    p.add_argument("--audio", action="append", default=[], metavar="FILE",
+                   help="a 16 kHz WAV clip (at most 30 s) each --prompt is asked about (repeatable; multimodal models)")
     p.set_defaults(func=cmd_generate)
 
     p = command("chat", "model", "sampling", help="chat in the terminal with streaming replies",
@@ -269,11 +273,15 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from gemmatune.data import read_prompt_rows
+    from gemmatune.data import media_prompt_row, read_prompt_rows
 
     settings = _settings(args)
     # The prompts file is read and checked before the model loads: a bad row costs seconds.
     rows = [{"instruction": p, "input": ""} for p in args.prompt] if args.prompt else read_prompt_rows(args.input)
+    if args.image or args.audio:
+        if not args.prompt:
+            raise GemmatuneError("--image/--audio go with --prompt; in an --input file, put image/audio parts in rows")
+        rows = [media_prompt_row(p, args.image, args.audio) for p in args.prompt]
     tuned = _load(args)
     uses = [u.strip() for u in args.use.split(",")] if args.use else [None]
     jobs = [(row, row.get("adapter") or use) for row in rows for use in uses]

@@ -20,6 +20,7 @@ from gemmatune.errors import GemmatuneError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TEMPLATES = ("auto", "alpaca-zh", "alpaca-en", "chat", "text")
 FORMATS = ("auto", "alpaca", "messages", "text")
+TOWERS = ("audio", "vision")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -53,8 +54,8 @@ class ModelConfig:
     )
     multimodal: bool = _f(
         False,
-        "Load the full multimodal model (Gemma 3n: audio and vision towers, kept frozen) instead of the "
-        "language model alone; LoRA still goes only into the language model. Needs pip install "
+        "Load the full multimodal model (Gemma 3n: audio and vision towers, frozen unless lora.towers names them) "
+        "instead of the language model alone; needed for data with image or audio parts. Needs pip install "
         "'gemmatune[multimodal]'.",
     )
 
@@ -69,6 +70,12 @@ class LoraSection:
         None,
         "Modules that get adapters: a list of names, a regex, 'all-linear', or None for the model "
         "family's default (the 7 attention/MLP projections, language model only).",
+    )
+    towers: list[str] = _f(
+        [],
+        "Multimodal towers that get LoRA too, besides the language model: audio and/or vision (Gemma 3n, with "
+        "model.multimodal: true). Each tower's own projections are added to the targets; a tower that gets no "
+        "module is an error.",
     )
 
 
@@ -288,6 +295,9 @@ def validate(cfg: Config) -> None:
     _check(lo.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lo.lora_alpha}")
     _check(0 <= lo.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {lo.lora_dropout}")
     _check(lo.bias in ("none", "all", "lora_only"), "lora.bias", f"must be none, all or lora_only, got {lo.bias!r}")
+    for tower in lo.towers:
+        _check(tower in TOWERS, "lora.towers", f"each must be one of {', '.join(TOWERS)}, got {tower!r}")
+    _check(not lo.towers or m.multimodal, "lora.towers", "needs model.multimodal: true (the towers load only then)")
     _check(d.format in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}, got {d.format!r}")
     _check(d.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}, got {d.template!r}")
     _check(0 <= d.eval_ratio < 1, "data.eval_ratio", f"must be in [0, 1), got {d.eval_ratio}")

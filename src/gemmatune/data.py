@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gemmatune.config import DataConfig
 from gemmatune.errors import GemmatuneError
+from gemmatune.media import MediaTokens, media_tokens
 from gemmatune.templates import IGNORE, Tokenized, check_template, default_template, tokenize_row
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -29,6 +30,7 @@ ROLES = ("system", "user", "assistant")
 class Row:
     where: str  # "file.jsonl line 12": what an error message names
     data: dict
+    folder: Path | None = None  # the data file's folder: image/audio paths in the row are relative to it
 
 
 @dataclass
@@ -83,6 +85,8 @@ def _read(spec: str, split: str) -> tuple[list[Row], str]:
             raise GemmatuneError(f"{path} cannot be read ({exc.strerror}); check its permissions") from None
         reader = {".json": _read_json, ".jsonl": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
         rows, fingerprint = reader(path, raw), hashlib.sha256(raw).hexdigest()
+        for row in rows:
+            row.folder = path.parent
     if not rows:
         raise GemmatuneError(f"{spec}: no rows; the data set is empty")
     return rows, fingerprint
@@ -205,15 +209,65 @@ def normalize(row: Row, fmt: str) -> dict:
 
 
 def _clean_messages(row: Row, messages) -> list[dict]:
-    """The `messages` of a chat row as {role, content} dicts; every chat row, trained on or prompted, passes here."""
+    """The `messages` of a chat row as {role, content} dicts; every chat row, trained on or prompted, passes here.
+
+    `content` is text, or a list of parts (media.py) whose image/audio files are checked here and whose paths
+    become absolute."""
     if not isinstance(messages, list) or not messages:
         raise GemmatuneError(f"{row.where}: field 'messages' must be a non-empty list of {{role, content}}")
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise GemmatuneError(f"{row.where}: messages[{i}] needs a role of {', '.join(ROLES)}")
-        clean.append({"role": m["role"], "content": _need_str(row, f"messages[{i}].content", m.get("content"))})
+        content = m.get("content")
+        if isinstance(content, list):
+            content = _clean_parts(row, f"messages[{i}].content", content, media_allowed=m["role"] != "assistant")
+        else:
+            content = _need_str(row, f"messages[{i}].content", content)
+        clean.append({"role": m["role"], "content": content})
     return clean
+
+
+def _clean_parts(row: Row, key: str, parts: list, media_allowed: bool) -> list[dict]:
+    """A content list of text, image and audio parts, each checked; image/audio files must exist and be readable
+    as their kind. Replies are text only: the model writes no image or audio."""
+    from gemmatune.media import KINDS, check_media_file
+
+    if not parts:
+        raise GemmatuneError(f"{row.where}: field '{key}' is an empty list of parts")
+    clean = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            clean.append({"type": "text", "text": _need_str(row, f"{key}[{j}].text", part.get("text"))})
+            continue
+        if kind not in KINDS:
+            raise GemmatuneError(f"{row.where}: {key}[{j}] needs a type of text, {', '.join(KINDS)}")
+        if not media_allowed:
+            raise GemmatuneError(f"{row.where}: {key}[{j}] is an {kind} part in an assistant turn; replies are text")
+        path = Path(_need_str(row, f"{key}[{j}].path", part.get("path"))).expanduser()
+        if not path.is_absolute():
+            path = (row.folder or Path.cwd()) / path
+        check_media_file(kind, path, f"{row.where} {key}[{j}]")
+        clean.append({"type": kind, "path": str(path)})
+    return clean
+
+
+def has_media(rows: list[Row]) -> str | None:
+    """Where the first image or audio part is (file and line), or None for text-only rows."""
+    for row in rows:
+        for m in row.data.get("messages", ()) if isinstance(row.data, dict) else ():
+            if isinstance(m.get("content"), list) and any(p["type"] != "text" for p in m["content"]):
+                return row.where
+    return None
+
+
+def media_prompt_row(prompt: str, images: list[str], audios: list[str]) -> dict:
+    """A chat row asking `prompt` about image and audio files (given on the command line), each file checked."""
+    content = [{"type": "image", "path": p} for p in images] + [{"type": "audio", "path": p} for p in audios]
+    content.append({"type": "text", "text": prompt})
+    row = Row("--image/--audio", {}, Path.cwd())
+    return {"messages": _clean_messages(row, [{"role": "user", "content": content}])}
 
 
 def read_prompt_rows(spec: str) -> list[dict]:
@@ -224,8 +278,7 @@ def read_prompt_rows(spec: str) -> list[dict]:
         data = row.data if isinstance(row.data, dict) else {}
         messages = data.get("messages")
         if isinstance(messages, list) and messages:
-            _clean_messages(row, messages)
-            out.append(data)
+            out.append({**data, "messages": _clean_messages(row, messages)})
         elif isinstance(data.get("instruction"), str):
             out.append({**data, "input": data.get("input") or ""})
         elif isinstance(data.get("prompt"), str):
@@ -235,16 +288,22 @@ def read_prompt_rows(spec: str) -> list[dict]:
     return out
 
 
-def _tokenize_split(rows: list[Row], template: str, tokenizer, cfg: DataConfig, split: str) -> Split:
-    """Token ids + labels for rows that `read_data` validated; overlong ones truncated or dropped, and counted."""
+def _tokenize_split(rows: list[Row], template: str, tokenizer, cfg: DataConfig, split: str,
+                    media: MediaTokens | None = None) -> Split:
+    """Token ids + labels for rows that `read_data` validated; overlong ones truncated or dropped, and counted.
+
+    An example with image or audio parts is never cut inside its soft tokens: if truncation would cut into them,
+    it is dropped (the model needs every soft token of each part)."""
     report = DataReport(rows=len(rows))
     examples = []
     kept = []
     for row in rows:
-        ex = tokenize_row(row.data, template, tokenizer, cfg.train_on_prompt)
+        ex = tokenize_row(row.data, template, tokenizer, cfg.train_on_prompt, media)
         if len(ex.input_ids) > cfg.max_length:
-            ex = Tokenized(ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length])
-            if cfg.overlong == "drop" or all(label == IGNORE for label in ex.labels):
+            cut = Tokenized(ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length], ex.media)
+            cuts_media = media is not None and any(i in media.ids for i in ex.input_ids[cfg.max_length:])
+            ex = cut
+            if cfg.overlong == "drop" or cuts_media or all(label == IGNORE for label in ex.labels):
                 report.dropped += 1  # a truncation that cut every trained token teaches nothing
                 continue
             report.truncated += 1
@@ -315,11 +374,18 @@ def _normalized(rows: list[Row], fmt: str) -> list[Row]:
     return [Row(r.where, normalize(r, fmt)) for r in rows]
 
 
-def tokenize_data(rows: CheckedRows, tokenizer, cfg: DataConfig) -> Prepared:
-    """Tokenize the rows `read_data` checked, once the tokenizer is loaded; reads no file."""
+def tokenize_data(rows: CheckedRows, tokenizer, cfg: DataConfig, processor=None) -> Prepared:
+    """Tokenize the rows `read_data` checked, once the tokenizer is loaded; reads no file.
+
+    `processor`: the multimodal model's processor, for rows with image/audio parts (their soft tokens)."""
     check_template(rows.template, rows.fmt, tokenizer)
-    train = _tokenize_split(rows.train, rows.template, tokenizer, cfg, "train")
-    evaluation = _tokenize_split(rows.eval, rows.template, tokenizer, cfg, "eval") if rows.eval else None
+    media = media_tokens(processor) if processor is not None else None
+    where = has_media(rows.train + rows.eval)
+    if where and media is None:
+        raise GemmatuneError(f"{where}: has image/audio parts, which need the multimodal model: set "
+                             "model.multimodal: true")
+    train = _tokenize_split(rows.train, rows.template, tokenizer, cfg, "train", media)
+    evaluation = _tokenize_split(rows.eval, rows.template, tokenizer, cfg, "eval", media) if rows.eval else None
     return Prepared(rows.fmt, rows.template, train, evaluation, rows.files)
 
 
@@ -339,7 +405,10 @@ class ExampleDataset:
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        return {"input_ids": ex.input_ids, "labels": ex.labels}
+        item = {"input_ids": ex.input_ids, "labels": ex.labels}
+        if ex.media:
+            item["media"] = ex.media
+        return item
 
 
 def pad_rows(rows: list[list[int]], fill: int, left: bool = False):

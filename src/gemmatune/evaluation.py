@@ -22,9 +22,10 @@ from gemmatune.data import detect_format, normalize, read_rows
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer import BASE, SamplingSettings, TunedModel
 from gemmatune.loss import causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
+from gemmatune.media import media_features
 from gemmatune.packing import PACKED_SDPA, PackCollator
 from gemmatune.runs import write_atomic
-from gemmatune.templates import IGNORE, Tokenized, tokenize_row
+from gemmatune.templates import IGNORE, Tokenized, content_text, tokenize_row
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,12 @@ def read_eval_rows(spec: str | Path, limit: int | None = None) -> list[dict]:
 
 
 def reference(row: dict) -> str:
-    return row["messages"][-1]["content"] if "messages" in row else row["output"]
+    return content_text(row["messages"][-1]["content"]) if "messages" in row else row["output"]
 
 
 def _prompt_summary(row: dict) -> str:
     if "messages" in row:
-        return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
+        return content_text(next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user"))
     return row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
 
 
@@ -211,7 +212,7 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
     computes attention across two rows.
     """
     template = tuned.template_for(adapter)
-    examples = [tokenize_row(row, template, tuned.tokenizer) for row in rows]
+    examples = [tokenize_row(row, template, tuned.tokenizer, media=tuned.media_tokens_for(row)) for row in rows]
     parts = causal_lm_parts(tuned.model, any_head=True)
     if parts is None:
         raise GemmatuneError(f"{type(tuned.model).__name__}: no body and LM head to compute a response loss with")
@@ -228,6 +229,8 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
                 inputs = collate([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in chosen])
             else:
                 inputs = _padded_batch(chosen, tuned.tokenizer.pad_token_id)
+            if tuned.processor is not None:  # image/audio parts of these rows, in the order of their soft tokens
+                inputs.update(media_features([p for ex in chosen for p in ex.media], tuned.processor))
             hidden, targets = selected_hidden(parts, {k: v.to(device) for k, v in inputs.items()})
             total += chunked_cross_entropy_sum(hidden, targets, parts).item()
             count += targets.numel()
@@ -286,9 +289,10 @@ def evaluate(
 
 
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,
-                            precision: str) -> EvalReport:
+                            precision: str, processor=None) -> EvalReport:
     """Base vs the adapter just trained (same model object, adapter switched off for the base)."""
-    tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision)
+    tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision,
+                       processor=processor)
     report = evaluate(tuned, test_file, labels={"default": Path(run_dir).name})
     report.save(run_dir)
     print(report.table(), flush=True)

@@ -69,6 +69,8 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
         folder = Path(tmp) / "model"
         merged.save_pretrained(folder)
         tuned.tokenizer.save_pretrained(folder)
+        if tuned.processor is not None:  # a multimodal model keeps its towers, and needs its processor with them
+            tuned.processor.save_pretrained(folder)
         info = {"merged_from": str(source.path.resolve()), "base_model": source.folder.base.name,
                 "template": tuned.template_for(source.name), "dtype": str(save_dtype).removeprefix("torch."),
                 "stop_token_ids": tuned.stop_ids, "created": now()}

@@ -86,8 +86,9 @@ class TunedModel:
     """A base model with its adapters; `generate` picks one adapter per call or one per row."""
 
     def __init__(self, model, tokenizer, family, template: str, adapters: dict[str, str | None], precision: str,
-                 checkpoint_dtype: torch.dtype | None = None):
+                 checkpoint_dtype: torch.dtype | None = None, processor=None):
         self.model = model
+        self.processor = processor  # multimodal models: turns a prompt's image/audio parts into model inputs
         self.tokenizer = tokenizer
         self.family = family
         self.template = template  # for the base model and for adapters that do not name their own
@@ -125,7 +126,35 @@ class TunedModel:
         template = self.template_for(self.check_adapter(adapter))
         if "messages" in row and template != "chat":
             raise GemmatuneError(f"a chat row (messages) needs the chat template, but the template is {template}")
-        return prompt_ids(row, template, self.tokenizer)
+        return prompt_ids(row, template, self.tokenizer, self.media_tokens_for(row))
+
+    def media_tokens_for(self, row: dict):
+        """How image/audio parts are written into the prompt (None for a text model), or a clear error for a row
+        with parts that this model cannot take."""
+        from gemmatune.templates import text_messages
+
+        if self.processor is None:
+            if "messages" in row:
+                text_messages(row["messages"])  # raises for image/audio parts: they need the multimodal model
+            return None
+        from gemmatune.media import media_tokens
+
+        return media_tokens(self.processor)
+
+    def media_inputs_parts(self, row: dict | str) -> tuple:
+        """The image/audio parts (media.Part) of a chat row, in the order their soft tokens appear."""
+        from gemmatune.templates import text_messages
+
+        if self.processor is None or not isinstance(row, dict) or "messages" not in row:
+            return ()
+        return text_messages(row["messages"], self.media_tokens_for(row))[1]
+
+    def media_inputs(self, rows: Sequence[dict | str]) -> dict:
+        """The image/audio tensors for `rows` (chat rows with parts), in the order their soft tokens appear."""
+        from gemmatune.media import media_features
+
+        parts = [p for row in rows for p in self.media_inputs_parts(row)]
+        return media_features(parts, self.processor) if parts else {}
 
     def generate(
         self,
@@ -158,14 +187,15 @@ class TunedModel:
         results: list[Generation | None] = [None] * len(rows)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            out = self._generate_batch([ids[i] for i in chunk], [names[i] for i in chunk], settings, streamer,
+            media = self.media_inputs([rows[i] for i in chunk])
+            out = self._generate_batch([ids[i] for i in chunk], [names[i] for i in chunk], settings, streamer, media,
                                        stopping_criteria)
             for i, gen in zip(chunk, out, strict=True):
                 results[i] = gen
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[list[int]], names: list[str], settings: SamplingSettings,
-                        streamer, stopping_criteria=None) -> list[Generation]:
+                        streamer, media: dict | None = None, stopping_criteria=None) -> list[Generation]:
         pad = self.tokenizer.pad_token_id
         input_ids, mask = pad_rows(batch, pad, left=True)
         width = input_ids.shape[1]
@@ -180,6 +210,7 @@ class TunedModel:
         if stopping_criteria is not None:
             kwargs["stopping_criteria"] = stopping_criteria
         device = self.device
+        kwargs.update({k: v.to(device) for k, v in (media or {}).items()})
         with self.adapter_context(names) as extra, torch.no_grad(), self.autocast():
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                       **kwargs, **extra)
@@ -266,7 +297,7 @@ def load(
              ", ".join(names) if names else "no adapter", chosen)
     trained_with = {s.name: template or s.folder.template for s in sources}
     return TunedModel(model, loaded.tokenizer, loaded.family, chosen, trained_with, loaded.precision,
-                      loaded.checkpoint_dtype)
+                      loaded.checkpoint_dtype, loaded.processor)
 
 
 def _base_config(sources: list[AdapterSource], base: str | None, cache_dir: str | None,

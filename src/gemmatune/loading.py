@@ -166,6 +166,7 @@ class Loaded:
     source: ModelSource
     precision: str  # what runs here: bf16, fp16 or fp32
     checkpoint_dtype: torch.dtype | None = None  # the dtype the weights were saved in (config.json), if it says
+    processor: object | None = None  # the multimodal model's processor (images, audio); None for text models
 
 
 def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False) -> Loaded:
@@ -210,7 +211,27 @@ def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False)
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
     model = _from_pretrained(model_class, source, kwargs, flash_chosen=packing and attn == "flash_attention_2")
     tokenizer = load_tokenizer(source, family, cfg.trust_remote_code)
-    return Loaded(model, tokenizer, family, source, precision, _saved_dtype(config))
+    processor = load_processor(source, tokenizer, cfg.trust_remote_code) if cfg.multimodal else None
+    return Loaded(model, tokenizer, family, source, precision, _saved_dtype(config), processor)
+
+
+def load_processor(source: ModelSource, tokenizer, trust_remote_code: bool = False):
+    """The checkpoint's own processor (image processor, audio feature extractor), sharing `tokenizer`."""
+    from transformers import AutoProcessor
+
+    kwargs = {"revision": source.revision, "trust_remote_code": trust_remote_code,
+              "local_files_only": source.local_only}
+    try:
+        processor = AutoProcessor.from_pretrained(source.path, **{k: v for k, v in kwargs.items() if v})
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise GemmatuneError(f"model.name: {source.describe()} has no usable processor for images and audio "
+                             f"({first})") from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "feature_extractor"):
+        raise GemmatuneError(f"model.name: {source.describe()}: its processor ({type(processor).__name__}) takes no "
+                             "images and audio")
+    processor.tokenizer = tokenizer
+    return processor
 
 
 def _saved_dtype(config) -> torch.dtype | None:

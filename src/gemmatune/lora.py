@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from gemmatune.config import LoraSection
 from gemmatune.errors import GemmatuneError
@@ -13,26 +14,66 @@ from gemmatune.quantization import keep_4bit_layout
 log = logging.getLogger(__name__)
 
 
+LANGUAGE_MODEL = "language model"
+
+
 @dataclass
 class TrainableReport:
     trainable: int
     total: int
     wrapped_modules: int
+    per_tower: dict[str, int] = field(default_factory=dict)  # "language model" / tower name -> wrapped modules
 
     def line(self) -> str:
         share = 100 * self.trainable / max(1, self.total)
-        return (
+        text = (
             f"LoRA: {self.wrapped_modules} modules wrapped, {self.trainable:,} trainable of {self.total:,} "
             f"parameters ({share:.3f}%)"
         )
+        if len(self.per_tower) > 1:
+            text += "; " + ", ".join(f"{part}: {n}" for part, n in self.per_tower.items())
+        return text
+
+
+def tower_of(module_name: str, family: ModelFamily) -> str:
+    """Which part of a multimodal model a module belongs to: a tower name from `family.towers`, or the language
+    model."""
+    parts = module_name.split(".")
+    for tower, prefixes, _ in family.towers:
+        if any(prefix in parts for prefix in prefixes):
+            return tower
+    return LANGUAGE_MODEL
+
+
+def lora_targets(cfg: LoraSection, family: ModelFamily) -> str | list[str]:
+    """The PEFT `target_modules`: the language model's (the family default or the user's), plus the projections of
+    each tower `lora.towers` names, as one regex (PEFT full-matches a string against module paths)."""
+    targets = cfg.target_modules if cfg.target_modules is not None else family.lora_targets
+    if not cfg.towers:
+        return list(targets) if isinstance(targets, tuple) else targets
+    known = {tower: regex for tower, _, regex in family.towers}
+    missing = [t for t in cfg.towers if t not in known]
+    if missing:
+        raise GemmatuneError(f"config key lora.towers: the {family.name} family has no {', '.join(missing)} tower")
+    if isinstance(targets, str):
+        if cfg.target_modules is not None:
+            raise GemmatuneError(
+                "config key lora.towers: cannot be combined with a lora.target_modules regex or 'all-linear'; give "
+                "target_modules as a list of names, or write the tower modules into your regex and drop lora.towers"
+            )
+        language = targets
+    else:
+        from gemmatune.models import language_model_projections
+
+        names = tuple(re.escape(n) for n in targets)
+        language = language_model_projections(family.tower_modules, names)
+    return "|".join(f"(?:{regex})" for regex in [language] + [known[t] for t in cfg.towers])
 
 
 def peft_lora_config(cfg: LoraSection, family: ModelFamily):
     from peft import LoraConfig
 
-    targets = cfg.target_modules if cfg.target_modules is not None else family.lora_targets
-    if isinstance(targets, tuple):
-        targets = list(targets)
+    targets = lora_targets(cfg, family)
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
@@ -61,7 +102,19 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
         raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
     if autocast:
         skip_input_casts(peft_model)
-    return peft_model, trainable_report(peft_model)
+    report = trainable_report(peft_model, family)
+    check_towers(cfg, report.per_tower)
+    return peft_model, report
+
+
+def check_towers(cfg: LoraSection, per_tower: dict[str, int]) -> None:
+    """A tower asked for in `lora.towers` that got no adapter is an error: it would train nothing, silently."""
+    empty = [t for t in cfg.towers if not per_tower.get(t)]
+    if empty:
+        raise GemmatuneError(
+            f"config key lora.towers: {', '.join(empty)} asked for, but no module of that tower matched the LoRA "
+            "targets (is the tower loaded? model.multimodal: true loads it)"
+        )
 
 
 def skip_input_casts(peft_model) -> None:
@@ -90,7 +143,16 @@ def wrapped_module_names(peft_model) -> list[str]:
     return [name for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)]
 
 
-def trainable_report(peft_model) -> TrainableReport:
+def trainable_report(peft_model, family: ModelFamily | None = None) -> TrainableReport:
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    return TrainableReport(trainable, total, len(wrapped_module_names(peft_model)))
+    names = wrapped_module_names(peft_model)
+    per_tower: dict[str, int] = {LANGUAGE_MODEL: 0}
+    if family is not None:
+        for tower, _, _ in family.towers:
+            per_tower[tower] = 0
+        for name in names:
+            per_tower[tower_of(name, family)] += 1
+    else:
+        per_tower[LANGUAGE_MODEL] = len(names)
+    return TrainableReport(trainable, total, len(names), per_tower)

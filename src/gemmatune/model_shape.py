@@ -45,11 +45,16 @@ class ModelShape:
     lora_params: int
     """Trainable parameters PEFT reports for the configured rank."""
     lora_params_per_rank: int
-    """Sum of in+out features over wrapped Linear modules: LoRA parameters = rank x this."""
+    """Sum of in+out features over wrapped Linear (and convolution) modules: LoRA parameters = rank x this."""
+    per_tower: dict[str, int] | None = None
+    """Wrapped modules per part of a multimodal model (language model, audio, vision); None for text models."""
 
     def wrapped_summary(self) -> str:
         counts = Counter(name.rsplit(".", 1)[-1] for name in self.wrapped)
-        return ", ".join(f"{leaf} {n}" for leaf, n in counts.items())
+        text = ", ".join(f"{leaf} {n}" for leaf, n in counts.items())
+        if self.per_tower:
+            text += "; per tower: " + ", ".join(f"{part} {n}" for part, n in self.per_tower.items())
+        return text
 
 
 def load_architecture(cfg: Config):
@@ -63,7 +68,14 @@ def load_architecture(cfg: Config):
     bundled = bundled_config_file(name) if "/" in name and not Path(name).exists() else None
     if bundled is not None:
         data = json.loads(bundled.read_text(encoding="utf-8"))
-        return AutoConfig.for_model(data.pop("model_type"), **data), f"bundled config {Path(str(bundled)).name}"
+        text = AutoConfig.for_model(data.pop("model_type"), **data)
+        family = family_for(text.model_type)
+        if cfg.model.multimodal and family.multimodal_model_types:
+            # The full checkpoint: the bundled text config inside the family's multimodal config, whose tower
+            # configs default to the real ones (Gemma 3n: the E2B/E4B audio conformer and MobileNetV5).
+            full = AutoConfig.for_model(family.multimodal_model_types[0], text_config=text.to_dict())
+            return full, f"bundled config {Path(str(bundled)).name} + the default towers"
+        return text, f"bundled config {Path(str(bundled)).name}"
     source = resolve_source(cfg.model)  # near-miss ids fail here with 'did you mean'
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
     if source.gguf_file:
@@ -80,7 +92,7 @@ def load_architecture(cfg: Config):
 def measure(cfg: Config) -> ModelShape:
     from peft import get_peft_model
 
-    from gemmatune.lora import peft_lora_config, wrapped_module_names
+    from gemmatune.lora import check_towers, peft_lora_config, trainable_report, wrapped_module_names
 
     config, where = load_architecture(cfg)
     family = family_for(config.model_type)
@@ -105,11 +117,28 @@ def measure(cfg: Config) -> ModelShape:
     wrapped = wrapped_module_names(peft_model)
     lora_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     modules = dict(peft_model.named_modules())
-    per_rank = sum(modules[n].base_layer.in_features + modules[n].base_layer.out_features
-                   for n in wrapped if hasattr(modules[n].base_layer, "in_features"))
+    per_rank = sum(_lora_width(modules[n].base_layer) for n in wrapped)
+    per_tower = None
+    if cfg.model.multimodal and family.towers:
+        per_tower = trainable_report(peft_model, family).per_tower
+        check_towers(cfg.lora, per_tower)
     return ModelShape(
         source=where, model_class=type(model).__name__, family=family, total_params=total,
         quantizable_params=quantizable, linear_params=linear, layers=text.num_hidden_layers, hidden=text.hidden_size,
         intermediate=list(intermediate), vocab=text.vocab_size, streams=getattr(text, "altup_num_inputs", 1) or 1,
         heads=text.num_attention_heads, wrapped=wrapped, lora_params=lora_params, lora_params_per_rank=per_rank,
+        per_tower=per_tower,
     )
+
+
+def _lora_width(layer) -> int:
+    """LoRA parameters per unit of rank for a wrapped layer: A takes its input (a convolution's whole kernel
+    window), B gives its output."""
+    if hasattr(layer, "in_features"):
+        return layer.in_features + layer.out_features
+    if hasattr(layer, "in_channels"):
+        window = 1
+        for k in layer.kernel_size:
+            window *= k
+        return layer.in_channels * window + layer.out_channels
+    return 0

@@ -36,6 +36,41 @@ TEMPLATE_FORMATS = {
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    media: tuple = ()  # media.Part of each image/audio part, in the order their soft tokens appear
+
+
+def content_text(content) -> str:
+    """A message's content as one line of text for reports: text parts as written, image/audio parts by file."""
+    if isinstance(content, str):
+        return content
+    from pathlib import Path
+
+    return " ".join(p["text"] if p["type"] == "text" else f"[{p['type']}: {Path(p['path']).name}]" for p in content)
+
+
+def text_messages(messages: list[dict], media=None) -> tuple[list[dict], tuple]:
+    """Messages whose content lists (text, image and audio parts) become text: each image/audio part the text
+    `media` (media.MediaTokens) gives for its kind, text parts trimmed and joined as the Gemma 3n chat template
+    joins them. Returns the messages and the parts (media.Part) in order."""
+    from gemmatune.media import Part
+
+    out, parts = [], []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            pieces = []
+            for part in content:
+                if part["type"] == "text":
+                    pieces.append(part["text"].strip())
+                else:
+                    if media is None:
+                        raise GemmatuneError("rows with image/audio parts need the multimodal model: set "
+                                             "model.multimodal: true")
+                    pieces.append(media.text[part["type"]])
+                    parts.append(Part(part["type"], part["path"]))
+            content = "".join(pieces)
+        out.append({**m, "content": content})
+    return out, tuple(parts)
 
 
 def default_template(fmt: str) -> str:
@@ -75,7 +110,7 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def tokenize_row(row: dict, template: str, tokenizer, train_on_prompt: bool = False) -> Tokenized:
+def tokenize_row(row: dict, template: str, tokenizer, train_on_prompt: bool = False, media=None) -> Tokenized:
     if template == "text":
         ids = _encode(tokenizer, row["text"], True) + [tokenizer.eos_token_id]
         return Tokenized(ids, list(ids))
@@ -87,7 +122,12 @@ def tokenize_row(row: dict, template: str, tokenizer, train_on_prompt: bool = Fa
     messages = row["messages"] if "messages" in row else alpaca_messages(row) + [
         {"role": "assistant", "content": row["output"]}
     ]
-    return _tokenize_chat(messages, tokenizer, train_on_prompt)
+    messages, parts = text_messages(messages, media)
+    ex = _tokenize_chat(messages, tokenizer, train_on_prompt)
+    if media is not None:
+        # Soft tokens and their markers stand for an image or a clip: never a target, also with train_on_prompt.
+        ex.labels = [IGNORE if i in media.ids else label for i, label in zip(ex.input_ids, ex.labels, strict=True)]
+    return Tokenized(ex.input_ids, ex.labels, parts)
 
 
 def _tokenize_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> Tokenized:
@@ -112,7 +152,7 @@ def _tokenize_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> To
     return Tokenized(ids, labels)
 
 
-def prompt_ids(row: dict, template: str, tokenizer) -> list[int]:
+def prompt_ids(row: dict, template: str, tokenizer, media=None) -> list[int]:
     """Token ids the model continues to answer `row`, split exactly as `tokenize_row` splits them in training.
 
     A trailing assistant message (the reference answer) is dropped; earlier turns are encoded turn by turn
@@ -125,6 +165,7 @@ def prompt_ids(row: dict, template: str, tokenizer) -> list[int]:
     messages = row["messages"] if "messages" in row else alpaca_messages(row)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
+    messages, _ = text_messages(messages, media)
     last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     done = messages[: last_reply + 1]
     ids = _tokenize_chat(done, tokenizer, True).input_ids if done else []

@@ -54,7 +54,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     threads = set_threads(cfg.train.num_threads)
     loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
     tokenizer, family = loaded.tokenizer, loaded.family
-    data = tokenize_data(rows, tokenizer, cfg.data)
+    data = tokenize_data(rows, tokenizer, cfg.data, loaded.processor)
     log.info("model: %s (%s), precision %s (weights %s), attention %s, %d threads on %s%s",
              loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
              describe_weights(loaded.model), loaded.model.config._attn_implementation, threads, device_kind(),
@@ -65,7 +65,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
         log.info(data.eval.report.line("eval", cfg.data.max_length))
     model, report = prepare_for_training(loaded, cfg)
     log.info(report.line())
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision)
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision, loaded.processor)
     guard, stop = trainer.guard, trainer.stop
     t = cfg.train
     log.info("global batch: %d examples per optimizer step (%d per device x %d accumulation x %d processes); %s",
@@ -113,7 +113,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
     if cfg.data.test_file and dist.is_main_process:
-        evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision)
+        evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision,
+                                loaded.processor)
     return TrainResult(run_dir, model, tokenizer, record, dist.is_main_process)
 
 
@@ -145,8 +146,10 @@ def disable_cache(model, family) -> None:
         text_config.use_cache = False
 
 
-def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str) -> GemmatuneTrainer:
-    """The Trainer for `cfg`, writing checkpoints and metrics.jsonl into `run_dir`."""
+def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str,
+                  processor=None) -> GemmatuneTrainer:
+    """The Trainer for `cfg`, writing checkpoints and metrics.jsonl into `run_dir`; with a multimodal
+    `processor`, batches also carry the image and audio tensors of their examples (media.MediaCollator)."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     from gemmatune.packing import PackCollator
@@ -206,6 +209,11 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     )
     early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
                       if t.early_stopping_patience else [])
+    collator = PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id)
+    if processor is not None:
+        from gemmatune.media import MediaCollator
+
+        collator = MediaCollator(collator, processor)
     return GemmatuneTrainer(
         run_dir=run_dir,
         packing=t.packing,
@@ -215,7 +223,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         args=args,
         train_dataset=ExampleDataset(data.train.examples),
         eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
-        data_collator=PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=early_stopping,
     )
@@ -249,7 +257,7 @@ def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second,
             "eval": vars(data.eval.report) if data.eval else None,
         },
         "lora": {"trainable_params": report.trainable, "total_params": report.total,
-                 "wrapped_modules": report.wrapped_modules},
+                 "wrapped_modules": report.wrapped_modules, "wrapped_per_tower": report.per_tower},
         "training": {
             "precision": loaded.precision,
             "device": device_kind(),

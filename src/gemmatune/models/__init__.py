@@ -10,10 +10,10 @@ from dataclasses import dataclass
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def language_model_projections(towers: tuple[str, ...]) -> str:
-    """A LoRA target regex (PEFT full-matches it) for the 7 projections outside every module named in `towers`:
-    the bare names would also wrap a vision or audio tower's q/k/v."""
-    return rf"^(?!.*(?:{'|'.join(towers)})).*\.(?:{'|'.join(SEVEN_PROJECTIONS)})$"
+def language_model_projections(towers: tuple[str, ...], names: tuple[str, ...] = SEVEN_PROJECTIONS) -> str:
+    """A LoRA target regex (PEFT full-matches it) for the modules called `names` (default: the 7 projections)
+    outside every module named in `towers`: the bare names would also wrap a vision or audio tower's q/k/v."""
+    return rf"^(?!.*(?:{'|'.join(towers)})).*\.(?:{'|'.join(names)})$"
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ class ModelFamily:
     multimodal_requires: tuple[str, ...] = ()
     """Import names the full model needs beyond gemmatune's dependencies (the `multimodal` extra)."""
     tower_modules: tuple[str, ...] = ()
-    """Module-name parts of the non-language towers: frozen, never given adapters."""
+    """Module-name parts of the non-language towers: frozen, and given adapters only where `lora.towers` asks."""
+    towers: tuple[tuple[str, tuple[str, ...], str], ...] = ()
+    """(tower name for `lora.towers`, module-name parts that belong to it, LoRA target regex inside it)."""
     keep_unquantized: tuple[str, ...] = ()
     """Linear modules (dotted name suffixes) that 4-bit loading must leave alone because the model code reads
     or rewrites their weights directly; see quantization.py for the rules every family gets."""

@@ -8,6 +8,10 @@
 - fp16 overflows (activations past 65,504 are reported), so fp16 is refused.
 - Training flags such as use_cache live in `config.text_config` on the multimodal class.
 - The real E2B / E4B text configs are bundled (gemma3n_e2b_text.json, gemma3n_e4b_text.json) for `plan`.
+- `lora.towers` opts the towers in. Audio: the conformer's attention (q/k/v, post), feed-forward and light-conv
+  projections. Vision (timm MobileNetV5): the multi-query attention's 1x1 convolutions and the multi-scale fusion
+  adapter's FFN; the depthwise (grouped) convolutions are left alone. Each adds its embedder's projection into
+  the language model's space.
 """
 
 from gemmatune.models import ModelFamily, language_model_projections
@@ -15,6 +19,10 @@ from gemmatune.models.gemma3 import CHAT_TEMPLATE
 
 TOWERS = ("audio_tower", "vision_tower", "embed_audio", "embed_vision")
 LANGUAGE_MODEL_PROJECTIONS = language_model_projections(TOWERS)
+AUDIO_TARGETS = (r"^.*\.audio_tower\..*\.(?:q_proj|k_proj|v_proj|post|ffw_layer_1|ffw_layer_2|linear_start"
+                 r"|linear_end)$|^.*\.embed_audio\.embedding_projection$")
+VISION_TARGETS = (r"^.*\.vision_tower\..*\.(?:attn\.(?:query|key|value|output)\.proj"
+                  r"|msfa\.ffn\.(?:pw_exp|pw_proj)\.conv)$|^.*\.embed_vision\.embedding_projection$")
 
 _E2B = "gemma3n_e2b_text.json"
 _E4B = "gemma3n_e4b_text.json"
@@ -34,6 +42,8 @@ FAMILY = ModelFamily(
     # The vision tower is a timm MobileNetV5; timm imports torchvision, which must match torch.
     multimodal_requires=("timm", "PIL", "torchvision"),
     tower_modules=TOWERS,
+    towers=(("audio", ("audio_tower", "embed_audio"), AUDIO_TARGETS),
+            ("vision", ("vision_tower", "embed_vision"), VISION_TARGETS)),
     # AltUp clamps prediction_coefs.weight in place and calls F.linear on correction_coefs.weight: with packed
     # 4-bit bytes the clamp corrupts them (bf16 storage) or raises (uint8); the router is 2048 -> 4.
     keep_unquantized=("altup.prediction_coefs", "altup.correction_coefs", "altup.modality_router"),

@@ -1,0 +1,323 @@
+"""Issue 15: Gemma 3n fine-tuned on image and audio parts, with nothing silently untrained.
+
+Data checks and labels run everywhere (the processor's PIL and numpy parts). Tests marked `multimodal` build the
+full tiny Gemma 3n, whose vision tower is timm's MobileNetV5: timm needs a torchvision built for the installed
+torch, so CI runs them in a second environment (.ci/run) and the main one skips them.
+"""
+
+import json
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from gemmatune.config import load_config
+from gemmatune.data import read_data, tokenize_data
+from gemmatune.errors import GemmatuneError
+from gemmatune.media import MediaCollator, write_wav
+from gemmatune.packing import PackCollator
+from gemmatune.preflight import check_inputs
+from gemmatune.templates import IGNORE
+from tests.conftest import (
+    AUDIO,
+    BOA,
+    BOI,
+    EOA,
+    EOI,
+    IMAGE,
+    TINY_AUDIO_TOKENS,
+    TINY_IMAGE_TOKENS,
+    make_multimodal_processor,
+    media_rows,
+    needs_multimodal,
+    tiny_config,
+    write_jsonl,
+)
+
+MEDIA_IDS = {BOI, EOI, IMAGE, BOA, EOA, AUDIO}
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    return make_multimodal_processor(tmp_path_factory.mktemp("processor"))
+
+
+@pytest.fixture
+def media_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", media_rows(tmp_path))
+
+
+def _data_cfg(train_file, *sets):
+    return load_config(None, [f"data.train_file={train_file}", "data.template=chat", *sets]).data
+
+
+def _row_with(tmp_path, part, role="user"):
+    rows = media_rows(tmp_path, 2)
+    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    rows[2]["messages"][0 if role == "user" else 1]["content"] = [part, {"type": "text", "text": "and?"}]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+def _bad_wav(path, rate=16_000, seconds=0.5):
+    return write_wav(path, np.zeros(int(rate * seconds)), rate)
+
+
+@pytest.mark.parametrize("make_part, message", [
+    (lambda d: {"type": "image", "path": "nowhere.png"}, r"image file .*nowhere.png not found"),
+    (lambda d: {"type": "image", "path": (d / "x.png").write_text("not a picture") and "x.png"},
+     r"x.png is not a readable image"),
+    (lambda d: {"type": "audio", "path": "img0.png"}, r"img0.png is not a PCM WAV file"),
+    (lambda d: {"type": "audio", "path": _bad_wav(d / "cd.wav", rate=44_100).name}, r"cd.wav is sampled at 44100 Hz"),
+    (lambda d: {"type": "audio", "path": _bad_wav(d / "long.wav", seconds=31).name}, r"long.wav lasts 31.0 s"),
+    (lambda d: {"type": "video", "path": "img0.png"}, r"needs a type of text, image, audio"),
+    (lambda d: {"type": "image"}, r"field 'messages\[0\].content\[0\].path' is missing"),
+])
+def test_bad_media_parts_are_refused_before_the_model_loads_naming_file_and_line(tmp_path, make_part, message):
+    train_file = _row_with(tmp_path, make_part(tmp_path))
+    with pytest.raises(GemmatuneError, match=rf"^train.jsonl line 3.*{message}"):
+        read_data(_data_cfg(train_file), seed=0)
+
+
+def test_an_image_in_a_reply_is_refused(tmp_path):
+    train_file = _row_with(tmp_path, {"type": "image", "path": "img0.png"}, role="assistant")
+    with pytest.raises(GemmatuneError, match=r"train.jsonl line 3: messages\[1\].content\[0\] is an image part in an "
+                                             r"assistant turn"):
+        read_data(_data_cfg(train_file), seed=0)
+
+
+def test_media_rows_need_the_multimodal_model_before_it_loads(media_file, tiny_gemma3n, tmp_path):
+    cfg = tiny_config(tiny_gemma3n, media_file, tmp_path / "runs")
+    with pytest.raises(GemmatuneError, match=r"train.jsonl line 1: has image/audio parts.*model.multimodal: true"):
+        check_inputs(cfg)
+
+
+def test_paths_are_relative_to_the_data_file(media_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)  # not the data file's folder
+    rows = read_data(_data_cfg(media_file), seed=0).train
+    assert rows[0].data["messages"][0]["content"][0] == {"type": "image", "path": str(tmp_path / "img0.png")}
+
+
+def test_soft_tokens_are_never_labels_and_only_the_reply_trains(media_file, processor):
+    for train_on_prompt in (False, True):
+        cfg = _data_cfg(media_file, f"data.train_on_prompt={train_on_prompt}")
+        data = tokenize_data(read_data(cfg, seed=0), processor.tokenizer, cfg, processor)
+        for ex, row in zip(data.train.examples, data.train.rows, strict=True):
+            kind = row.data["messages"][0]["content"][0]["type"]
+            soft, n = (IMAGE, TINY_IMAGE_TOKENS) if kind == "image" else (AUDIO, TINY_AUDIO_TOKENS)
+            assert ex.input_ids.count(soft) == n and [p.kind for p in ex.media] == [kind]
+            assert not any(label in MEDIA_IDS for label in ex.labels)
+            assert all(label == IGNORE for i, label in zip(ex.input_ids, ex.labels, strict=True) if i in MEDIA_IDS)
+            trained = processor.tokenizer.decode([t for t in ex.labels if t != IGNORE])
+            reply = row.data["messages"][1]["content"]
+            assert trained.startswith(reply) if not train_on_prompt else reply in trained
+
+
+def test_an_overlong_media_example_is_dropped_not_cut_inside_its_soft_tokens(media_file, processor):
+    cfg = _data_cfg(media_file, "data.max_length=20")  # the soft tokens end past 20 tokens in every row
+    with pytest.raises(GemmatuneError, match="all 8 examples are longer than data.max_length=20"):
+        tokenize_data(read_data(cfg, seed=0), processor.tokenizer, cfg, processor)
+
+
+def test_the_collator_gives_each_part_its_processor_tensors_in_order(media_file, processor):
+    cfg = _data_cfg(media_file)
+    data = tokenize_data(read_data(cfg, seed=0), processor.tokenizer, cfg, processor)
+    examples = [{"input_ids": e.input_ids, "labels": e.labels, "media": e.media} for e in data.train.examples[:4]]
+    batch = MediaCollator(PackCollator(), processor)(examples)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)  # rows 1 and 3 are images
+    assert batch["input_features"].shape[0] == 2 and batch["input_features_mask"].shape[0] == 2
+    red, blue = batch["pixel_values"][0], batch["pixel_values"][1]
+    assert red[0].mean() > red[2].mean() and blue[2].mean() > blue[0].mean()  # the images in example order
+    with wave.open(str(data.train.rows[1].data["messages"][0]["content"][0]["path"])) as w:
+        frames = w.getnframes()
+    assert int(batch["input_features_mask"][0].sum()) == frames // 160 - 3  # 10 ms hops of 32 ms frames
+
+
+# --- the full tiny multimodal model (timm vision tower)
+
+def _train_cfg(model_dir, train_file, out, *sets, **train):
+    cfg = tiny_config(model_dir, train_file, out, **{"max_steps": 3, "per_device_train_batch_size": 4, **train})
+    cfg.model.multimodal = True
+    for item in sets:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, json.loads(value))
+    return cfg
+
+
+def _adapter(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter_model.safetensors")
+
+
+@pytest.mark.multimodal
+def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma3n_multimodal, media_file, tmp_path, caplog):
+    from gemmatune.train import train
+
+    needs_multimodal()
+    caplog.set_level("INFO", logger="gemmatune")
+    off = train(_train_cfg(tiny_gemma3n_multimodal, media_file, tmp_path / "off"))
+    assert off.record["training"]["train_loss_last"] < off.record["training"]["train_loss_first"]
+    per_tower = off.record["lora"]["wrapped_per_tower"]
+    assert per_tower["audio"] == 0 and per_tower["vision"] == 0 and per_tower["language model"] == 60
+    assert not any("tower" in k or "embed_" in k for k in _adapter(off.run_dir))
+    from transformers import Gemma3nForConditionalGeneration
+
+    base = Gemma3nForConditionalGeneration.from_pretrained(tiny_gemma3n_multimodal)
+    trained = {n.removeprefix("base_model.model."): p for n, p in off.model.named_parameters()}
+    towers = [n for n, _ in base.named_parameters() if "tower" in n or "embed_audio" in n or "embed_vision" in n]
+    assert towers and all(torch.equal(trained[n], dict(base.named_parameters())[n]) for n in towers)
+
+    # One step is enough to see the towers' adapters move.
+    on = train(_train_cfg(tiny_gemma3n_multimodal, media_file, tmp_path / "on", 'lora.towers=["audio", "vision"]',
+                          max_steps=1))
+    per_tower = on.record["lora"]["wrapped_per_tower"]
+    # The reference, counted by module class: per conformer block q, k, v, post, 2 x 2 feed-forward and the light
+    # conv's start/end; per multi-query attention block its query, key, value and output; the fusion adapter's FFN
+    # (2); and each embedder's projection (1).
+    from timm.layers import MultiQueryAttention2d
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioConformerBlock
+
+    blocks = sum(isinstance(m, Gemma3nAudioConformerBlock) for m in base.modules())
+    attentions = sum(isinstance(m, MultiQueryAttention2d) for m in base.modules())
+    assert (blocks, attentions) == (2, 33)
+    expected = {"language model": 60, "audio": blocks * 10 + 1, "vision": attentions * 4 + 2 + 1}
+    assert per_tower == expected
+    assert "language model: 60, audio: {audio}, vision: {vision}".format(**expected) in caplog.text
+    # The towers' adapters trained: their B matrices (initialised to zero) moved.
+    weights = _adapter(on.run_dir)
+    for tower in ("audio_tower", "vision_tower", "embed_audio", "embed_vision"):
+        moved = [k for k, v in weights.items() if tower in k and "lora_B" in k and v.abs().max() > 0]
+        assert moved, tower
+
+
+def test_a_tower_with_no_matching_module_is_refused(tiny_gemma3n, tiny_gemma3):
+    from gemmatune.config import LoraSection, ModelConfig
+    from gemmatune.loading import load_model
+    from gemmatune.lora import attach_lora
+
+    # The language model alone (Gemma3nForCausalLM) has no vision tower: asking to train it must not pass silently.
+    # (The config refuses lora.towers without model.multimodal; this is the check behind it, for any cause.)
+    loaded = load_model(ModelConfig(name=str(tiny_gemma3n)), "fp32")
+    with pytest.raises(GemmatuneError, match=r"lora.towers: vision asked for, but no module of that tower matched"):
+        attach_lora(loaded.model, LoraSection(towers=["vision"]), loaded.family)
+    # A family without towers
+    loaded = load_model(ModelConfig(name=str(tiny_gemma3)), "fp32")
+    with pytest.raises(GemmatuneError, match=r"lora.towers: the gemma3 family has no audio tower"):
+        attach_lora(loaded.model, LoraSection(towers=["audio"]), loaded.family)
+    with pytest.raises(GemmatuneError, match=r"lora.towers: needs model.multimodal: true"):
+        load_config(None, ['lora.towers=["audio"]'])
+
+
+@pytest.mark.multimodal
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_packed_multimodal_batch_equals_its_examples_run_alone(tiny_gemma3n_multimodal, media_file, chunked):
+    from gemmatune.config import ModelConfig
+    from gemmatune.loading import load_model
+    from gemmatune.loss import causal_lm_loss, causal_lm_parts
+    from gemmatune.packing import sequence_bounds
+
+    needs_multimodal()
+    loaded = load_model(ModelConfig(name=str(tiny_gemma3n_multimodal), multimodal=True), "fp32", packing=True)
+    model, processor = loaded.model.eval(), loaded.processor
+    cfg = _data_cfg(media_file)
+    data = tokenize_data(read_data(cfg, seed=0), loaded.tokenizer, cfg, processor)
+    examples = [{"input_ids": e.input_ids, "labels": e.labels, "media": e.media} for e in data.train.examples]
+    collate = MediaCollator(PackCollator(), processor)
+    packed = collate(examples)
+    parts = causal_lm_parts(model)
+    with torch.no_grad():
+        if chunked:  # the training path: body + label-only loss; per example sums compared through the loss
+            total = causal_lm_loss(model, packed, num_items_in_batch=1, parts=parts)
+            alone = sum(causal_lm_loss(model, collate([e]), num_items_in_batch=1, parts=parts) for e in examples)
+            assert torch.allclose(total, alone, rtol=1e-5), (total, alone)
+        else:  # the model's own forward: every position's logits
+            body = {k: v for k, v in packed.items() if k != "labels"}
+            logits = model(**body, use_cache=False).logits[0]
+            bounds = sequence_bounds(packed["position_ids"])
+            for (start, end), ex in zip(bounds, examples, strict=True):
+                single = {k: v for k, v in collate([ex]).items() if k != "labels"}
+                assert torch.allclose(logits[start:end], model(**single, use_cache=False).logits[0], atol=1e-4)
+
+
+@pytest.mark.multimodal
+def test_cli_trains_on_image_and_audio_rows_then_generates_and_evaluates_them(tiny_gemma3n_multimodal, tmp_path,
+                                                                              capsys):
+    """The user's path: a config pointing at a local multimodal folder and rows with parts; train, then generate
+    (--image, --audio, and rows with parts) and eval the same rows."""
+    from gemmatune.cli import main
+    from gemmatune.infer import load
+    from gemmatune.media import media_features
+
+    needs_multimodal()
+    rows = media_rows(tmp_path, 8)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:2])
+    (tmp_path / "mm.yaml").write_text(
+        f"model: {{name: {tiny_gemma3n_multimodal}, multimodal: true}}\n"
+        "lora: {towers: [audio, vision], lora_dropout: 0.0}\n"
+        "data: {train_file: train.jsonl, test_file: test.jsonl, max_length: 128}\n"
+        f"train: {{output_dir: {tmp_path / 'runs'}, max_steps: 3, per_device_train_batch_size: 4, "
+        "gradient_accumulation_steps: 1, learning_rate: 5.0e-3, warmup_steps: 0, logging_steps: 1, precision: fp32, "
+        "num_threads: 2}\n", encoding="utf-8")
+    assert main(["train", str(tmp_path / "mm.yaml")]) == 0
+    run = tmp_path / "runs" / "mm"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run.json", "metrics.jsonl",
+                 "loss.png", "eval.json", "eval.md"):
+        assert (run / name).is_file(), name
+    record = json.loads((run / "run.json").read_text())
+    assert record["training"]["train_loss_last"] < record["training"]["train_loss_first"]
+    assert record["lora"]["wrapped_per_tower"]["vision"] > 0 and record["lora"]["wrapped_per_tower"]["audio"] > 0
+    capsys.readouterr()
+
+    common = ["--adapter", str(run), "--precision", "fp32", "--greedy", "--max-new-tokens", "4"]
+    assert main(["generate", *common, "--prompt", "What is this?", "--image", str(tmp_path / "img0.png")]) == 0
+    printed = capsys.readouterr().out.strip()
+    # The reference: the adapter's model given the same ids and the processor's pixels by hand.
+    tuned = load([str(run)], precision="fp32")
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "img0.png")},
+                                                     {"type": "text", "text": "What is this?"}]}]}
+    ids = torch.tensor([tuned.prompt_ids(row)])
+    assert ids[0].tolist().count(IMAGE) == TINY_IMAGE_TOKENS
+    pixels = media_features(tuned.media_inputs_parts(row), tuned.processor)
+    with torch.no_grad():
+        out = tuned.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                   do_sample=False, eos_token_id=tuned.stop_ids, **pixels)
+    new = out[0, ids.shape[1]:].tolist()
+    stop = next((k for k, t in enumerate(new) if t in tuned.stop_ids), len(new))
+    expected = tuned.tokenizer.decode(new[:stop], skip_special_tokens=True)
+    assert printed == (expected if stop < len(new) else expected + "  [max_new_tokens reached]")
+
+    assert main(["generate", *common, "--prompt", "And this?", "--audio", str(tmp_path / "tone1.wav")]) == 0
+    assert main(["generate", *common, "--input", str(tmp_path / "test.jsonl"), "--output",
+                 str(tmp_path / "answers.jsonl")]) == 0
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 2
+    assert main(["eval", str(tmp_path / "test.jsonl"), "--adapter", str(run), "--precision", "fp32",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"] == 2
+    assert main(["generate", *common, "--prompt", "x", "--image", str(tmp_path / "nowhere.png")]) == 2
+    assert "nowhere.png not found" in capsys.readouterr().err
+
+    # merge keeps the towers, with their trained adapters folded in, and the processor
+    from transformers import AutoProcessor, Gemma3nForConditionalGeneration
+
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged = Gemma3nForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    base = Gemma3nForConditionalGeneration.from_pretrained(tiny_gemma3n_multimodal)
+    name = next(n for n, _ in merged.named_parameters() if "vision_tower" in n and n.endswith("attn.query.proj.weight"))
+    assert not torch.equal(dict(merged.named_parameters())[name], dict(base.named_parameters())[name])
+    assert AutoProcessor.from_pretrained(tmp_path / "merged").image_seq_length == TINY_IMAGE_TOKENS
+
+
+@pytest.mark.multimodal
+def test_plan_counts_wrapped_modules_per_tower(tiny_gemma3n_multimodal):
+    from gemmatune.plan import make_plan
+
+    needs_multimodal()
+    sets = [f"model.name={tiny_gemma3n_multimodal}", "model.multimodal=true", "train.precision=fp32"]
+    plan = make_plan(load_config(None, [*sets, 'lora.towers=["audio", "vision"]']), device="cpu")
+    assert plan.shape.per_tower == {"language model": 60, "audio": 21, "vision": 135}  # as trained (test above)
+    assert "per tower: language model 60, audio 21, vision 135" in "\n".join(plan.lines())
+    assert make_plan(load_config(None, sets), device="cpu").shape.per_tower == {"language model": 60, "audio": 0,
+                                                                                "vision": 0}
