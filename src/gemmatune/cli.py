@@ -1,6 +1,6 @@
 """Command line: argv -> config or arguments -> one library call per subcommand. No logic of its own.
 
-Every subcommand is here (train, plan, generate, chat, eval, merge). The options several commands share
+Every subcommand is here (train, plan, generate, chat, eval, merge, export). The options several commands share
 (--debug, the config and --set, the model options, the sampling options) are each declared once, in a
 parent parser that those commands list.
 """
@@ -176,6 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged weights (default auto: the base checkpoint's; bf16 for a QLoRA base)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_merge)
+
+    # Issue 13: GGUF export (gemmatune.gguf_export does the work).
+    p = command("export", "base", help="write a run as a GGUF file for llama.cpp, Ollama, LM Studio",
+                formatter_class=RAW,
+                description="--format gguf: merge the adapter into its base in 16 bits and convert with llama.cpp's "
+                            "own converter (bundled: works offline); the run's template becomes the GGUF's chat "
+                            "template and its stop tokens end replies. --format gguf-lora: the adapter alone, for "
+                            "llama-server --lora. --format gguf-base: the run's base model alone (what a GGUF LoRA "
+                            "is applied to).",
+                epilog="examples:\n  gemmatune export runs/quickstart --format gguf --quant q8_0 --out qs.gguf --ollama\n"
+                       "  gemmatune export runs/quickstart --format gguf-lora --out qs-lora.gguf")
+    p.add_argument("adapter", help="run folder (or PEFT adapter folder)")
+    p.add_argument("--format", default="gguf", metavar="FORMAT", help="gguf (default), gguf-lora or gguf-base")
+    p.add_argument("--quant", default="f16", metavar="TYPE",
+                   help="gguf: f16 (default), bf16, f32, q8_0; with the gguf extra also q4_k_m, q4_k_s, q5_k_m, "
+                        "q5_k_s, q6_k; gguf-lora: f16, bf16, f32, q8_0")
+    p.add_argument("--out", required=True, metavar="FILE.gguf", help="the GGUF file to write")
+    p.add_argument("--ollama", action="store_true",
+                   help="also write a Modelfile beside the GGUF (FROM, TEMPLATE, stop parameters)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -317,6 +338,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise GemmatuneError("merge: give the ADAPTER to merge (a run folder), or --combine A:W B:W")
     out = merge(args.adapter, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged model: {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gemmatune.gguf_export import LLAMA_CPP_VERSION, base_gguf, export_gguf, export_gguf_lora, run_base
+
+    if args.ollama and args.format != "gguf":
+        raise GemmatuneError("--ollama goes with --format gguf (a Modelfile for the merged model)")
+    if args.format == "gguf-lora":
+        done = export_gguf_lora(args.adapter, args.out, args.quant, base=args.base, overwrite=args.overwrite)
+        print(f"GGUF LoRA: {done.path} ({done.quant}, {LLAMA_CPP_VERSION}); use it on a GGUF of the same base: "
+              f"llama-server -m BASE.gguf --lora {done.path}")
+        return 0
+    if args.format == "gguf-base":
+        base, template = run_base(args.adapter, args.base)
+        done = base_gguf(base, args.out, args.quant, template=template, overwrite=args.overwrite)
+        print(f"GGUF base model: {done.path} ({done.quant}, {LLAMA_CPP_VERSION})")
+        return 0
+    done = export_gguf(args.adapter, args.out, args.quant, base=args.base, ollama=args.ollama,
+                       overwrite=args.overwrite)
+    print(f"GGUF: {done.path} ({done.quant}, {LLAMA_CPP_VERSION}; template {done.template}, stops on "
+          f"{', '.join(done.stop_tokens)})")
+    if done.modelfile:
+        print(f"Ollama: cd {done.modelfile.parent} && ollama create NAME -f Modelfile && ollama run NAME")
     return 0
 
 
