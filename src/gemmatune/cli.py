@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "template and its stop tokens end replies. --format gguf-lora: the adapter alone, for "
                             "llama-server --lora. --format gguf-base: the run's base model alone (what a GGUF LoRA "
                             "is applied to).",
-                epilog="examples:\n  gemmatune export runs/quickstart --format gguf --quant q8_0 --out qs.gguf --ollama\n"
+                epilog="examples:\n  gemmatune export runs/quickstart --quant q8_0 --out qs.gguf --ollama\n"
                        "  gemmatune export runs/quickstart --format gguf-lora --out qs-lora.gguf")
     p.add_argument("adapter", help="run folder (or PEFT adapter folder)")
     p.add_argument("--format", default="gguf", metavar="FORMAT", help="gguf (default), gguf-lora or gguf-base")
