@@ -1,0 +1,295 @@
+"""GGUF export checked by a real llama.cpp (llama-cpp-python built from source, the `gguf` extra).
+
+Reference: transformers' greedy tokens on the merged model (`gemmatune merge`), from the same prompt ids.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from gemmatune.errors import GemmatuneError
+from tests.conftest import gemma3_config, gemma3n_config, require, tiny_config, write_jsonl
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+NEEDS = "llama-cpp-python 0.3.36 (pip install 'gemmatune[gguf]'; .ci/run builds it)"
+
+# Short answers in the chat template: a few steps teach the tiny models to answer and then stop.
+ROWS = [{"messages": [{"role": "user", "content": f"Route ticket {i}: my parcel is late"},
+                      {"role": "assistant", "content": "shipping"}]} for i in range(16)]
+PROMPTS = [{"messages": [{"role": "user", "content": f"Route ticket {i}: my parcel is late"}]} for i in (3, 21)]
+
+
+def _gemma_tokenizer():
+    from transformers import AutoTokenizer
+
+    from gemmatune.loading import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+def _tiny_run(tmp: Path, config, steps: int = 12) -> Path:
+    """A tiny random model with the real Gemma tokenizer (llama.cpp needs a real vocabulary), trained a few steps."""
+    import torch
+    import transformers
+
+    from gemmatune.train import train
+
+    tokenizer = _gemma_tokenizer()
+    config.vocab_size = len(tokenizer)
+    if hasattr(config, "vocab_size_per_layer_input"):
+        config.vocab_size_per_layer_input = len(tokenizer)
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, 2
+    torch.manual_seed(0)
+    model = getattr(transformers, config.architectures[0])(config)
+    model.save_pretrained(tmp / "base")
+    tokenizer.save_pretrained(tmp / "base")
+    data = write_jsonl(tmp / "train.jsonl", ROWS)
+    cfg = tiny_config(tmp / "base", data, tmp / "runs", max_steps=steps, learning_rate=2e-2)
+    return train(cfg).run_dir
+
+
+def _gemma3():
+    config = gemma3_config()
+    config.architectures = ["Gemma3ForCausalLM"]
+    return config
+
+
+def _gemma3n():
+    config = gemma3n_config(num_hidden_layers=4, num_kv_shared_layers=2, activation_sparsity_pattern=[0.95, 0, 0, 0],
+                            layer_types=["sliding_attention", "full_attention"] * 2)
+    config.architectures = ["Gemma3nForCausalLM"]
+    return config
+
+
+@pytest.fixture(scope="module", params=["gemma3", "gemma3n"])
+def tiny_run(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    return _tiny_run(tmp, _gemma3() if request.param == "gemma3" else _gemma3n())
+
+
+def llama_greedy(gguf: Path, prompt_ids: list[int], max_new_tokens: int, lora: Path | None = None):
+    """Greedy tokens from llama.cpp itself; stops where llama.cpp's vocabulary says end-of-generation."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_batch=256, n_threads=2, verbose=False,
+                          lora_path=str(lora) if lora else None)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    tokens: list[int] = []
+    for token in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            return tokens, True, token
+        tokens.append(token)
+        if len(tokens) >= max_new_tokens:
+            break
+    return tokens, False, None
+
+
+def _reference(run: Path, tmp: Path):
+    """transformers' greedy generations on the merged model, and the prompt ids they started from."""
+    from gemmatune.export import merge
+    from gemmatune.infer import load
+
+    merged = merge(run, tmp / "merged")
+    tuned = load(base=str(merged), precision="fp32")
+    ids = [tuned.prompt_ids(p) for p in PROMPTS]
+    return tuned, ids, tuned.generate(PROMPTS, greedy=True, max_new_tokens=12)
+
+
+def _metadata(gguf: Path) -> dict:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    return {k: fields[k].contents() for k in fields if k.startswith(("tokenizer.", "general.file_type"))}
+
+
+def test_f16_bf16_q8_0_equal_transformers_greedy_and_stop(tiny_run, tmp_path):
+    require(HAS_LLAMA_CPP, NEEDS)
+    from gemmatune.gguf_export import export_gguf
+
+    tuned, ids, reference = _reference(tiny_run, tmp_path)
+    assert all(g.stopped for g in reference), "the tiny run did not learn to stop; the test proves nothing"
+    end_of_turn = tuned.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    for quant in ("f16", "bf16", "q8_0"):
+        done = export_gguf(tiny_run, tmp_path / f"tuned-{quant}.gguf", quant=quant)
+        assert done.path.is_file() and done.stop_tokens == ["<eos>", "<end_of_turn>"]
+        meta = _metadata(done.path)
+        assert meta["tokenizer.ggml.model"] == "llama"  # SentencePiece, as Gemma's own GGUFs
+        assert meta["tokenizer.chat_template"] == tuned.tokenizer.chat_template
+        matched = total = 0
+        for prompt, ref in zip(ids, reference, strict=True):
+            tokens, stopped, stop = llama_greedy(done.path, prompt, 12)
+            if quant in ("f16", "bf16"):
+                assert tokens == ref.token_ids, quant
+                assert stopped and stop == end_of_turn, quant
+            matched += sum(a == b for a, b in zip(tokens, ref.token_ids, strict=False))
+            total += max(len(tokens), len(ref.token_ids))
+        assert matched / total >= 0.95, (quant, matched, total)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_llama_cpp_tokenizes_the_prompt_text_as_transformers(tiny_run, tmp_path):
+    """The GGUF's vocabulary (SentencePiece, written from tokenizer.json) tokenizes text as the HF tokenizer does,
+    and its chat template renders the training prompt."""
+    require(HAS_LLAMA_CPP, NEEDS)
+    import llama_cpp
+
+    from gemmatune.gguf_export import export_gguf
+    from gemmatune.infer import load
+
+    done = export_gguf(tiny_run, tmp_path / "tuned.gguf", quant="bf16")
+    tuned = load([tiny_run], precision="fp32")
+    llm = llama_cpp.Llama(model_path=str(done.path), n_ctx=256, verbose=False, vocab_only=True)
+    texts = [tuned.tokenizer.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS]
+    texts += ["Hello  world,\n\tthe team: billing 路由 🚀 <end_of_turn>", "  leading spaces"]
+    for text in texts:
+        hf = tuned.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf, text
+        assert llm.detokenize(hf, special=True).decode() == text
+    assert [tuned.prompt_ids(p) for p in PROMPTS] == [
+        llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts[:2]]
+
+
+def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run, tmp_path):
+    require(HAS_LLAMA_CPP, NEEDS)
+    from gemmatune.gguf_export import base_gguf, export_gguf, export_gguf_lora, run_base
+
+    merged = export_gguf(tiny_run, tmp_path / "merged.gguf", quant="f32")
+    base_name, template = run_base(tiny_run)
+    base = base_gguf(base_name, tmp_path / "base.gguf", quant="f32", template=template)
+    lora = export_gguf_lora(tiny_run, tmp_path / "lora.gguf", quant="f32")
+    assert _metadata(lora.path) == {} or "tokenizer.ggml.model" not in _metadata(lora.path)
+    from gemmatune.infer import load
+
+    ids = [load([tiny_run], precision="fp32").prompt_ids(p) for p in PROMPTS]
+    for prompt in ids:
+        want = llama_greedy(merged.path, prompt, 12)
+        assert want[1], "the merged GGUF did not stop"
+        assert llama_greedy(base.path, prompt, 12, lora=lora.path) == want
+        assert llama_greedy(base.path, prompt, 12) != want  # the adapter is what changes the answer
+
+
+def test_k_quant_goes_through_llama_cpps_quantizer(tiny_gemma3_run, tmp_path):
+    require(HAS_LLAMA_CPP, NEEDS)
+    from gemmatune.gguf_export import export_gguf
+
+    done = export_gguf(tiny_gemma3_run, tmp_path / "q4.gguf", quant="q4_k_m")
+    assert _metadata(done.path)["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    tokens, _, _ = llama_greedy(done.path, [2, 105], 4)
+    assert len(tokens) >= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_run(tmp_path_factory):
+    return _tiny_run(tmp_path_factory.mktemp("gguf-k"), _gemma3(), steps=2)
+
+
+def test_ollama_modelfile_matches_the_training_template(tiny_gemma3_run, tmp_path):
+    from gemmatune.gguf_export import export_gguf
+
+    done = export_gguf(tiny_gemma3_run, tmp_path / "m.gguf", quant="q8_0", ollama=True)
+    text = done.modelfile.read_text()
+    assert text.startswith("FROM ./m.gguf\n")
+    assert 'PARAMETER stop "<end_of_turn>"' in text and 'PARAMETER stop "<eos>"' in text
+    assert "<start_of_turn>user\\n" not in text and "<start_of_turn>model\n" in text
+
+
+def test_alpaca_runs_get_an_alpaca_chat_template(tokenizer):
+    from jinja2 import Environment
+
+    from gemmatune.templates import gguf_chat_template, ollama_template, prompt_text
+
+    tokenizer.bos_token = "<bos>"
+    row = {"instruction": "路由 this ticket: \"late\"", "input": ""}
+    for template in ("alpaca-en", "alpaca-zh"):
+        jinja = Environment().from_string(gguf_chat_template(template, tokenizer))
+        rendered = jinja.render(messages=[{"role": "user", "content": row["instruction"]}], bos_token="<bos>",
+                                eos_token="<eos>", add_generation_prompt=True)
+        assert rendered == "<bos>" + prompt_text(row, template, tokenizer)
+        assert ollama_template(template, None).replace("{{ .Prompt }}", row["instruction"]) == \
+            prompt_text(row, template, tokenizer)
+
+
+# --- bad input: one line, exit 2, nothing left behind
+
+
+def _cli(*args) -> int:
+    from gemmatune.cli import main
+
+    return main(["export", *args])
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, tiny_gemma3_run, monkeypatch):
+    not_a_run = tmp_path / "nothing"
+    not_a_run.mkdir()
+    cases = [
+        ([str(not_a_run), "--out", str(tmp_path / "a.gguf")], "no adapter_config.json"),
+        ([str(tiny_gemma3_run), "--quant", "q3_xyz", "--out", str(tmp_path / "a.gguf")], "--quant 'q3_xyz'"),
+        ([str(tiny_gemma3_run), "--format", "gguf-lora", "--quant", "q4_k_m", "--out", str(tmp_path / "a.gguf")],
+         "--quant 'q4_k_m' is not supported for --format gguf-lora"),
+        ([str(tiny_gemma3_run), "--out", str(tmp_path / "a.bin")], "must end in .gguf"),
+        ([str(tiny_gemma3_run), "--format", "onnx", "--out", str(tmp_path / "a.gguf")], "--format"),
+    ]
+    for args, message in cases:
+        assert _cli(*args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    import gemmatune.gguf_export as gguf_export
+
+    monkeypatch.setattr(gguf_export, "CONVERTER_DIR", tmp_path / "missing")
+    assert _cli(str(tiny_gemma3_run), "--out", str(tmp_path / "a.gguf")) == 2
+    assert "llama.cpp's converter is missing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["missing", "nothing"] or \
+        sorted(p.name for p in tmp_path.iterdir()) == ["nothing"]
+
+
+def test_without_llama_cpp_k_quants_are_refused_not_replaced(tmp_path, monkeypatch, tiny_gemma3_run):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama_cpp(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    from gemmatune.gguf_export import export_gguf
+
+    with pytest.raises(GemmatuneError, match="k-quants .* need llama.cpp's quantizer"):
+        export_gguf(tiny_gemma3_run, tmp_path / "x.gguf", quant="q4_k_m")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_gemma3_run, capsys):
+    """A real ENOSPC from a small tmpfs would need root mounts; an unwritable output folder is the same path:
+    the OSError is turned into one line and the temp folder goes away."""
+    out_dir = tmp_path / "ro"
+    out_dir.mkdir()
+    os.chmod(out_dir, 0o500)
+    try:
+        if os.access(out_dir, os.W_OK):
+            pytest.skip("running as root: permissions do not stop writes")
+        assert _cli(str(tiny_gemma3_run), "--out", str(out_dir / "x.gguf")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cannot write" in err
+        assert list(out_dir.iterdir()) == []
+    finally:
+        os.chmod(out_dir, 0o700)
+
+
+def test_converter_runs_from_the_installed_package_offline():
+    from gemmatune.gguf_export import CONVERTER_DIR
+
+    for name in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/gemma.py", "gguf-py/gguf/vocab.py",
+                 "LICENSE", "SOURCE.md"):
+        assert (CONVERTER_DIR / name).is_file(), name
+    assert "0c1e57098" in (CONVERTER_DIR / "SOURCE.md").read_text()
+    assert json.loads(json.dumps({"ok": True}))
