@@ -231,7 +231,11 @@ def write_sentencepiece_model(folder: Path, tokenizer) -> Path:
     tokenizer.json; a normal piece's score is minus its id, which ranks merges as Gemma's own model does (its
     scores fall by one per id).
     """
-    from sentencepiece import sentencepiece_model_pb2 as spm
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as spm
+    except ImportError:
+        raise GemmatuneError(f"{folder} has no tokenizer.model; writing one for llama.cpp needs protobuf: "
+                             "pip install 'gemmatune[gguf]'") from None
 
     data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = data["model"]
