@@ -342,8 +342,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gemmatune.gguf_export import LLAMA_CPP_VERSION, base_gguf, export_gguf, export_gguf_lora, run_base
+    from gemmatune.gguf_export import (
+        LLAMA_CPP_VERSION,
+        base_gguf,
+        check_request,
+        export_gguf,
+        export_gguf_lora,
+        run_base,
+    )
 
+    check_request(args.format, args.quant, Path(args.out), args.overwrite)
     if args.ollama and args.format != "gguf":
         raise GemmatuneError("--ollama goes with --format gguf (a Modelfile for the merged model)")
     if args.format == "gguf-lora":

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CONVERTER_DIR = Path(__file__).with_name("llama_cpp_converter")
 LLAMA_CPP_VERSION = "llama.cpp 0c1e57098 (llama-cpp-python 0.3.36)"
-FORMATS = ("gguf", "gguf-lora")
+FORMATS = ("gguf", "gguf-lora", "gguf-base")
 # Types llama.cpp's converter writes itself.
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 # K-quants: llama.cpp's quantizer, from a bf16 GGUF. Values: llama.cpp's llama_ftype names.
@@ -59,7 +59,7 @@ def check_request(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
     """Refuse bad options before any model is loaded."""
     if fmt not in FORMATS:
         raise GemmatuneError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    allowed = QUANTS if fmt == "gguf" else LORA_TYPES
+    allowed = LORA_TYPES if fmt == "gguf-lora" else QUANTS
     if quant not in allowed:
         raise GemmatuneError(f"--quant {quant!r} is not supported for --format {fmt}; "
                              f"choose one of {', '.join(allowed)}")
@@ -69,7 +69,7 @@ def check_request(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
         raise GemmatuneError(f"--out {out} is a folder; give a file name ending in .gguf")
     if out.exists() and not overwrite:
         raise GemmatuneError(f"{out} already exists; choose another --out or add --overwrite")
-    script = CONVERTER_DIR / ("convert_hf_to_gguf.py" if fmt == "gguf" else "convert_lora_to_gguf.py")
+    script = CONVERTER_DIR / ("convert_lora_to_gguf.py" if fmt == "gguf-lora" else "convert_hf_to_gguf.py")
     if not script.is_file():
         raise GemmatuneError(f"llama.cpp's converter is missing ({script}); reinstall gemmatune")
     if quant in K_QUANTS:
@@ -156,7 +156,7 @@ def base_gguf(base: str, out: str | Path, quant: str = "f16", template: str = "c
     import shutil
 
     out = Path(out)
-    check_request("gguf", quant, out, overwrite)
+    check_request("gguf-base", quant, out, overwrite)
     base_dir = _local_base_folder(base)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
@@ -317,9 +317,15 @@ class _space_errors:
         return self
 
     def __exit__(self, kind, exc, tb):
-        if isinstance(exc, OSError) and not isinstance(exc, GemmatuneError):
-            reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
-            raise GemmatuneError(f"cannot write {self.out}: {reason}; nothing was written") from None
+        if exc is None or isinstance(exc, GemmatuneError):
+            return False
+        # safetensors reports a full disk as its own error type, with the OS message inside.
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+            "No space left on device" in str(exc)
+        if full:
+            raise GemmatuneError(f"cannot write {self.out}: the disk is full; nothing was written") from None
+        if isinstance(exc, OSError):
+            raise GemmatuneError(f"cannot write {self.out}: {exc.strerror or exc}; nothing was written") from None
         return False
 
 
