@@ -24,28 +24,47 @@ ROWS = [{"messages": [{"role": "user", "content": f"Route ticket {i}: my parcel 
 PROMPTS = [{"messages": [{"role": "user", "content": f"Route ticket {i}: my parcel is late"}]} for i in (3, 21)]
 
 
-def _gemma_tokenizer():
-    from transformers import AutoTokenizer
+def small_gemma_style_tokenizer():
+    """A 400-token tokenizer built like Gemma's tokenizer.json (BPE with byte fallback, spaces as U+2581, the Gemma
+    specials and chat template), small enough for Gemma 3n's per-layer embeddings: llama.cpp's Gemma 3n needs
+    256-wide per-layer inputs and 20 KV layers, as the real E2B/E4B have, so only the vocabulary can shrink."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
 
-    from gemmatune.loading import embedded_model_dir
+    from gemmatune.models.gemma3 import CHAT_TEMPLATE
 
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"]
+    pieces += [chr(c) for c in range(33, 127)] + ["\u2581t", "he", "\u2581the", "in", "er"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = [("\u2581", "t"), ("h", "e"), ("\u2581t", "he"), ("i", "n"), ("e", "r")]
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    core.normalizer = normalizers.Replace(" ", "\u2581")
+    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    from tokenizers import processors
+
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def _tiny_run(tmp: Path, config, steps: int = 12) -> Path:
-    """A tiny random model with the real Gemma tokenizer (llama.cpp needs a real vocabulary), trained a few steps."""
+    """A tiny random model with a Gemma-style tokenizer, trained a few steps on short chat answers."""
     import torch
     import transformers
 
     from gemmatune.train import train
 
-    tokenizer = _gemma_tokenizer()
+    tokenizer = small_gemma_style_tokenizer()
     config.vocab_size = len(tokenizer)
     if hasattr(config, "vocab_size_per_layer_input"):
         config.vocab_size_per_layer_input = len(tokenizer)
     config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, 2
     torch.manual_seed(0)
     model = getattr(transformers, config.architectures[0])(config)
+    model.generation_config.eos_token_id = [1, 5]
     model.save_pretrained(tmp / "base")
     tokenizer.save_pretrained(tmp / "base")
     data = write_jsonl(tmp / "train.jsonl", ROWS)
@@ -60,8 +79,10 @@ def _gemma3():
 
 
 def _gemma3n():
-    config = gemma3n_config(num_hidden_layers=4, num_kv_shared_layers=2, activation_sparsity_pattern=[0.95, 0, 0, 0],
-                            layer_types=["sliding_attention", "full_attention"] * 2)
+    # llama.cpp's Gemma 3n: 256-wide per-layer inputs and KV sharing from layer 20 on (E2B: 30 layers, 10 shared).
+    kinds = (["sliding_attention"] * 4 + ["full_attention"]) * 5
+    config = gemma3n_config(num_hidden_layers=25, num_kv_shared_layers=5, hidden_size_per_layer_input=256,
+                            activation_sparsity_pattern=[0.95] * 5 + [0.0] * 20, layer_types=kinds)
     config.architectures = ["Gemma3nForCausalLM"]
     return config
 
