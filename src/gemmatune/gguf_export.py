@@ -216,6 +216,8 @@ def _prepare_for_converter(folder: Path, template: str) -> tuple[list[str], Mode
     (folder / "chat_template.jinja").write_text(jinja, encoding="utf-8")
     if family.sentencepiece_tokenizer and not (folder / "tokenizer.model").is_file():
         write_sentencepiece_model(folder, tokenizer)
+    if family.gguf_kv_shared_placeholders:
+        add_kv_shared_placeholders(folder)
     stops = [tokenizer.eos_token]
     if template == "chat":
         stops += [t for t in family.stop_tokens if t not in stops]
@@ -279,6 +281,46 @@ def write_sentencepiece_model(folder: Path, tokenizer) -> Path:
     path = folder / "tokenizer.model"
     path.write_bytes(proto.SerializeToString())
     return path
+
+
+def add_kv_shared_placeholders(folder: Path) -> None:
+    """Zero k_proj / v_proj / k_norm weights for Gemma 3n's KV-shared layers, in an extra safetensors part.
+
+    transformers builds those layers without them (they read the cache of an earlier layer) and saves none;
+    llama.cpp's Gemma 3n loader requires every layer's tensors although its graph reads no k/v weights there.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    parts = sorted(p for p in folder.glob("model*.safetensors"))
+    names: dict[str, Path] = {}
+    for part in parts:
+        with safe_open(str(part), "pt") as fh:
+            names.update(dict.fromkeys(fh.keys(), part))
+    pattern = re.compile(r"(.*layers\.)(\d+)\.self_attn\.(k_proj\.weight|v_proj\.weight|k_norm\.weight)$")
+    present: dict[tuple[str, str], dict[int, str]] = {}
+    layers: dict[str, set[int]] = {}
+    for name in names:
+        if (m := pattern.match(name)):
+            present.setdefault((m[1], m[3]), {})[int(m[2])] = name
+        if (m := re.match(r"(.*layers\.)(\d+)\.self_attn\.q_proj\.weight$", name)):
+            layers.setdefault(m[1], set()).add(int(m[2]))
+    extra = {}
+    for (prefix, kind), have in present.items():
+        template_name = have[max(have)]
+        with safe_open(str(names[template_name]), "pt") as fh:
+            template = fh.get_tensor(template_name)
+        for layer in sorted(layers.get(prefix, set()) - set(have)):
+            extra[f"{prefix}{layer}.self_attn.{kind}"] = template.new_zeros(template.shape)
+    if not extra:
+        return
+    part = folder / "model-gguf-kv-shared-placeholders.safetensors"
+    save_file(extra, str(part), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # the converter reads the index's weight map when there is one
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"].update(dict.fromkeys(extra, part.name))
+        index.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def _run_converter(args: list[str], what: str) -> None:

@@ -57,6 +57,9 @@ class ModelFamily:
     sentencepiece_tokenizer: bool = False
     """The tokenizer is SentencePiece BPE (byte fallback): a GGUF export describes it to llama.cpp as one, also
     where the folder has only tokenizer.json (see gguf_export.write_sentencepiece_model)."""
+    gguf_kv_shared_placeholders: bool = False
+    """KV-shared layers have no k/v projections in transformers (they reuse an earlier layer's cache), but llama.cpp's
+    loader requires those tensors; its graph never reads them. A GGUF export adds zero ones."""
     ollama_chat_template: str | None = None
     """The chat format as an Ollama (Go text/template) TEMPLATE, for `export --ollama` of a chat-template run."""
 

@@ -44,5 +44,6 @@ FAMILY = ModelFamily(
     rms_norm="Gemma3nRMSNorm",
     rms_norm_offset=0.0,  # output * weight (norms built with_scale=False have no weight)
     sentencepiece_tokenizer=True,
+    gguf_kv_shared_placeholders=True,
     ollama_chat_template=OLLAMA_CHAT_TEMPLATE,
 )
