@@ -376,9 +376,20 @@ def test_embedded_270m_run_in_llama_cpp_answers_as_in_transformers(tmp_path):
 
     google = GGUFReader(str(packaged.assemble(tmp_path / packaged.MODEL_NAME))).fields
     ours = GGUFReader(str(done.path)).fields
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id"):
         assert ours[key].contents() == google[key].contents(), key
+    # The same pieces, but Google's file spells its user-defined whitespace runs with spaces ('  ') where
+    # tokenizer.json has U+2581 ('\u2581\u2581'): those (type 4) are compared with the spaces restored.
+    kinds = google["tokenizer.ggml.token_type"].contents()
+    theirs, mine = google["tokenizer.ggml.tokens"].contents(), ours["tokenizer.ggml.tokens"].contents()
+    assert len(mine) == len(theirs)
+    assert [m.replace("\u2581", " ") if k == 4 else m for m, k in zip(mine, kinds, strict=True)] == theirs
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(done.path), vocab_only=True, verbose=False)
+    texts = [tuned.tokenizer.decode(i) for i in ids]
+    assert [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts] == ids
 
 
 def _reference_rows(run: Path, tmp: Path, rows: list[dict]):
