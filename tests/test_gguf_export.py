@@ -220,7 +220,10 @@ def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run, tmp_path):
     base_name, template = run_base(tiny_run)
     base = base_gguf(base_name, tmp_path / "base.gguf", quant="f32", template=template)
     lora = export_gguf_lora(tiny_run, tmp_path / "lora.gguf", quant="f32")
-    assert _metadata(lora.path) == {} or "tokenizer.ggml.model" not in _metadata(lora.path)
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(lora.path)).fields
+    assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
     from gemmatune.infer import load
 
     ids = [load([tiny_run], precision="fp32").prompt_ids(p) for p in PROMPTS]
@@ -345,7 +348,6 @@ def test_converter_runs_from_the_installed_package_offline():
                  "LICENSE", "SOURCE.md"):
         assert (CONVERTER_DIR / name).is_file(), name
     assert "0c1e57098" in (CONVERTER_DIR / "SOURCE.md").read_text()
-    assert json.loads(json.dumps({"ok": True}))
 
 
 @pytest.mark.slow
