@@ -245,10 +245,11 @@ def test_k_quant_goes_through_llama_cpps_quantizer(tiny_gemma3_run, tmp_path):
     assert len(tokens) >= 1
 
 
-def test_ollama_modelfile_matches_the_training_template(tiny_gemma3_run, tmp_path):
+def test_ollama_modelfile_matches_the_training_template(tiny_gemma3_run, tmp_path, monkeypatch):
     from gemmatune.gguf_export import export_gguf
 
-    done = export_gguf(tiny_gemma3_run, tmp_path / "m.gguf", quant="q8_0", ollama=True)
+    monkeypatch.chdir(tmp_path)  # a relative --out, as typed
+    done = export_gguf(tiny_gemma3_run, "m.gguf", quant="q8_0", ollama=True)
     text = done.modelfile.read_text()
     assert text.startswith("FROM ./m.gguf\n")
     assert 'PARAMETER stop "<end_of_turn>"' in text and 'PARAMETER stop "<eos>"' in text

@@ -328,7 +328,7 @@ def _run_converter(args: list[str], what: str) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NO_LOCAL_GGUF", None)
     log.info("%s with %s", what, LLAMA_CPP_VERSION)
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=CONVERTER_DIR)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         output = (proc.stderr or "") + (proc.stdout or "")
         if "No space left on device" in output or "Errno 28" in output:
