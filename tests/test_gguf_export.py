@@ -253,7 +253,12 @@ def test_ollama_modelfile_matches_the_training_template(tiny_gemma3_run, tmp_pat
     text = done.modelfile.read_text()
     assert text.startswith("FROM ./m.gguf\n")
     assert 'PARAMETER stop "<end_of_turn>"' in text and 'PARAMETER stop "<eos>"' in text
-    assert "<start_of_turn>user\\n" not in text and "<start_of_turn>model\n" in text
+    template = text.split('TEMPLATE """')[1].split('"""')[0]
+    # Go trims the whitespace before "{{-": never right after a newline of the format.
+    assert "\n{{-" not in template and template.endswith("<start_of_turn>model\n")
+    assert 'printf "%s\\n\\n"' in template  # an escape inside a Go string literal, not a raw newline
+    user = template.split('"user" }}')[1].split("{{ else")[0]
+    assert user == "<start_of_turn>user\n{{ $system }}{{ $system = \"\" }}{{ $m.Content }}<end_of_turn>\n"
 
 
 def test_alpaca_runs_get_an_alpaca_chat_template(tokenizer):

@@ -99,6 +99,9 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
 
     out = Path(out)
     check_request("gguf", quant, out, overwrite)
+    if ollama and out.with_name("Modelfile").exists() and not overwrite:
+        raise GemmatuneError(f"{out.with_name('Modelfile')} already exists; choose another --out folder or add "
+                             "--overwrite")
     read_adapter(adapter)  # a folder that is not a run fails here, before a model is loaded
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
