@@ -14,6 +14,7 @@ FAILING_ARGS = {
     "chat": ["--adapter", "{tmp}/no-such-adapter"],
     "eval": ["--limit", "0"],
     "merge": ["--out", "{tmp}/merged"],
+    "export": ["{tmp}/no-such-run", "--out", "{tmp}/x.gguf"],
 }
 
 

@@ -1,6 +1,6 @@
 """Command line: argv -> config or arguments -> one library call per subcommand. No logic of its own.
 
-Every subcommand is here (train, plan, generate, chat, eval, merge, serve). The options several commands share
+Every subcommand is here (train, plan, generate, chat, eval, merge, export, serve). The options several commands share
 (--debug, the config and --set, the model options, the sampling options) are each declared once, in a
 parent parser that those commands list.
 """
@@ -203,6 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="most concurrent requests answered in one forward pass (default 16)")
     p.set_defaults(func=cmd_serve)
+
+    # Issue 13: GGUF export (gemmatune.gguf_export does the work).
+    p = command("export", "base", help="write a run as a GGUF file for llama.cpp, Ollama, LM Studio",
+                formatter_class=RAW,
+                description="--format gguf: merge the adapter into its base in 16 bits and convert with llama.cpp's "
+                            "own converter (bundled: works offline); the run's template becomes the GGUF's chat "
+                            "template and its stop tokens end replies. --format gguf-lora: the adapter alone, for "
+                            "llama-server --lora. --format gguf-base: the run's base model alone (what a GGUF LoRA "
+                            "is applied to).",
+                epilog="examples:\n  gemmatune export runs/quickstart --quant q8_0 --out qs.gguf --ollama\n"
+                       "  gemmatune export runs/quickstart --format gguf-lora --out qs-lora.gguf")
+    p.add_argument("adapter", help="run folder (or PEFT adapter folder)")
+    p.add_argument("--format", default="gguf", metavar="FORMAT", help="gguf (default), gguf-lora or gguf-base")
+    p.add_argument("--quant", default="f16", metavar="TYPE",
+                   help="gguf: f16 (default), bf16, f32, q8_0; with the gguf extra also q4_k_m, q4_k_s, q5_k_m, "
+                        "q5_k_s, q6_k; gguf-lora: f16, bf16, f32, q8_0")
+    p.add_argument("--out", required=True, metavar="FILE.gguf", help="the GGUF file to write")
+    p.add_argument("--ollama", action="store_true",
+                   help="also write a Modelfile beside the GGUF (FROM, TEMPLATE, stop parameters)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -369,6 +390,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tuned = _load(args)
     serve(tuned, base_name, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("GEMMATUNE_API_KEY") or None, limits=limits, runs_dir=args.runs)
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gemmatune.gguf_export import (
+        LLAMA_CPP_VERSION,
+        base_gguf,
+        check_request,
+        export_gguf,
+        export_gguf_lora,
+        run_base,
+    )
+
+    check_request(args.format, args.quant, Path(args.out), args.overwrite)
+    if args.ollama and args.format != "gguf":
+        raise GemmatuneError("--ollama goes with --format gguf (a Modelfile for the merged model)")
+    if args.format == "gguf-lora":
+        done = export_gguf_lora(args.adapter, args.out, args.quant, base=args.base, overwrite=args.overwrite)
+        print(f"GGUF LoRA: {done.path} ({done.quant}, {LLAMA_CPP_VERSION}); use it on a GGUF of the same base: "
+              f"llama-server -m BASE.gguf --lora {done.path}")
+        return 0
+    if args.format == "gguf-base":
+        base, template = run_base(args.adapter, args.base)
+        done = base_gguf(base, args.out, args.quant, template=template, overwrite=args.overwrite)
+        print(f"GGUF base model: {done.path} ({done.quant}, {LLAMA_CPP_VERSION})")
+        return 0
+    done = export_gguf(args.adapter, args.out, args.quant, base=args.base, ollama=args.ollama,
+                       overwrite=args.overwrite)
+    print(f"GGUF: {done.path} ({done.quant}, {LLAMA_CPP_VERSION}; template {done.template}, stops on "
+          f"{', '.join(done.stop_tokens)})")
+    if done.modelfile:
+        print(f"Ollama: cd {done.modelfile.parent} && ollama create NAME -f Modelfile && ollama run NAME")
     return 0
 
 

@@ -8,6 +8,7 @@ marker of the chat template for chat.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from gemmatune.errors import GemmatuneError
@@ -172,3 +173,39 @@ def prompt_ids(row: dict, template: str, tokenizer, media=None) -> list[int]:
     rendered = tokenizer.apply_chat_template(done, tokenize=False) if done else ""
     full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return ids + _encode(tokenizer, full[len(rendered):], False)
+
+
+def gguf_chat_template(template: str, tokenizer) -> str:
+    """The Jinja chat template a GGUF carries (llama.cpp formats chat requests with it): the one the run was
+    trained with. For the Alpaca templates, each user message is rendered as an instruction without input and
+    each reply ends with EOS, exactly the prompt/response split of `tokenize_row`."""
+    if template == "chat":
+        if not tokenizer.chat_template:
+            raise GemmatuneError("the run's chat template is missing from its tokenizer; cannot write it to the GGUF")
+        return tokenizer.chat_template
+    if template not in _ALPACA:
+        raise GemmatuneError(f"template {template} has no prompt/response split; a chat model needs alpaca or chat")
+    prefix, _, suffix = _ALPACA[template][1].partition("{instruction}")
+
+    def literal(text: str) -> str:  # a Jinja string literal (escapes as in JSON; CJK text kept as it is)
+        return json.dumps(text, ensure_ascii=False)
+
+    return (
+        "{{ bos_token }}{%- for message in messages -%}"
+        f"{{%- if message['role'] == 'user' -%}}{{{{ {literal(prefix)} + message['content'] + {literal(suffix)} }}}}"
+        "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
+def ollama_template(template: str, family_template: str | None) -> str:
+    """The run's template as an Ollama TEMPLATE (Go text/template; Ollama adds BOS as the GGUF says)."""
+    if template == "chat":
+        if family_template is None:
+            raise GemmatuneError("--ollama: this model family's chat format has no Ollama template in gemmatune; "
+                                 "write the Modelfile's TEMPLATE by hand")
+        return family_template
+    if template not in _ALPACA:
+        raise GemmatuneError(f"template {template} has no prompt/response split; a chat model needs alpaca or chat")
+    prefix, _, suffix = _ALPACA[template][1].partition("{instruction}")
+    return f"{prefix}{{{{ .Prompt }}}}{suffix}"

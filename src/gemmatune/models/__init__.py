@@ -56,6 +56,14 @@ class ModelFamily:
     input copy kept for backward); None: left as it is."""
     rms_norm_offset: float = 0.0
     """The norm multiplies by (weight + offset): Gemma 3 stores weight - 1 (offset 1.0), Gemma 3n the scale."""
+    sentencepiece_tokenizer: bool = False
+    """The tokenizer is SentencePiece BPE (byte fallback): a GGUF export describes it to llama.cpp as one, also
+    where the folder has only tokenizer.json (see gguf_export.write_sentencepiece_model)."""
+    gguf_kv_shared_placeholders: bool = False
+    """KV-shared layers have no k/v projections in transformers (they reuse an earlier layer's cache), but llama.cpp's
+    loader requires those tensors; its graph never reads them. A GGUF export adds zero ones."""
+    ollama_chat_template: str | None = None
+    """The chat format as an Ollama (Go text/template) TEMPLATE, for `export --ollama` of a chat-template run."""
 
 
 def bundled_config_file(model_id: str):

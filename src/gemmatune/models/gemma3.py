@@ -27,6 +27,17 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# The same format for Ollama (Go text/template): a system message folded into the first user turn as above.
+OLLAMA_CHAT_TEMPLATE = (
+    # No "{{-" after a newline that belongs to the format: it would trim it. printf's "\\n" is a Go escape.
+    '{{- $system := "" }}'
+    '{{- range .Messages }}{{- if eq .Role "system" }}{{ $system = printf "%s\\n\\n" .Content }}{{- end }}{{- end }}'
+    '{{- range $i, $m := .Messages }}'
+    '{{ if eq $m.Role "user" }}<start_of_turn>user\n{{ $system }}{{ $system = "" }}{{ $m.Content }}<end_of_turn>\n'
+    '{{ else if eq $m.Role "assistant" }}<start_of_turn>model\n{{ $m.Content }}<end_of_turn>\n'
+    '{{ end }}{{ end }}<start_of_turn>model\n'
+)
+
 TOWERS = ("vision_tower", "multi_modal_projector")
 
 FAMILY = ModelFamily(
@@ -45,4 +56,6 @@ FAMILY = ModelFamily(
     tower_modules=TOWERS,
     rms_norm="Gemma3RMSNorm",
     rms_norm_offset=1.0,  # output * (1.0 + weight)
+    sentencepiece_tokenizer=True,
+    ollama_chat_template=OLLAMA_CHAT_TEMPLATE,
 )

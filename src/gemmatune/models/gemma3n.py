@@ -15,7 +15,7 @@
 """
 
 from gemmatune.models import ModelFamily, language_model_projections
-from gemmatune.models.gemma3 import CHAT_TEMPLATE
+from gemmatune.models.gemma3 import CHAT_TEMPLATE, OLLAMA_CHAT_TEMPLATE
 
 TOWERS = ("audio_tower", "vision_tower", "embed_audio", "embed_vision")
 LANGUAGE_MODEL_PROJECTIONS = language_model_projections(TOWERS)
@@ -53,4 +53,7 @@ FAMILY = ModelFamily(
     ),
     rms_norm="Gemma3nRMSNorm",
     rms_norm_offset=0.0,  # output * weight (norms built with_scale=False have no weight)
+    sentencepiece_tokenizer=True,
+    gguf_kv_shared_placeholders=True,
+    ollama_chat_template=OLLAMA_CHAT_TEMPLATE,
 )
