@@ -80,10 +80,10 @@ def _gemma3():
 
 def _gemma3n():
     # llama.cpp's Gemma 3n fixes these as E2B/E4B have them: per-layer inputs 256 wide, LAuReL rank 64, KV shared
-    # from layer 20 on.
+    # from layer 20 on, activation sparsity in the first 10 layers.
     kinds = (["sliding_attention"] * 4 + ["full_attention"]) * 5
     config = gemma3n_config(num_hidden_layers=25, num_kv_shared_layers=5, hidden_size_per_layer_input=256,
-                            laurel_rank=64, activation_sparsity_pattern=[0.95] * 5 + [0.0] * 20, layer_types=kinds)
+                            laurel_rank=64, activation_sparsity_pattern=[0.95] * 10 + [0.0] * 15, layer_types=kinds)
     config.architectures = ["Gemma3nForCausalLM"]
     return config
 
