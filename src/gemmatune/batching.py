@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -41,6 +43,7 @@ class Job:
     done: Callable[[Result | BaseException], None]  # called once, from the worker thread
     prompt_tokens: int = 0
     cancelled: bool = False  # the client went away: its row's output is dropped
+    media_dir: Path | None = None  # the request's image/audio files: removed once the job leaves the worker
     _tokens: list[int] = field(default_factory=list)
     _sent: str = ""
     _finished: bool = False  # its row is over: later tokens of the batch are not its own
@@ -50,6 +53,11 @@ class Job:
         if not self._answered:
             self._answered = True
             self.done(result)
+
+    def release(self) -> None:
+        """Called by the worker when the job is over or dropped: its media files were read, or never will be."""
+        if self.media_dir is not None:
+            shutil.rmtree(self.media_dir, ignore_errors=True)
 
     def batch_key(self) -> tuple:
         if self.seed is not None:
@@ -185,6 +193,9 @@ class Batcher:
                     closing = True
                 else:
                     pending.append(item)
+            for job in pending:
+                if job.cancelled:
+                    job.release()
             pending = [j for j in pending if not j.cancelled]
             if not pending:
                 continue
@@ -192,7 +203,11 @@ class Batcher:
             batch = [j for j in pending if j.batch_key() == key][: self.max_batch]
             chosen = {id(j) for j in batch}
             pending = [j for j in pending if id(j) not in chosen]
-            self._run(batch)
+            try:
+                self._run(batch)
+            finally:
+                for job in batch:
+                    job.release()
 
     def _run(self, jobs: list[Job]) -> None:
         # generate() sorts rows by prompt length (stable); sorting here first keeps streamer row i == jobs[i].

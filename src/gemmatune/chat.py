@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from transformers import TextStreamer
 
 from gemmatune.infer import BASE, SamplingSettings, TunedModel
 
-HELP = "/reset starts a new conversation, /exit quits (Ctrl-D too), Ctrl-C stops a reply"
+HELP = ("/reset starts a new conversation, /exit quits (Ctrl-D too), Ctrl-C stops a reply; with a multimodal model, "
+        "/image FILE and /audio FILE attach a file to your next message")
 
 
 class TerminalStreamer(TextStreamer):
@@ -35,6 +37,7 @@ def chat_loop(tuned: TunedModel, adapter: str, settings: SamplingSettings, syste
         out.write(f"Template {template} has no turns: each message is answered on its own.\n")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     start = list(history)
+    attached: list[dict] = []  # image/audio parts for the next message
     while True:
         try:
             line = read("\nyou> ").strip()
@@ -48,12 +51,20 @@ def chat_loop(tuned: TunedModel, adapter: str, settings: SamplingSettings, syste
             if command in ("/exit", "/quit"):
                 return 0
             if command == "/reset":
-                history = list(start)
+                history, attached = list(start), []
                 out.write("(new conversation)\n")
+            elif command in ("/image", "/audio"):
+                part = _attach(tuned, command[1:], line[len(command):].strip(), multi_turn)
+                if isinstance(part, str):
+                    out.write(part + "\n")
+                else:
+                    attached.append(part)
+                    out.write(f"({command[1:]} {part['path']} goes with your next message)\n")
             else:
                 out.write(f"unknown command {command}; {HELP}\n")
             continue
-        turn = history + [{"role": "user", "content": line}]
+        content = [*attached, {"type": "text", "text": line}] if attached else line
+        turn = history + [{"role": "user", "content": content}]
         row = {"messages": turn} if multi_turn else {"instruction": line, "input": ""}
         out.write("model> ")
         out.flush()
@@ -63,7 +74,24 @@ def chat_loop(tuned: TunedModel, adapter: str, settings: SamplingSettings, syste
         except KeyboardInterrupt:
             out.write("\n(reply stopped; it is not kept in the conversation)\n")
             continue
+        attached = []
         if not gen.stopped:
             out.write(f"(cut at {settings.max_new_tokens} new tokens; raise --max-new-tokens for longer replies)\n")
         if multi_turn:
             history = turn + [{"role": "assistant", "content": gen.text}]
+
+
+def _attach(tuned: TunedModel, kind: str, path: str, multi_turn: bool) -> dict | str:
+    """The part for `/image FILE` or `/audio FILE`, or the line that says why not (the chat goes on)."""
+    from gemmatune.errors import GemmatuneError
+    from gemmatune.media import check_media_file
+
+    if tuned.processor is None or not multi_turn:
+        return f"this model takes no {kind} here: it needs a multimodal model (e.g. Gemma 3n) and the chat template"
+    if not path:
+        return f"usage: /{kind} FILE"
+    try:
+        check_media_file(kind, Path(path).expanduser().resolve(), f"/{kind}")
+    except GemmatuneError as exc:
+        return str(exc)
+    return {"type": kind, "path": str(Path(path).expanduser().resolve())}

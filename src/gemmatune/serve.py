@@ -16,6 +16,9 @@ import copy
 import hmac
 import json
 import logging
+import re
+import shutil
+import tempfile
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -62,14 +65,67 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(BaseModel):
+    data: str
+    format: Literal["wav"]
+
+
+class AudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart | AudioPart] | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
+    def parts(self, index: int, media_dir: Path) -> str | list[dict]:
+        """The content as gemmatune's chat rows hold it: text, or text/image/audio parts whose data are written
+        into `media_dir` (OpenAI's image_url data: URLs and input_audio parts) and checked as training checks
+        files."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        if all(isinstance(p, TextPart) for p in self.content):
             return "".join(p.text for p in self.content)
-        return self.content or ""
+        return [_media_part(p, f"messages[{index}].content[{k}]", media_dir) for k, p in enumerate(self.content)]
+
+
+def _media_part(part: TextPart | ImagePart | AudioPart, where: str, media_dir: Path) -> dict:
+    import base64
+    import binascii
+
+    from gemmatune.media import check_media_file
+
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, ImagePart):
+        kind, url = "image", part.image_url.url
+        if not url.startswith("data:") or ";base64," not in url:
+            raise APIError(400, f"{where}: image_url must be a data: URL with base64 data (this server fetches "
+                           "nothing)", param="messages")
+        data = url.split(";base64,", 1)[1]
+    else:
+        kind, data = "audio", part.input_audio.data
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where}: the {kind} data is not valid base64", param="messages") from None
+    path = media_dir / (re.sub(r"\W+", "-", where).strip("-") + (".wav" if kind == "audio" else ".img"))
+    path.write_bytes(raw)
+    try:
+        check_media_file(kind, path, where)
+    except GemmatuneError as exc:
+        raise APIError(400, str(exc).replace(f" {path}", ""), param="messages") from None
+    return {"type": kind, "path": str(path)}
 
 
 class Sampling(BaseModel):
@@ -134,6 +190,9 @@ def chat_row(messages: list[dict], template: str) -> dict:
     users = [m["content"] for m in messages if m["role"] == "user"]
     if not users:
         raise APIError(400, "messages: no user message", param="messages")
+    if not isinstance(users[-1], str):
+        raise APIError(400, f"images and audio need an adapter trained on the chat template (this one: {template})",
+                       param="messages")
     return {"instruction": users[-1], "input": ""}
 
 
@@ -172,14 +231,24 @@ class Service:
         raise APIError(404, f"The model '{model}' does not exist; served: {', '.join([BASE, *self.tuned.adapters])}",
                        param="model", code="model_not_found")
 
-    def job(self, req, row: dict, emit) -> tuple[Job, asyncio.Future]:
+    def job(self, req, row: dict, emit, media_dir: Path | None = None) -> tuple[Job, asyncio.Future]:
+        """Queue a request; `media_dir` (its image/audio files) belongs to the job from here on."""
+        try:
+            return self._job(req, row, emit, media_dir)
+        except BaseException:
+            if media_dir is not None:
+                shutil.rmtree(media_dir, ignore_errors=True)
+            raise
+
+    def _job(self, req, row: dict, emit, media_dir: Path | None) -> tuple[Job, asyncio.Future]:
         adapter = self.adapter(req.model)
         max_tokens = req.max_completion_tokens or req.max_tokens or self.limits.max_tokens
         if max_tokens > self.limits.max_tokens:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}",
                            param="max_tokens")
         try:
-            prompt_tokens = len(prompt_ids(row, self.tuned.template_for(adapter), self.tokenizer))
+            prompt_tokens = len(prompt_ids(row, self.tuned.template_for(adapter), self.tokenizer,
+                                           self.tuned.media_tokens_for(row)))
         except GemmatuneError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         if prompt_tokens > self.limits.max_prompt_tokens:
@@ -206,7 +275,7 @@ class Service:
 
         job = Job(row=row, adapter=adapter, max_tokens=max_tokens, greedy=req.temperature == 0,
                   temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed, stop=list(req.stop or []),
-                  emit=threadsafe_emit, done=done, prompt_tokens=prompt_tokens)
+                  emit=threadsafe_emit, done=done, prompt_tokens=prompt_tokens, media_dir=media_dir)
         assert self.batcher is not None
         self.batcher.submit(job)
         return job, future
@@ -267,21 +336,29 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         adapter = service.adapter(req.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        row = chat_row(messages, tuned.template_for(adapter))
-        return await _answer(req, row, request, "chat.completion")
+        has_media = any(isinstance(p, (ImagePart, AudioPart)) for m in req.messages if isinstance(m.content, list)
+                        for p in m.content)
+        media_dir = Path(tempfile.mkdtemp(prefix="gemmatune-serve-")) if has_media else None
+        try:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.parts(i, media_dir)}
+                        for i, m in enumerate(req.messages)]
+            row = chat_row(messages, tuned.template_for(adapter))
+        except BaseException:
+            if media_dir is not None:
+                shutil.rmtree(media_dir, ignore_errors=True)
+            raise
+        return await _answer(req, row, request, "chat.completion", media_dir)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         row = {"instruction": req.prompt, "input": ""}
         return await _answer(req, row, request, "text_completion")
 
-    async def _answer(req, row: dict, request: Request, kind: str):
+    async def _answer(req, row: dict, request: Request, kind: str, media_dir: Path | None = None):
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if not req.stream:
-            job, future = service.job(req, row, None)
+            job, future = service.job(req, row, None, media_dir)
             while not future.done():
                 await asyncio.wait({future}, timeout=0.5)
                 if not future.done() and await request.is_disconnected():
@@ -297,7 +374,7 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
                     "usage": _usage(result)}
 
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        job, future = service.job(req, row, pieces.put_nowait)
+        job, future = service.job(req, row, pieces.put_nowait, media_dir)
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
