@@ -7,6 +7,7 @@ torch, so CI runs them in a second environment (.ci/run) and the main one skips 
 
 import json
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,3 +322,88 @@ def test_plan_counts_wrapped_modules_per_tower(tiny_gemma3n_multimodal):
     assert "per tower: language model 60, audio 21, vision 135" in "\n".join(plan.lines())
     assert make_plan(load_config(None, sets), device="cpu").shape.per_tower == {"language model": 60, "audio": 0,
                                                                                 "vision": 0}
+
+
+@pytest.fixture(scope="module")
+def mm_run(tiny_gemma3n_multimodal, tmp_path_factory):
+    """A one-step multimodal run (chat template), and the folder of its image/audio rows."""
+    from gemmatune.train import train
+
+    needs_multimodal()
+    folder = tmp_path_factory.mktemp("mm-run")
+    train_file = write_jsonl(folder / "train.jsonl", media_rows(folder, 4))
+    return train(_train_cfg(tiny_gemma3n_multimodal, train_file, folder / "runs", max_steps=1,
+                            precision="fp32")).run_dir, folder
+
+
+def _ask(kind: str, path) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": kind, "path": str(path)},
+                                                      {"type": "text", "text": "What is this?"}]}]}
+
+
+@pytest.mark.multimodal
+def test_chat_attaches_images_and_audio_to_the_next_message(mm_run):
+    import io
+
+    from gemmatune.chat import chat_loop
+    from gemmatune.infer import SamplingSettings, load
+
+    run, folder = mm_run
+    tuned = load([str(run)], precision="fp32")
+    settings = SamplingSettings(greedy=True, max_new_tokens=4)
+    lines = iter([f"/image {folder / 'img0.png'}", "What is this?", f"/audio {folder / 'nowhere.wav'}",
+                  f"/audio {folder / 'img0.png'}", "/exit"])
+    out = io.StringIO()
+    assert chat_loop(tuned, tuned.default_adapter, settings, read=lambda _: next(lines), out=out) == 0
+    expected = tuned.generate(_ask("image", folder / "img0.png"), settings=settings)[0].text
+    text = out.getvalue()
+    assert f"model> {expected}" in text, text
+    assert "nowhere.wav not found" in text and "is not a PCM WAV file" in text, text
+
+
+@pytest.mark.multimodal
+def test_serve_answers_openai_image_and_audio_parts_as_generate_does(mm_run, tmp_path):
+    import base64
+    import tempfile
+
+    import openai
+
+    from gemmatune.infer import load
+    from tests.serve_process import API_KEY, ServerProcess
+
+    run, folder = mm_run
+    tuned = load([str(run)], precision="fp32")
+    image = base64.b64encode((folder / "img0.png").read_bytes()).decode()
+    audio = base64.b64encode((folder / "tone1.wav").read_bytes()).decode()
+    parts = {"image": {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+             "audio": {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}}
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("gemmatune-serve-*")}
+    server = ServerProcess(["--adapter", f"mm={run}", "--precision", "fp32", "--max-body-bytes", str(1 << 20)],
+                           tmp_path / "serve.log")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+        for kind, file in (("image", "img0.png"), ("audio", "tone1.wav")):
+            for stream in (False, True):
+                messages = [{"role": "user", "content": [parts[kind], {"type": "text", "text": "What is this?"}]}]
+                expected = tuned.generate(_ask(kind, folder / file), greedy=True, max_new_tokens=4)[0].text
+                if stream:
+                    chunks = client.chat.completions.create(model="mm", messages=messages, temperature=0,
+                                                            max_tokens=4, stream=True)
+                    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                else:
+                    text = client.chat.completions.create(model="mm", messages=messages, temperature=0,
+                                                          max_tokens=4).choices[0].message.content
+                assert text == expected, (kind, stream, text, expected)
+        bad = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}},
+               {"type": "input_audio", "input_audio": {"data": image, "format": "wav"}}]
+        for part in bad:
+            with pytest.raises(openai.BadRequestError) as err:
+                client.chat.completions.create(model="mm", max_tokens=4, messages=[
+                    {"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]}])
+            assert "messages[0].content[0]" in str(err.value), str(err.value)
+        assert client.models.list().data  # still serving
+    finally:
+        server.stop()
+    left = {p.name for p in Path(tempfile.gettempdir()).glob("gemmatune-serve-*")} - before
+    assert not left, f"request media left behind: {left}"
