@@ -207,7 +207,7 @@ def two_adapters(tiny_gemma3, tmp_path_factory) -> tuple[Path, Path]:
             make_adapter(tiny_gemma3, root / "b", seed=2, r=2, targets=("k_proj", "o_proj", "up_proj")))
 
 
-# --- issue 15: a tiny multimodal Gemma 3n (text + audio tower + timm vision tower) and its processor
+# --- a tiny multimodal Gemma 3n (text + audio tower + timm vision tower) and its processor
 MEDIA_TOKENS = {"boi_token": "<start_of_image>", "boa_token": "<start_of_audio>", "eoi_token": "<end_of_image>",
                 "image_token": "<image_soft_token>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>"}
 # Ids 262..267 in the order added. As in the real vocabulary, the begin markers are ordinary text ids and the

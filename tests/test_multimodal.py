@@ -1,4 +1,4 @@
-"""Issue 15: Gemma 3n fine-tuned on image and audio parts, with nothing silently untrained.
+"""Gemma 3n fine-tuned on image and audio parts, with nothing silently untrained.
 
 Data checks and labels run everywhere (the processor's PIL and numpy parts). Tests marked `multimodal` build the
 full tiny Gemma 3n, whose vision tower is timm's MobileNetV5: timm needs a torchvision built for the installed

@@ -90,8 +90,9 @@ def _attach(tuned: TunedModel, kind: str, path: str, multi_turn: bool) -> dict |
         return f"this model takes no {kind} here: it needs a multimodal model (e.g. Gemma 3n) and the chat template"
     if not path:
         return f"usage: /{kind} FILE"
+    file = Path(path).expanduser().resolve()
     try:
-        check_media_file(kind, Path(path).expanduser().resolve(), f"/{kind}")
+        check_media_file(kind, file, f"/{kind}")
     except GemmatuneError as exc:
         return str(exc)
-    return {"type": kind, "path": str(Path(path).expanduser().resolve())}
+    return {"type": kind, "path": str(file)}

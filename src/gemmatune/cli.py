@@ -181,7 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_merge)
 
-    # issue 14: gemmatune serve
     p = command("serve", "model", help="serve the base model and adapters over an OpenAI-compatible API, with a "
                 "page to watch runs", formatter_class=RAW,
                 description="An OpenAI-compatible HTTP server (/v1/models, /v1/chat/completions, /v1/completions, "
@@ -204,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most concurrent requests answered in one forward pass (default 16)")
     p.set_defaults(func=cmd_serve)
 
-    # Issue 13: GGUF export (gemmatune.gguf_export does the work).
+    # gemmatune.gguf_export does the work.
     p = command("export", "base", help="write a run as a GGUF file for llama.cpp, Ollama, LM Studio",
                 formatter_class=RAW,
                 description="--format gguf: merge the adapter into its base in 16 bits and convert with llama.cpp's "
