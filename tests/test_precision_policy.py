@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from gemmatune import hardware
 from gemmatune.config import load_config
 from gemmatune.evaluation import response_loss
 from gemmatune.export import merge
@@ -26,6 +27,29 @@ def test_training_dtypes_are_the_same_on_cpu_and_cuda():
     # The one pinned difference: CPU inference keeps fp32 base weights (bf16 3-D linears are 30-300x slower there).
     assert inference_weight_dtype("bf16", "cpu") == torch.float32
     assert inference_weight_dtype("bf16", "cuda") == torch.bfloat16
+
+
+def test_auto_precision_on_cpu_follows_measured_matmul_speed(monkeypatch):
+    # An Intel Xeon with AVX512_BF16 but no AMX runs bf16 matmuls at half the fp32 speed (150 vs 290 GFLOP/s,
+    # measured): reading the flag alone chose bf16 there and trained 1.5x slower than fp32.
+    monkeypatch.setattr(hardware, "device_kind", lambda: "cpu")
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_bf16_speed", lambda: (150.0, 290.0))
+    assert hardware.resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(hardware, "cpu_bf16_speed", lambda: (410.0, 180.0))  # AMD Zen 4
+    assert hardware.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert hardware.resolve_precision("auto") == "fp32"
+    assert hardware.resolve_precision("bf16") == "bf16"  # asked for: kept
+
+
+def test_cpu_matmul_speed_is_measured():
+    bf16, fp32 = hardware.cpu_bf16_speed()
+    assert bf16 > 1 and fp32 > 1
+    assert hardware.cpu_bf16_speed() == (bf16, fp32)  # once per process
+    if not torch.cuda.is_available():
+        expected = hardware.choose_cpu_precision(hardware.cpu_has_native_bf16(), bf16, fp32)
+        assert hardware.resolve_precision("auto") == expected
 
 
 def test_model_in_training_dtypes_evaluates_and_generates(tiny_gemma3):
