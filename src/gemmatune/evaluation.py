@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,6 +162,46 @@ def packs_natively(model: torch.nn.Module) -> bool:
     return getattr(base.config, "_attn_implementation", None) in (PACKED_SDPA, "flash_attention_2")
 
 
+class Progress:
+    """Rows done / total, tokens/s and ETA of one pass: a live tqdm bar on a terminal, otherwise a plain line
+    every `every` seconds and one at the end (logs and CI see progress without carriage returns)."""
+
+    def __init__(self, label: str, total: int, stream=None, every: float = 30.0):
+        self.label, self.total, self.every = label, total, every
+        self.stream = stream or sys.stderr
+        self.rows = self.tokens = 0
+        self.started = self.last = time.perf_counter()
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="row", file=self.stream, leave=True)
+
+    def update(self, rows: int, tokens: int) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.tokens / max(now - self.started, 1e-9):.0f} tok/s", refresh=False)
+            self.bar.update(rows)
+        elif now - self.last >= self.every:
+            self.last = now
+            self._line(now)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self._line(time.perf_counter())
+
+    def _line(self, now: float) -> None:
+        spent = now - self.started
+        left = spent / self.rows * (self.total - self.rows) if self.rows else float("nan")
+        eta = f"{left:.0f} s" if math.isfinite(left) else "?"
+        print(f"{self.label}: {self.rows}/{self.total} rows, {self.tokens / max(spent, 1e-9):.0f} tok/s, "
+              f"{spent:.0f} s, ETA {eta}", file=self.stream, flush=True)
+
+
 def token_batches(lengths: list[int], max_tokens: int, padded: bool, max_rows: int | None = None) -> list[list[int]]:
     """Indices of `lengths` grouped into batches of at most `max_tokens` tokens (and `max_rows` rows).
 
@@ -198,7 +239,7 @@ def _padded_batch(examples: list[Tokenized], pad_id: int) -> dict:
 
 
 def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size: int | None = None,
-                  max_tokens: int = EVAL_TOKENS_PER_BATCH) -> tuple[float, int]:
+                  max_tokens: int = EVAL_TOKENS_PER_BATCH, progress: Progress | None = None) -> tuple[float, int]:
     """Mean cross-entropy over the response tokens training puts in the loss, and their count.
 
     The same computation as training's loss (loss.py): the model body runs to hidden states, and the LM head
@@ -234,6 +275,8 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
             hidden, targets = selected_hidden(parts, {k: v.to(device) for k, v in inputs.items()})
             total += chunked_cross_entropy_sum(hidden, targets, parts).item()
             count += targets.numel()
+            if progress is not None:
+                progress.update(len(chosen), sum(len(ex.input_ids) for ex in chosen))
     if count == 0:
         raise GemmatuneError("no response tokens to score; are the reference answers empty?")
     return total / count, count
@@ -248,12 +291,14 @@ def evaluate(
     batch_size: int = 16,
     samples: int = 3,
     labels: dict[str, str] | None = None,
+    progress_stream=None,
 ) -> EvalReport:
     """Score the base model and each adapter (default: all loaded) on `data` (a file of Alpaca or chat rows).
 
     `max_new_tokens` defaults to twice the longest reference answer in tokens (at least 16): enough for any
     right answer, and a cap on how long a model that never stops can run (it dominates the cost of scoring a
-    base model). Decoding is greedy.
+    base model). Decoding is greedy. Progress (rows, tokens/s, ETA per pass) goes to `progress_stream`
+    (default stderr). An adapter runs merged into the base weights where that is exact (TunedModel.merged).
     """
     started = time.perf_counter()
     rows = read_eval_rows(data, limit)
@@ -267,8 +312,12 @@ def evaluate(
     variants, outputs = [], {}
     for name in names:
         label = labels.get(name, name)
-        loss, tokens = response_loss(tuned, rows, name)  # batches bounded by tokens, not batch_size
-        gens = tuned.generate(rows, adapter=name, settings=settings, batch_size=batch_size)
+        with tuned.merged(name):
+            progress = Progress(f"eval {label} loss", len(rows), progress_stream)
+            loss, tokens = response_loss(tuned, rows, name, progress=progress)  # batches bounded by tokens
+            progress.close()
+            gens = _generate_with_progress(tuned, rows, name, settings, batch_size,
+                                           Progress(f"eval {label} generate", len(rows), progress_stream))
         outputs[label] = [g.text for g in gens]
         variants.append(VariantScores(
             name=label,
@@ -286,6 +335,23 @@ def evaluate(
     template = tuned.template_for(names[-1])
     return EvalReport(str(data), len(rows), template, max_new_tokens, variants, shown,
                       round(time.perf_counter() - started, 1))
+
+
+def _generate_with_progress(tuned: TunedModel, rows: list[dict], adapter: str, settings: SamplingSettings,
+                            batch_size: int, progress: Progress) -> list:
+    """`tuned.generate` over all rows, one batch per call so progress can be told: the same batches, since
+    generate groups prompts shortest first in slices of `batch_size` exactly as done here."""
+    lengths = [len(tuned.prompt_ids(row, adapter)) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    gens: list = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        out = tuned.generate([rows[i] for i in chunk], adapter=adapter, settings=settings, batch_size=batch_size)
+        for i, gen in zip(chunk, out, strict=True):
+            gens[i] = gen
+        progress.update(len(chunk), sum(g.new_tokens for g in out))
+    progress.close()
+    return gens
 
 
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,

@@ -96,6 +96,7 @@ class TunedModel:
         self.precision = precision
         self.checkpoint_dtype = checkpoint_dtype  # the base checkpoint's own dtype, for `merge --dtype auto`
         self.stop_ids = stop_token_ids(tokenizer, family)
+        self.merged_adapter: str | None = None  # set while `merged` holds an adapter in the base weights
         self.model.eval()
         # The inference side of the precision policy, also for a model handed over straight from training:
         # fp32 base weights on CPU (4-bit ones stay packed; LoRA weights are fp32 already), and no PEFT input
@@ -236,7 +237,9 @@ class TunedModel:
     def adapter_context(self, names: Sequence[str]) -> Iterator[dict]:
         """Run with one adapter, with none (the base), or one per row (PEFT mixed-batch: adapter_names=)."""
         distinct = set(names)
-        if not self.adapters:
+        if self.merged_adapter is not None and distinct != {self.merged_adapter}:
+            raise GemmatuneError(f"adapter '{self.merged_adapter}' is merged into the weights; it alone can run now")
+        if not self.adapters or self.merged_adapter is not None:
             yield {}
         elif len(distinct) > 1:
             yield {"adapter_names": [PEFT_BASE if n == BASE else n for n in names]}
@@ -246,6 +249,44 @@ class TunedModel:
         else:
             self.model.set_adapter(names[0])
             yield {}
+
+
+    def can_merge(self, adapter: str) -> bool:
+        """Whether `adapter` can be folded into the base weights exactly enough to score with it.
+
+        Only fp32 base weights: W + BA rounds like the LoRA path does (~1e-7 relative) and unmerging gets W
+        back to that rounding. 4-bit weights cannot hold W + BA; bf16/fp16 weights would round it to 8/11 bits
+        and keep a trace of it after unmerging, so those run the adapter unmerged.
+        """
+        if adapter == BASE or adapter not in self.adapters or self.merged_adapter is not None:
+            return False
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+        return bool(layers) and all(
+            isinstance(m.get_base_layer(), torch.nn.Linear) and m.get_base_layer().weight.dtype == torch.float32
+            and not m.merged for m in layers)
+
+    @contextlib.contextmanager
+    def merged(self, adapter: str) -> Iterator[bool]:
+        """Run every pass in this block with `adapter` merged into the base weights, if it can be (yields
+        whether it was): one matmul per projection instead of three, the same result within fp32 rounding.
+        The adapter is unmerged on the way out, the model as trainable and switchable as before."""
+        if not self.can_merge(adapter):
+            yield False
+            return
+        self.model.set_adapter(adapter)
+        self.model.merge_adapter([adapter])
+        self.merged_adapter = adapter
+        try:
+            yield True
+        finally:
+            from peft.tuners.lora import LoraLayer
+
+            for module in self.model.modules():  # only the layers merged above (PEFT warns for the others)
+                if isinstance(module, LoraLayer) and module.merged:
+                    module.unmerge()
+            self.merged_adapter = None
 
 
 def load(

@@ -1,0 +1,112 @@
+"""The fast inference paths against the plain ones: merged LoRA, batched generation with progress, state after."""
+
+import io
+
+import pytest
+import torch
+
+from gemmatune.evaluation import Progress, evaluate, response_loss
+from gemmatune.infer import BASE, load
+from tests.conftest import ALPACA_ROWS, write_jsonl
+
+PROMPTS = [{"instruction": r["instruction"], "input": r["input"] * (i % 3 + 1)} for i, r in enumerate(ALPACA_ROWS[:6])]
+
+
+def _rows(tuned):
+    answers = tuned.generate(PROMPTS, adapter=BASE, greedy=True, max_new_tokens=5)
+    return [dict(p, output=g.text or "x") for p, g in zip(PROMPTS, answers, strict=True)]
+
+
+def _base_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def test_merged_adapter_scores_and_generates_as_unmerged(tiny_gemma3, two_adapters):
+    a, b = two_adapters
+    tuned = load([str(a), f"b={b}"], precision="fp32")
+    rows = _rows(tuned)
+    before = _base_weights(tuned.model)
+    for name in ("a", "b"):
+        plain_loss, plain_count = response_loss(tuned, rows, name, batch_size=2)
+        plain_gen = tuned.generate(rows, adapter=name, greedy=True, max_new_tokens=8, batch_size=3)
+        with tuned.merged(name) as merged:
+            assert merged and tuned.merged_adapter == name
+            # merged: the adapter's layers run as plain linears on W + BA
+            assert any(getattr(m, "merged", False) for m in tuned.model.modules())
+            fast_loss, fast_count = response_loss(tuned, rows, name, batch_size=2)
+            fast_gen = tuned.generate(rows, adapter=name, greedy=True, max_new_tokens=8, batch_size=3)
+        assert fast_count == plain_count
+        assert fast_loss == pytest.approx(plain_loss, rel=1e-4)
+        assert [g.token_ids for g in fast_gen] == [g.token_ids for g in plain_gen]
+    # unmerged afterwards: base weights back to within fp32 rounding, no layer left merged, LoRA still trainable
+    after = _base_weights(tuned.model)
+    assert all(torch.allclose(before[n], after[n], rtol=0, atol=1e-6) for n in before)
+    assert not any(getattr(m, "merged", False) for m in tuned.model.modules())
+    assert tuned.merged_adapter is None
+    tuned.model.set_adapter("a")
+    assert any(p.requires_grad for n, p in tuned.model.named_parameters() if "lora_" in n and ".a." in n)
+
+
+def test_merged_adapter_refuses_other_variants_and_base_never_merges(tiny_gemma3, two_adapters):
+    a, b = two_adapters
+    tuned = load([str(a), f"b={b}"], precision="fp32")
+    rows = _rows(tuned)
+    base_loss, _ = response_loss(tuned, rows, BASE)
+    with tuned.merged(BASE) as merged:
+        assert not merged
+    with tuned.merged("a"), pytest.raises(Exception, match="merged into the weights"):
+        response_loss(tuned, rows, BASE)
+    assert response_loss(tuned, rows, BASE)[0] == pytest.approx(base_loss, rel=1e-6)
+
+
+def test_4bit_base_is_not_merged(tiny_gemma3_4bit, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tests.conftest import make_adapter
+
+    adapter = make_adapter(tiny_gemma3_4bit, tmp_path / "q", seed=3)
+    tuned = load([str(adapter)], base=str(tiny_gemma3_4bit), precision="fp32")
+    from gemmatune.quantization import quantized_layers
+
+    if not quantized_layers(tuned.model):
+        pytest.skip("bitsandbytes cannot load 4-bit weights here")
+    assert not tuned.can_merge(tuned.default_adapter)
+
+
+def test_eval_merges_and_reports_the_same_scores_with_progress(tiny_gemma3, two_adapters, tmp_path):
+    a, _ = two_adapters
+    tuned = load([str(a)], precision="fp32")
+    file = write_jsonl(tmp_path / "test.jsonl", _rows(tuned))
+    rows = [dict(r) for r in _rows(tuned)]
+    want = {name: response_loss(tuned, rows, name)[0] for name in (BASE, "a")}
+    want_gen = tuned.generate(rows, adapter="a", greedy=True, max_new_tokens=6, batch_size=4)
+    stream = io.StringIO()  # not a terminal: plain lines
+    report = evaluate(tuned, file, max_new_tokens=6, batch_size=4, progress_stream=stream)
+    got = {v.name: v.response_loss for v in report.variants}
+    assert got[BASE] == pytest.approx(want[BASE], rel=1e-5)
+    assert got["a"] == pytest.approx(want["a"], rel=1e-4)
+    assert report.samples[0]["a"] == want_gen[0].text
+    lines = stream.getvalue().splitlines()
+    for label in ("eval base loss", "eval base generate", "eval a loss", "eval a generate"):
+        assert any(line.startswith(f"{label}: {len(rows)}/{len(rows)} rows,") and "tok/s" in line for line in lines)
+    assert tuned.merged_adapter is None and not any(getattr(m, "merged", False) for m in tuned.model.modules())
+
+
+def test_progress_plain_lines_and_tty_bar():
+    stream = io.StringIO()
+    progress = Progress("eval x loss", 10, stream, every=0.0)
+    progress.update(4, 100)
+    progress.update(6, 150)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("eval x loss: 4/10 rows,") and "ETA" in lines[0]
+    assert lines[-1].startswith("eval x loss: 10/10 rows,") and "ETA 0 s" in lines[-1]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    bar = Progress("eval y generate", 3, tty)
+    bar.update(3, 30)
+    bar.close()
+    assert "eval y generate" in tty.getvalue() and "3/3" in tty.getvalue() and "tok/s" in tty.getvalue()
