@@ -59,17 +59,24 @@ def test_merged_adapter_refuses_other_variants_and_base_never_merges(tiny_gemma3
     assert response_loss(tuned, rows, BASE)[0] == pytest.approx(base_loss, rel=1e-6)
 
 
-def test_4bit_base_is_not_merged(tiny_gemma3_4bit, tmp_path):
+def test_4bit_base_is_not_merged(tiny_gemma3_4bit):
     pytest.importorskip("bitsandbytes")
-    from tests.conftest import make_adapter
+    from peft import LoraConfig, get_peft_model
 
-    adapter = make_adapter(tiny_gemma3_4bit, tmp_path / "q", seed=3)
-    tuned = load([str(adapter)], base=str(tiny_gemma3_4bit), precision="fp32")
+    from gemmatune.config import load_config
+    from gemmatune.infer import TunedModel
+    from gemmatune.loading import load_model
     from gemmatune.quantization import quantized_layers
 
-    if not quantized_layers(tuned.model):
-        pytest.skip("bitsandbytes cannot load 4-bit weights here")
-    assert not tuned.can_merge(tuned.default_adapter)
+    loaded = load_model(load_config(None, [f"model.name={tiny_gemma3_4bit}", "model.quantization=4bit"]).model,
+                        "bf16")
+    assert quantized_layers(loaded.model)
+    model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="q")
+    tuned = TunedModel(model, loaded.tokenizer, loaded.family, "alpaca-en", {"q": None}, "bf16")
+    assert not tuned.can_merge("q")
+    with tuned.merged("q") as merged:
+        assert not merged
+        assert tuned.generate("hi", adapter="q", greedy=True, max_new_tokens=2)[0].new_tokens == 2
 
 
 def test_eval_merges_and_reports_the_same_scores_with_progress(tiny_gemma3, two_adapters, tmp_path):
