@@ -117,3 +117,23 @@ def test_progress_plain_lines_and_tty_bar():
     bar.update(3, 30)
     bar.close()
     assert "eval y generate" in tty.getvalue() and "3/3" in tty.getvalue() and "tok/s" in tty.getvalue()
+
+
+def test_lm_head_gets_a_contiguous_input_and_the_same_generation(tiny_gemma3):
+    tuned = load(base=str(tiny_gemma3), precision="fp32")
+    head = tuned.model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    got = tuned.generate(PROMPTS[:4], greedy=True, max_new_tokens=4, batch_size=4)
+    handle.remove()
+    assert seen and all(seen)  # the prefill's [:, -1:, :] slice arrives contiguous
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
+    for prompt, gen in zip(PROMPTS[:4], got, strict=True):
+        ids = tuned.prompt_ids(prompt)
+        with torch.no_grad():
+            out = plain.generate(input_ids=torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                                 eos_token_id=tuned.stop_ids, pad_token_id=0)[0, len(ids):].tolist()
+        stop = next((k for k, t in enumerate(out) if t in tuned.stop_ids), None)
+        assert gen.token_ids == (out if stop is None else out[:stop])

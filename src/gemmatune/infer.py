@@ -82,6 +82,28 @@ class SamplingSettings:
             raise GemmatuneError("sampling needs temperature > 0, top_p in (0, 1] and top_k >= 0; or use greedy")
 
 
+def _contiguous_first_input(module: torch.nn.Module, args: tuple):
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def contiguous_head_input(model: torch.nn.Module) -> bool:
+    """Give the LM head a contiguous input (a forward pre-hook; the values are the same).
+
+    Generation's prefill asks for the last position only, and transformers hands the head the strided slice
+    `hidden[:, -1:, :]`. On CPU (torch 2.13) that slice takes a slow matmul kernel: for Gemma's 262k x 640 head
+    and 16 rows, 0.51 s in fp32 and 12.2 s in bf16 against 0.064 s for the contiguous bf16 copy (Xeon, 2 cores).
+    Returns whether a hook was added (False: no head, or hooked already).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module) or getattr(head, "_gemmatune_contiguous_input", False):
+        return False
+    head.register_forward_pre_hook(_contiguous_first_input)
+    head._gemmatune_contiguous_input = True
+    return True
+
+
 class TunedModel:
     """A base model with its adapters; `generate` picks one adapter per call or one per row."""
 
@@ -105,6 +127,7 @@ class TunedModel:
             cast_unquantized_(self.model, torch.float32)
         if autocast_dtype(precision) is not None and adapters:
             skip_input_casts(self.model)
+        contiguous_head_input(self.model)
 
     @property
     def default_adapter(self) -> str:
