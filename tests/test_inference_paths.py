@@ -137,3 +137,13 @@ def test_lm_head_gets_a_contiguous_input_and_the_same_generation(tiny_gemma3):
                                  eos_token_id=tuned.stop_ids, pad_token_id=0)[0, len(ids):].tolist()
         stop = next((k for k, t in enumerate(out) if t in tuned.stop_ids), None)
         assert gen.token_ids == (out if stop is None else out[:stop])
+
+
+def test_lora_on_a_tied_lm_head_is_not_merged(tiny_gemma3, tmp_path):
+    from tests.conftest import make_adapter
+
+    adapter = make_adapter(tiny_gemma3, tmp_path / "head", seed=5, targets=("q_proj", "lm_head"))
+    tuned = load([str(adapter)], precision="fp32")
+    # merging W + BA into a head that shares its weight with the input embedding would change the embedding
+    assert tuned.model.get_output_embeddings().get_base_layer().weight is tuned.model.get_input_embeddings().weight
+    assert not tuned.can_merge("head")

@@ -286,7 +286,9 @@ class TunedModel:
         from peft.tuners.lora import LoraLayer
 
         layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
-        return bool(layers) and all(
+        embedding = self.model.get_input_embeddings()
+        tied = getattr(embedding, "weight", None)  # a head tied to it: merging would change the embedding too
+        return bool(layers) and all(m.get_base_layer().weight is not tied and
             isinstance(m.get_base_layer(), torch.nn.Linear) and m.get_base_layer().weight.dtype == torch.float32
             and not m.merged for m in layers)
 
