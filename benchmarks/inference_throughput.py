@@ -17,7 +17,7 @@ each in a fresh subprocess (peak RSS is its own), alternated round by round:
 Loss tokens/s count every real token of the scored rows (prompt and response, as training's tokens/s do);
 generation tokens/s count new tokens (the stop token included), greedy, at most --max-new-tokens.
 
-    flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py          # ~11 min here
+    flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py          # ~18 min here (no queue)
     flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py --rows 16 --gen-rows 8 --rounds 1
 
 The last line printed is one JSON object with every figure.
