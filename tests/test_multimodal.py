@@ -28,6 +28,7 @@ from tests.conftest import (
     EOI,
     IMAGE,
     TINY_AUDIO_TOKENS,
+    TINY_IMAGE_SIZE,
     TINY_IMAGE_TOKENS,
     make_multimodal_processor,
     media_rows,
@@ -407,3 +408,61 @@ def test_serve_answers_openai_image_and_audio_parts_as_generate_does(mm_run, tmp
         server.stop()
     left = {p.name for p in Path(tempfile.gettempdir()).glob("gemmatune-serve-*")} - before
     assert not left, f"request media left behind: {left}"
+
+
+def _held_after(forward) -> tuple[int, torch.Tensor]:
+    """(bytes the allocator still holds after `forward()` returns, its result), from the profiler's memory events:
+    what autograd keeps for backward plus the result itself."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = forward()
+    return sum(e.self_cpu_memory_usage for e in prof.events()), result
+
+
+@pytest.mark.multimodal
+@pytest.mark.parametrize("towers", [["audio", "vision"], []])
+def test_plan_tower_activations_match_what_a_real_tower_forward_holds(tiny_gemma3n_multimodal, tmp_path, towers):
+    """plan's per-image and per-clip figures (meta device, no weights) against the memory a real forward of the
+    loaded model holds until backward, measured by the allocator (profiler); a frozen tower holds its output only."""
+    from gemmatune.loading import load_model
+    from gemmatune.lora import attach_lora
+    from gemmatune.media import MAX_AUDIO_SECONDS, SAMPLE_RATE, Part, media_features
+    from gemmatune.plan import make_plan
+    from gemmatune.tower_memory import clip_frames
+
+    needs_multimodal()
+    cfg = load_config(None, [f"model.name={tiny_gemma3n_multimodal}", "model.multimodal=true", "train.precision=fp32",
+                             f"lora.towers={json.dumps(towers)}"])
+    plan = make_plan(cfg, device="cpu")
+    planned = {t.tower: t for t in plan.settings.towers}
+    assert planned["vision"].unit == f"image {TINY_IMAGE_SIZE}x{TINY_IMAGE_SIZE}"  # the checkpoint's processor
+    assert planned["audio"].unit == "30 s clip"
+    lines = "\n".join(plan.lines())
+    for t in planned.values():
+        assert f"tower activations, {t.tower}: {t.per_unit / 2**30:.3f} GiB per {t.unit}" in lines
+
+    loaded = load_model(cfg.model, "fp32")
+    model, _ = attach_lora(loaded.model, cfg.lora, loaded.family)
+    model.train()
+    rows = media_rows(tmp_path, 1)  # writes img0.png
+    clip = write_wav(tmp_path / "long.wav", 0.3 * np.sin(np.arange(int(MAX_AUDIO_SECONDS * SAMPLE_RATE)) / 7.0))
+    inputs = media_features([Part("image", str(tmp_path / "img0.png")), Part("audio", str(clip))], loaded.processor)
+    assert rows and inputs["input_features"].shape[1] == clip_frames()  # the clip plan assumes: a full 30 s
+    inner = model.get_base_model().model
+    forwards = {
+        "vision": lambda: inner.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output,
+        "audio": lambda: inner.get_audio_features(inputs["input_features"], ~inputs["input_features_mask"],
+                                                  return_dict=True).pooler_output,
+    }
+    for tower, forward in forwards.items():
+        held, output = _held_after(forward)
+        assert planned[tower].trained == (tower in towers)
+        assert planned[tower].output_bytes == output.nbytes
+        if towers:
+            assert planned[tower].saved_bytes > 100 * output.nbytes  # the tower's activations dominate
+            # Both count the same tensors; what is left is the allocator's rounding (well under 1%).
+            assert abs(planned[tower].per_unit / held - 1) < 0.02, (tower, planned[tower], held)
+        else:
+            assert output.grad_fn is None and planned[tower].saved_bytes == 0 and held == output.nbytes
+        del output

@@ -115,13 +115,17 @@ def measure_towers(peft_model, trained: list[str], image_size: int = DEFAULT_IMA
 
 
 def image_size(model_name: str) -> int:
-    """The side images are resized to: the local checkpoint's preprocessor_config.json, else Gemma 3n's 768."""
+    """The side images are resized to, from a local checkpoint's processor files (preprocessor_config.json, or
+    the image_processor inside processor_config.json), else Gemma 3n's 768."""
     import json
     from pathlib import Path
 
-    file = Path(model_name).expanduser() / "preprocessor_config.json"
-    if file.is_file():
-        size = json.loads(file.read_text(encoding="utf-8")).get("size") or {}
-        if "height" in size:
-            return int(size["height"])
+    folder = Path(model_name).expanduser()
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        file = folder / name
+        if file.is_file():
+            data = json.loads(file.read_text(encoding="utf-8"))
+            size = ((data.get(key) or {}) if key else data).get("size") or {}
+            if "height" in size:
+                return int(size["height"])
     return DEFAULT_IMAGE_SIZE
