@@ -466,3 +466,66 @@ def test_plan_tower_activations_match_what_a_real_tower_forward_holds(tiny_gemma
         else:
             assert output.grad_fn is None and planned[tower].saved_bytes == 0 and held == output.nbytes
         del output
+
+
+@pytest.mark.multimodal
+def test_qlora_trains_the_towers_adapters_and_leaves_4bit_bytes_alone(tiny_gemma3n_multimodal, media_file, tmp_path):
+    """4-bit (bitsandbytes nf4 on CPU) with lora.towers: the towers' Linear layers that fit the kernel are 4-bit too,
+    LoRA wraps them (and the vision tower's 1x1 convolutions, which stay 16-bit), every tower's adapters train, the
+    packed 4-bit bytes and every other base weight stay as loaded, and the run folder is complete."""
+    from gemmatune.config import ModelConfig
+    from gemmatune.loading import load_model
+    from gemmatune.lora import tower_of
+    from gemmatune.models import family_for
+    from gemmatune.train import train
+    from tests.conftest import require
+
+    needs_multimodal()
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    require(bnb is not None, "bitsandbytes (pip install 'gemmatune[qlora]')")
+    rows = media_rows(tmp_path, 8)
+    cfg = _train_cfg(tiny_gemma3n_multimodal, media_file, tmp_path / "runs", 'lora.towers=["audio", "vision"]',
+                     'model.quantization="4bit"', "data.eval_ratio=0.25", max_steps=3, precision="bf16")
+    cfg.data.test_file = str(write_jsonl(tmp_path / "test.jsonl", rows[:2]))
+    result = train(cfg)
+    run, family = result.run_dir, family_for("gemma3n")
+    quantized = {n: m for n, m in result.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    towers_4bit = {tower_of(n, family) for n in quantized}
+    assert {"language model", "audio", "vision"} <= towers_4bit, towers_4bit
+    assert result.record["lora"]["wrapped_per_tower"] == {"language model": 60, "audio": 21, "vision": 135}
+    assert result.record["base_model"]["quantization"] == "4bit"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run.json", "metrics.jsonl",
+                 "loss.png", "eval.json", "eval.md"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "eval.json").read_text())["rows"] == 2
+
+    weights = _adapter(run)
+    for tower in ("audio_tower", "vision_tower", "embed_audio", "embed_vision"):
+        moved = [k for k, v in weights.items() if tower in k and "lora_B" in k and v.abs().max() > 0]
+        assert moved, tower
+    # LoRA over 4-bit tower layers trained too (bitsandbytes' Linear4bit as PEFT's base layer).
+    over_4bit = [n for n in quantized if tower_of(n, family) != "language model" and n.endswith(".base_layer")]
+    assert over_4bit
+    for name in over_4bit:
+        key = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".lora_B.weight"
+        assert weights["base_model.model." + key].abs().max() > 0, key
+
+    # The base: 4-bit bytes as a fresh 4-bit load of the same folder, every other weight unchanged.
+    fresh = load_model(ModelConfig(name=str(tiny_gemma3n_multimodal), multimodal=True, quantization="4bit"),
+                       "bf16").model
+    packed = {n: m.weight.data.view(torch.uint8) for n, m in fresh.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    fresh_params = dict(fresh.named_parameters())
+    checked = 0
+    for name, param in result.model.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if key.removesuffix(".weight") in packed:
+            assert torch.equal(param.data.view(torch.uint8), packed[key.removesuffix(".weight")]), name
+        else:
+            assert torch.equal(param.data.float(), fresh_params[key].data.float()), name
+        checked += 1
+    assert checked == len(fresh_params)
