@@ -438,6 +438,8 @@ def test_plan_tower_activations_match_what_a_real_tower_forward_holds(tiny_gemma
     planned = {t.tower: t for t in plan.settings.towers}
     assert planned["vision"].unit == f"image {TINY_IMAGE_SIZE}x{TINY_IMAGE_SIZE}"  # the checkpoint's processor
     assert planned["audio"].unit == "30 s clip"
+    # Without a local data file: one image and one clip per example, every example of the batch.
+    assert plan.estimate.parts["tower activations"] == plan.settings.batch * sum(t.per_unit for t in planned.values())
     lines = "\n".join(plan.lines())
     for t in planned.values():
         assert f"tower activations, {t.tower}: {t.per_unit / 2**30:.3f} GiB per {t.unit}" in lines
