@@ -325,17 +325,15 @@ def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1
     seq_note = "data.max_length"
     if seq_len is not None:
         settings.seq_len, seq_note = seq_len, "--seq-len"
-    extent = data_extent(cfg)
+    extent = data_extent(cfg) if seq_len is None or cfg.model.multimodal else None
     if seq_len is None and extent is not None:
         # Batches are padded to their longest row, so the longest example sets the peak.
         settings.seq_len = extent.longest
         seq_note = f"the longest training example; data.max_length={cfg.data.max_length}"
-    towers: list[TowerMemory] = []
     if cfg.model.multimodal and shape.per_tower:
-        towers = tower_memory(cfg, settings.precision)
+        settings.towers = tower_memory(cfg, settings.precision)
         # Most parts in one example from the data; without local data, one image and one clip per example.
         settings.images, settings.clips = (extent.images, extent.clips) if extent else (1, 1)
-        settings.towers = towers
     training = training_path(cfg.train.packing, world_size)
     path = path_memory(training, device)
     est = estimate(shape, settings, path)
