@@ -9,6 +9,13 @@ Saved tensors are counted once per storage; parameters themselves are excluded (
 Differences between 4 and 2 layers and between the two lengths give bytes per layer per token.
 
     flock /tmp/gemmatune-heavy.lock python benchmarks/activation_bytes.py
+
+`--towers` (needs the multimodal extra): Gemma 3n E2B's real-size vision tower (one 768x768 image) and audio
+tower (one 30 s clip), random fp32 weights on the CPU with LoRA in both towers, one forward each: the memory the
+forward still holds when it returns (the profiler's allocator events: what autograd keeps for backward plus the
+soft tokens) beside `plan`'s figure for the same tower (tower_memory.py: meta device, no weights).
+
+    flock /tmp/gemmatune-heavy.lock python benchmarks/activation_bytes.py --towers
 """
 
 from __future__ import annotations
@@ -67,10 +74,70 @@ def build(arch: dict, layers: int, targets, as_loaded: bool):
     return attach_lora(model, LoraSection(r=16, lora_dropout=0.05, target_modules=targets), family, autocast=True)[0]
 
 
+def towers() -> None:
+    """Real-size towers on the CPU against plan's meta-device figures (see the module docstring)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import Gemma3nForConditionalGeneration
+
+    from gemmatune.tower_memory import clip_frames, measure_towers
+
+    data = json.loads(bundled_config_file("google/gemma-3n-E2B-it").read_text())
+    text = AutoConfig.for_model(data.pop("model_type"), **data)
+    config = AutoConfig.for_model("gemma3n", text_config=text.to_dict())
+    family = family_for("gemma3n")
+    lora = LoraSection(r=16, towers=["audio", "vision"])
+
+    def with_lora(device: str):
+        with torch.device("meta"):
+            model = Gemma3nForConditionalGeneration(config)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model = attach_lora(model, lora, family)[0]
+        if device == "cpu":  # only the towers get memory (the language model is not run)
+            torch.manual_seed(0)
+            inner = model.get_base_model().model
+            for name in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):
+                part = getattr(inner, name).to_empty(device="cpu")
+                for tensor in [*part.parameters(), *part.buffers()]:
+                    if tensor.is_floating_point():
+                        tensor.data.normal_(0, 0.02)
+        return model
+
+    planned = {t.tower: t for t in measure_towers(with_lora("meta"), lora.towers, dtype_bytes=4)}
+    model = with_lora("cpu")
+    model.train()
+    inner = model.get_base_model().model
+    frames = clip_frames()
+    forwards = {
+        "vision": lambda: inner.get_image_features(torch.randn(1, 3, 768, 768), return_dict=True).pooler_output,
+        "audio": lambda: inner.get_audio_features(torch.randn(1, frames, 128), torch.zeros(1, frames, dtype=torch.bool),
+                                                  return_dict=True).pooler_output,
+    }
+    for tower, forward in forwards.items():
+        started = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            output = forward()
+        held = sum(e.self_cpu_memory_usage for e in prof.events())
+        seconds = time.perf_counter() - started
+        del output
+        plan = planned[tower]
+        print(json.dumps({"tower": tower, "unit": plan.unit, "held_bytes_fp32": held,
+                          "planned_bytes_fp32": round(plan.per_unit),
+                          "planned_over_held": round(plan.per_unit / held, 4),
+                          "planned_bf16_gib": round(plan.per_unit / 2 / 2**30, 3), "forward_s": round(seconds, 1)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--as-loaded", action="store_true", help="fp32 weights and PEFT defaults, no lean norms")
-    as_loaded = parser.parse_args().as_loaded
+    parser.add_argument("--towers", action="store_true", help="Gemma 3n's vision and audio towers against plan")
+    args = parser.parse_args()
+    as_loaded = args.as_loaded
+    if args.towers:
+        torch.set_flush_denormal(True)
+        return towers()
     torch.set_flush_denormal(True)
     e4b = json.loads(bundled_config_file("google/gemma-3n-E4B-it").read_text())
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

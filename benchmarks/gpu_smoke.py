@@ -11,6 +11,15 @@ calls: QLoRA `train` with an eval split and a test file (so the evaluation after
 `merge` into a bf16 base; it prints the eval report, the merged dtype and the wall times.
 
     python benchmarks/gpu_smoke.py [--model e2b|e4b] [--steps 20] [--batch 4] [--seq-len 512] [--rank 16]
+
+`--multimodal`: the full model instead (language model + MobileNetV5 vision tower + audio conformer, random bf16
+weights, a processor with the real soft-token counts: 256 per 768x768 image, 188 per clip), trained through
+`gemmatune train` on generated image and audio rows with `lora.towers: [audio, vision]` (bf16 LoRA, or QLoRA with
+`--qlora`), evaluated on a test file, asked with `gemmatune generate --image` and `--audio`, then merged; it prints
+the peak GPU memory beside `plan`'s estimate and its per-tower figures.
+
+    python benchmarks/gpu_smoke.py --multimodal [--model e2b|e4b] [--steps 10] [--batch 2] [--qlora]
+    python benchmarks/gpu_smoke.py --multimodal --cpu --model-dir DIR   # the same path on CPU, for a tiny model
 """
 
 from __future__ import annotations
@@ -158,6 +167,164 @@ def run_pipeline(folder: Path, workdir: Path, args) -> dict:
                      for v in report["variants"]}}
 
 
+MEDIA_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+                "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>"}
+
+
+def build_random_multimodal_checkpoint(model: str, folder: Path) -> Path:
+    """The full Gemma 3n (bundled text config + the default E2B/E4B towers) with random bf16 weights, and a
+    processor whose tokenizer puts the six media tokens at the model's ids (fillers elsewhere)."""
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoConfig, Gemma3nForConditionalGeneration
+
+    from gemmatune.models import bundled_config_file
+
+    data = json.loads(bundled_config_file(f"google/gemma-3n-{model.upper()}-it").read_text())
+    text = AutoConfig.for_model(data.pop("model_type"), **data)
+    config = AutoConfig.for_model("gemma3n", text_config=text.to_dict())
+    config.architectures = ["Gemma3nForConditionalGeneration"]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        net = Gemma3nForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    net.save_pretrained(folder)
+    _media_processor(config, folder)
+    del net
+    torch.cuda.empty_cache()
+    return folder
+
+
+def _media_processor(config, folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        AutoTokenizer,
+        Gemma3nAudioFeatureExtractor,
+        Gemma3nProcessor,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+    )
+
+    from gemmatune.models.gemma3 import CHAT_TEMPLATE
+
+    ids = {"boi_token": config.boi_token_id, "eoi_token": config.eoi_token_id, "image_token": config.image_token_id,
+           "boa_token": config.boa_token_id, "eoa_token": config.eoa_token_id, "audio_token": config.audio_token_id}
+    at = {ids[k]: MEDIA_TOKENS[k] for k in ids}
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    while len(vocab) <= max(at):
+        vocab[at.get(len(vocab), f"<unused{len(vocab)}>")] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>",
+                                  additional_special_tokens=specials[4:] + list(MEDIA_TOKENS.values()))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, **MEDIA_TOKENS)
+    image = SiglipImageProcessor(size={"height": 768, "width": 768}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Gemma3nProcessor(Gemma3nAudioFeatureExtractor(), image, tok, chat_template=CHAT_TEMPLATE,
+                                 audio_seq_length=config.audio_soft_tokens_per_image,
+                                 image_seq_length=config.vision_soft_tokens_per_image)
+    processor.save_pretrained(folder)
+    return processor
+
+
+def media_data(folder: Path, n: int) -> list[dict]:
+    """`n` chat rows, alternately an image (one colour) and a 1 s tone (the tests' tiny audio tower covers 1.2 s),
+    each reply naming the colour or pitch."""
+    import numpy as np
+    from PIL import Image
+
+    from gemmatune.media import SAMPLE_RATE, write_wav
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        if i % 2 == 0:
+            colour = ("red", "blue")[i // 2 % 2]
+            rgb = {"red": (220, 20, 20), "blue": (20, 20, 220)}[colour]
+            Image.new("RGB", (640, 480), rgb).save(folder / f"img{i}.png")
+            part, reply = {"type": "image", "path": f"img{i}.png"}, f"The picture is {colour}."
+        else:
+            pitch = ("low", "high")[i // 2 % 2]
+            t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+            write_wav(folder / f"tone{i}.wav", 0.5 * np.sin(2 * np.pi * (220 if pitch == "low" else 1760) * t))
+            part, reply = {"type": "audio", "path": f"tone{i}.wav"}, f"The tone is {pitch}."
+        rows.append({"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]},
+                                  {"role": "assistant", "content": reply}]})
+    return rows
+
+
+def run_multimodal(folder: Path, workdir: Path, args, device: str) -> dict:
+    """train (towers opted in) -> evaluation of a test file -> generate --image / --audio -> merge, through
+    gemmatune's own calls; peak GPU memory of the training beside plan's estimate."""
+    from transformers import AutoConfig
+
+    from gemmatune.cli import main as cli
+    from gemmatune.config import load_config
+    from gemmatune.export import merge
+    from gemmatune.plan import make_plan
+    from gemmatune.train import train
+
+    data = workdir / "mm-data"
+    rows = media_data(data, 16)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:14]))
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[14:]))
+    precision = "bf16" if device == "cuda" or args.qlora else "fp32"
+    cfg = load_config(None, [
+        f"model.name={folder}", "model.multimodal=true", f"model.quantization={'4bit' if args.qlora else 'none'}",
+        'lora.towers=["audio", "vision"]', f"lora.r={args.rank}", f"data.train_file={data / 'train.jsonl'}",
+        f"data.test_file={data / 'test.jsonl'}", "data.template=chat", f"data.max_length={args.seq_len}",
+        f"train.output_dir={workdir / 'runs'}", "train.run_name=multimodal", f"train.max_steps={args.steps}",
+        f"train.per_device_train_batch_size={args.batch}", "train.gradient_accumulation_steps=1",
+        "train.warmup_steps=0", f"train.precision={precision}", "train.logging_steps=1", "train.learning_rate=1e-3",
+    ])
+    plan = make_plan(cfg, device=device)
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = train(cfg, overwrite=True)
+    trained_s = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    run = result.run_dir
+    report = json.loads((run / "eval.json").read_text())
+    record = result.record
+    del result
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    answers = {}
+    for kind, file in (("image", "img0.png"), ("audio", "tone1.wav")):
+        out = workdir / f"answer-{kind}.jsonl"
+        code = cli(["generate", "--adapter", str(run), "--precision", precision, "--greedy", "--max-new-tokens", "8",
+                    "--prompt", "What is this?", f"--{kind}", str(data / file), "--output", str(out)])
+        answers[kind] = {"exit": code, "answer": json.loads(out.read_text().splitlines()[0]) if code == 0 else None}
+    started = time.perf_counter()
+    merged = merge(str(run), workdir / "mm-merged", overwrite=True)
+    merged_s = time.perf_counter() - started
+    merged_config = AutoConfig.from_pretrained(merged)
+    return {
+        "mode": f"multimodal: {'QLoRA nf4' if args.qlora else 'LoRA'} with lora.towers [audio, vision], train + eval "
+                "+ generate --image/--audio + merge",
+        "wrapped_per_tower": record["lora"]["wrapped_per_tower"],
+        "loss_first_last": [record["training"]["train_loss_first"], record["training"]["train_loss_last"]],
+        "train_and_eval_s": round(trained_s, 1), "merge_s": round(merged_s, 1),
+        "peak_gib": None if peak is None else round(peak / GIB, 2),
+        "planned_gib": round((plan.estimate.total - plan.path.overhead_bytes) / GIB, 2),
+        "planned_parts_gib": {k: round(v / GIB, 2) for k, v in plan.estimate.parts.items()},
+        "planned_towers_gib_per_unit": {t.tower: round(t.per_unit / GIB, 3) for t in plan.settings.towers},
+        "eval": {v["name"]: round(v["response_loss"], 4) for v in report["variants"]},
+        "generate": answers,
+        "merged": {"class": merged_config.architectures, "towers": [k for k in ("vision_config", "audio_config")
+                                                                    if getattr(merged_config, k, None) is not None]},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["e2b", "e4b"], default="e2b")
@@ -169,7 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="qlora,lora", help="comma-separated: qlora, lora")
     parser.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=True,
                         help="also run QLoRA train -> evaluation after training -> merge through gemmatune")
+    parser.add_argument("--multimodal", action="store_true",
+                        help="the full model with both towers: train (towers opted in), eval, generate, merge")
+    parser.add_argument("--qlora", action="store_true", help="--multimodal with 4-bit weights")
+    parser.add_argument("--model-dir", help="--multimodal: an existing multimodal checkpoint instead of a random one")
+    parser.add_argument("--cpu", action="store_true", help="--multimodal on the CPU (fp32): to check the script on a "
+                        "tiny --model-dir")
     args = parser.parse_args(argv)
+    if args.multimodal:
+        return _main_multimodal(args)
     if not torch.cuda.is_available():
         print("gpu_smoke.py needs a CUDA GPU: torch.cuda.is_available() is False here (CPU-only torch or no GPU)",
               file=sys.stderr)
@@ -192,6 +367,23 @@ def main(argv: list[str] | None = None) -> int:
               f"planned {result['planned_gib']:6.2f} GiB (without the CUDA context)")
     if args.pipeline:
         print(json.dumps(run_pipeline(folder, Path(args.workdir), args)))
+    return 0
+
+
+def _main_multimodal(args) -> int:
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_smoke.py --multimodal needs a CUDA GPU (or --cpu with a tiny --model-dir)", file=sys.stderr)
+        return 2
+    if device == "cpu" and not args.model_dir:
+        print("--cpu needs --model-dir: a real-size random model is not built on the CPU", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir)
+    folder = Path(args.model_dir) if args.model_dir else build_random_multimodal_checkpoint(
+        args.model, workdir / f"gemma3n-{args.model}-multimodal-random")
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}; {folder}, "
+          f"batch {args.batch}, {args.steps} steps, r={args.rank}")
+    print(json.dumps(run_multimodal(folder, workdir, args, device)))
     return 0
 
 

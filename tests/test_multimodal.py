@@ -28,6 +28,7 @@ from tests.conftest import (
     EOI,
     IMAGE,
     TINY_AUDIO_TOKENS,
+    TINY_IMAGE_SIZE,
     TINY_IMAGE_TOKENS,
     make_multimodal_processor,
     media_rows,
@@ -407,3 +408,126 @@ def test_serve_answers_openai_image_and_audio_parts_as_generate_does(mm_run, tmp
         server.stop()
     left = {p.name for p in Path(tempfile.gettempdir()).glob("gemmatune-serve-*")} - before
     assert not left, f"request media left behind: {left}"
+
+
+def _held_after(forward) -> tuple[int, torch.Tensor]:
+    """(bytes the allocator still holds after `forward()` returns, its result), from the profiler's memory events:
+    what autograd keeps for backward plus the result itself."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = forward()
+    return sum(e.self_cpu_memory_usage for e in prof.events()), result
+
+
+@pytest.mark.multimodal
+@pytest.mark.parametrize("towers", [["audio", "vision"], []])
+def test_plan_tower_activations_match_what_a_real_tower_forward_holds(tiny_gemma3n_multimodal, tmp_path, towers):
+    """plan's per-image and per-clip figures (meta device, no weights) against the memory a real forward of the
+    loaded model holds until backward, measured by the allocator (profiler); a frozen tower holds its output only."""
+    from gemmatune.loading import load_model
+    from gemmatune.lora import attach_lora
+    from gemmatune.media import MAX_AUDIO_SECONDS, SAMPLE_RATE, Part, media_features
+    from gemmatune.plan import make_plan
+    from gemmatune.tower_memory import clip_frames
+
+    needs_multimodal()
+    cfg = load_config(None, [f"model.name={tiny_gemma3n_multimodal}", "model.multimodal=true", "train.precision=fp32",
+                             f"lora.towers={json.dumps(towers)}"])
+    plan = make_plan(cfg, device="cpu")
+    planned = {t.tower: t for t in plan.settings.towers}
+    assert planned["vision"].unit == f"image {TINY_IMAGE_SIZE}x{TINY_IMAGE_SIZE}"  # the checkpoint's processor
+    assert planned["audio"].unit == "30 s clip"
+    # Without a local data file: one image and one clip per example, every example of the batch.
+    assert plan.estimate.parts["tower activations"] == plan.settings.batch * sum(t.per_unit for t in planned.values())
+    lines = "\n".join(plan.lines())
+    for t in planned.values():
+        assert f"tower activations, {t.tower}: {t.per_unit / 2**30:.3f} GiB per {t.unit}" in lines
+
+    loaded = load_model(cfg.model, "fp32")
+    model, _ = attach_lora(loaded.model, cfg.lora, loaded.family)
+    model.train()
+    rows = media_rows(tmp_path, 1)  # writes img0.png
+    clip = write_wav(tmp_path / "long.wav", 0.3 * np.sin(np.arange(int(MAX_AUDIO_SECONDS * SAMPLE_RATE)) / 7.0))
+    inputs = media_features([Part("image", str(tmp_path / "img0.png")), Part("audio", str(clip))], loaded.processor)
+    assert rows and inputs["input_features"].shape[1] == clip_frames()  # the clip plan assumes: a full 30 s
+    inner = model.get_base_model().model
+    forwards = {
+        "vision": lambda: inner.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output,
+        "audio": lambda: inner.get_audio_features(inputs["input_features"], ~inputs["input_features_mask"],
+                                                  return_dict=True).pooler_output,
+    }
+    for tower, forward in forwards.items():
+        held, output = _held_after(forward)
+        assert planned[tower].trained == (tower in towers)
+        assert planned[tower].output_bytes == output.nbytes
+        if towers:
+            assert planned[tower].saved_bytes > 100 * output.nbytes  # the tower's activations dominate
+            # Both count the same tensors; what is left is the allocator's rounding (well under 1%).
+            assert abs(planned[tower].per_unit / held - 1) < 0.02, (tower, planned[tower], held)
+        else:
+            assert output.grad_fn is None and planned[tower].saved_bytes == 0 and held == output.nbytes
+        del output
+
+
+@pytest.mark.multimodal
+def test_qlora_trains_the_towers_adapters_and_leaves_4bit_bytes_alone(tiny_gemma3n_multimodal, media_file, tmp_path):
+    """4-bit (bitsandbytes nf4 on CPU) with lora.towers: the towers' Linear layers that fit the kernel are 4-bit too,
+    LoRA wraps them (and the vision tower's 1x1 convolutions, which stay 16-bit), every tower's adapters train, the
+    packed 4-bit bytes and every other base weight stay as loaded, and the run folder is complete."""
+    from gemmatune.config import ModelConfig
+    from gemmatune.loading import load_model
+    from gemmatune.lora import tower_of
+    from gemmatune.models import family_for
+    from gemmatune.train import train
+    from tests.conftest import require
+
+    needs_multimodal()
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    require(bnb is not None, "bitsandbytes (pip install 'gemmatune[qlora]')")
+    rows = media_rows(tmp_path, 8)
+    cfg = _train_cfg(tiny_gemma3n_multimodal, media_file, tmp_path / "runs", 'lora.towers=["audio", "vision"]',
+                     'model.quantization="4bit"', "data.eval_ratio=0.25", max_steps=3, precision="bf16")
+    cfg.data.test_file = str(write_jsonl(tmp_path / "test.jsonl", rows[:2]))
+    result = train(cfg)
+    run, family = result.run_dir, family_for("gemma3n")
+    quantized = {n: m for n, m in result.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    towers_4bit = {tower_of(n, family) for n in quantized}
+    assert {"language model", "audio", "vision"} <= towers_4bit, towers_4bit
+    assert result.record["lora"]["wrapped_per_tower"] == {"language model": 60, "audio": 21, "vision": 135}
+    assert result.record["base_model"]["quantization"] == "4bit"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run.json", "metrics.jsonl",
+                 "loss.png", "eval.json", "eval.md"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "eval.json").read_text())["rows"] == 2
+
+    weights = _adapter(run)
+    for tower in ("audio_tower", "vision_tower", "embed_audio", "embed_vision"):
+        moved = [k for k, v in weights.items() if tower in k and "lora_B" in k and v.abs().max() > 0]
+        assert moved, tower
+    # LoRA over 4-bit tower layers trained too (bitsandbytes' Linear4bit as PEFT's base layer).
+    over_4bit = [n for n in quantized if tower_of(n, family) != "language model" and n.endswith(".base_layer")]
+    assert over_4bit
+    for name in over_4bit:
+        key = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".lora_B.weight"
+        assert weights["base_model.model." + key].abs().max() > 0, key
+
+    # The base: 4-bit bytes as a fresh 4-bit load of the same folder, every other weight unchanged.
+    fresh = load_model(ModelConfig(name=str(tiny_gemma3n_multimodal), multimodal=True, quantization="4bit"),
+                       "bf16").model
+    packed = {n: m.weight.data.view(torch.uint8) for n, m in fresh.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    fresh_params = dict(fresh.named_parameters())
+    checked = 0
+    for name, param in result.model.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if key.removesuffix(".weight") in packed:
+            assert torch.equal(param.data.view(torch.uint8), packed[key.removesuffix(".weight")]), name
+        else:
+            assert torch.equal(param.data.float(), fresh_params[key].data.float()), name
+        checked += 1
+    assert checked == len(fresh_params)

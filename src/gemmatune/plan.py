@@ -9,13 +9,14 @@ the trainer takes (`trainer.training_path`), through a handful of measured per-t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gemmatune.config import Config
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPE_NAMES, device_kind, resolve_precision, weight_dtype
 from gemmatune.model_shape import ModelShape, measure
+from gemmatune.tower_memory import TowerMemory
 from gemmatune.trainer import TrainingPath, training_path
 
 GIB = 1024**3
@@ -101,6 +102,9 @@ class Settings:
     seq_len: int
     gradient_checkpointing: bool
     optim: str
+    towers: list[TowerMemory] = field(default_factory=list)  # a multimodal model's towers, per image / clip
+    images: int = 0  # images per example (the most in one)
+    clips: int = 0  # audio clips per example
 
 
 @dataclass
@@ -139,9 +143,17 @@ def estimate(shape: ModelShape, s: Settings, path: PathMemory) -> Estimate:
         "gradients": lora * 4,
         "optimizer state": lora * _OPTIMIZER_BYTES.get(s.optim, 8),
         "activations": activations,
+        "tower activations": _tower_bytes(s),
         "logits and loss": _loss_rows(tokens, shape.vocab, path) * shape.vocab * path.logits_bytes,
         "runtime": path.overhead_bytes,
     })
+
+
+def _tower_bytes(s: Settings) -> float:
+    """The towers' activations for one batch: every image and clip of the batch goes through its tower in the
+    same forward, and a tower with LoRA keeps its activations until backward."""
+    per_example = {"vision": s.images, "audio": s.clips}
+    return s.batch * sum(t.per_unit * per_example[t.tower] for t in s.towers)
 
 
 def _loss_rows(tokens: int, vocab: int, path: PathMemory) -> int:
@@ -187,8 +199,14 @@ class Plan:
             f"batch per device: {s.batch} x {s.seq_len} tokens ({self.seq_note}); world size {self.world_size}: "
             f"{s.batch * self.world_size * self.grad_accum} sequences per optimizer step (weights are replicated "
             "on every device under data parallelism; only the batch is split)",
-            f"memory per device (estimate; activations/logits from the '{self.path.name}' path):",
         ]
+        per_example = {"vision": s.images, "audio": s.clips}
+        for t in s.towers:
+            kept = f"{t.saved_bytes / GIB:.2f} GiB kept for backward, LoRA in the tower" if t.trained else \
+                "frozen: nothing kept for backward"
+            out.append(f"tower activations, {t.tower}: {t.per_unit / GIB:.3f} GiB per {t.unit} ({kept}, "
+                       f"{t.output_bytes / 2**20:.1f} MiB soft tokens) x {per_example[t.tower]} per example")
+        out.append(f"memory per device (estimate; activations/logits from the '{self.path.name}' path):")
         for part, size in est.parts.items():
             if size:
                 out.append(f"  {part:<18} {size / GIB:8.2f} GiB")
@@ -247,19 +265,52 @@ def suggest(shape: ModelShape, s: Settings, path: PathMemory, limit: int, grad_a
     return None
 
 
-def longest_example(cfg: Config) -> int | None:
-    """Tokens in the longest training example, when the data is a local file and the tokenizer is local;
-    None otherwise (a hub model's tokenizer is not downloaded for a plan)."""
-    from gemmatune.data import is_local, prepare
-    from gemmatune.loading import load_tokenizer, resolve_source
+@dataclass(frozen=True)
+class DataExtent:
+    longest: int  # tokens in the longest training example
+    images: int  # most images in one example
+    clips: int  # most audio clips in one example
+
+
+def data_extent(cfg: Config) -> DataExtent | None:
+    """The longest training example and the most image/audio parts in one, when the data is a local file and
+    the tokenizer (and, for a multimodal model, the processor) is local; None otherwise (a hub model's
+    tokenizer is not downloaded for a plan)."""
+    from gemmatune.data import is_local, read_data, tokenize_data
+    from gemmatune.loading import load_processor, load_tokenizer, resolve_source
 
     if not cfg.data.train_file or not is_local(cfg.data.train_file):
         return None
     if cfg.model.name != "embedded" and not Path(cfg.model.name).expanduser().exists():
         return None  # a hub id: resolving it would probe the hub, and its tokenizer is not fetched for a plan
     source = resolve_source(cfg.model)
-    data = prepare(cfg.data, load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code), cfg.train.seed)
-    return max((len(e.input_ids) for e in data.train.examples), default=None)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    processor = load_processor(source, tokenizer, cfg.model.trust_remote_code) if cfg.model.multimodal else None
+    examples = tokenize_data(read_data(cfg.data, cfg.train.seed), tokenizer, cfg.data, processor).train.examples
+    if not examples:
+        return None
+    count = [[sum(p.kind == kind for p in e.media) for e in examples] for kind in ("image", "audio")]
+    return DataExtent(max(len(e.input_ids) for e in examples), max(count[0]), max(count[1]))
+
+
+def tower_memory(cfg: Config, precision: str) -> list[TowerMemory]:
+    """Each tower's activation memory per image / clip, measured on the meta device (tower_memory.py)."""
+    from peft import get_peft_model
+
+    from gemmatune.loading import build_on_meta, choose_model_class
+    from gemmatune.lora import peft_lora_config
+    from gemmatune.model_shape import load_architecture
+    from gemmatune.models import family_for
+    from gemmatune.tower_memory import image_size, measure_towers
+
+    config, where = load_architecture(cfg)
+    family = family_for(config.model_type)
+    model = build_on_meta(choose_model_class(cfg.model, config.model_type, family, where), config)
+    for param in model.parameters():
+        param.requires_grad_(False)  # frozen base, as attach_lora leaves it
+    peft_model = get_peft_model(model, peft_lora_config(cfg.lora, family))
+    return measure_towers(peft_model, list(cfg.lora.towers), image_size=image_size(cfg.model.name),
+                          dtype_bytes=_DTYPE_BYTES[precision])
 
 
 def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1, device: str | None = None,
@@ -274,9 +325,15 @@ def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1
     seq_note = "data.max_length"
     if seq_len is not None:
         settings.seq_len, seq_note = seq_len, "--seq-len"
-    elif (longest := longest_example(cfg)) is not None:
+    extent = data_extent(cfg) if seq_len is None or cfg.model.multimodal else None
+    if seq_len is None and extent is not None:
         # Batches are padded to their longest row, so the longest example sets the peak.
-        settings.seq_len, seq_note = longest, f"the longest training example; data.max_length={cfg.data.max_length}"
+        settings.seq_len = extent.longest
+        seq_note = f"the longest training example; data.max_length={cfg.data.max_length}"
+    if cfg.model.multimodal and shape.per_tower:
+        settings.towers = tower_memory(cfg, settings.precision)
+        # Most parts in one example from the data; without local data, one image and one clip per example.
+        settings.images, settings.clips = (extent.images, extent.clips) if extent else (1, 1)
     training = training_path(cfg.train.packing, world_size)
     path = path_memory(training, device)
     est = estimate(shape, settings, path)

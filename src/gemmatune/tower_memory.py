@@ -1,0 +1,131 @@
+"""Activation memory of a multimodal model's towers (Gemma 3n's vision and audio encoders), for `plan`.
+
+Measured, not modelled: the full model is built on the meta device (no weights, no RAM), LoRA is attached as
+`gemmatune train` attaches it, and one image (or one 30 s clip) goes through the tower's own forward under
+`torch.autograd.graph.saved_tensors_hooks`, which sees every tensor autograd keeps for backward; those bytes
+(each storage once, parameters and buffers excluded) plus the soft tokens the tower hands to the language model
+are the figure. A tower without adapters runs with no tensor that needs a gradient, so it keeps nothing for
+backward and costs only its soft tokens.
+
+Two things the meta device cannot see are set here:
+- attention: meta tensors run `scaled_dot_product_attention` as its unfused math (which keeps the whole
+  score matrix); CPU and CUDA run a fused kernel that keeps q, k, v, the output and a log-sum-exp per row.
+  `_FusedAttention` routes the call to that fused kernel's op (its meta shape function), so the saved bytes
+  are the fused kernel's.
+- dtype: the meta model is fp32; under bf16/fp16 compute the figure is scaled by 2/4 (activations follow
+  the compute dtype; the few fp32 tensors autocast keeps are not separated out).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from gemmatune.media import MAX_AUDIO_SECONDS, SAMPLE_RATE
+
+# Gemma 3n's processors: images are resized to 768x768; the audio feature extractor frames 32 ms windows every
+# 10 ms (hop 160 samples), giving 2,997 frames for 30 s.
+DEFAULT_IMAGE_SIZE = 768
+AUDIO_HOP = 160
+AUDIO_FRAME = 512
+
+
+def clip_frames(seconds: float = MAX_AUDIO_SECONDS) -> int:
+    samples = int(seconds * SAMPLE_RATE)
+    return (samples - AUDIO_FRAME) // AUDIO_HOP + 1
+
+
+@dataclass(frozen=True)
+class TowerMemory:
+    tower: str  # "vision" | "audio"
+    unit: str  # what one unit is: "image 768x768", "30 s clip"
+    trained: bool  # LoRA in the tower (activations kept for backward)
+    saved_bytes: float  # kept for backward per unit
+    output_bytes: float  # the soft tokens per unit (handed to the language model)
+
+    @property
+    def per_unit(self) -> float:
+        return self.saved_bytes + self.output_bytes
+
+
+class _FusedAttention(TorchFunctionMode):
+    """On the meta device, run scaled_dot_product_attention as the fused kernel CPUs and GPUs run (see above)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            if kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and len(args) == 3:
+                k, v = k.expand(q.shape[:-2] + k.shape[-2:]), v.expand(q.shape[:-2] + v.shape[-2:])
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+def saved_tensor_bytes(model: torch.nn.Module, forward) -> tuple[int, object]:
+    """(bytes autograd keeps for backward during `forward()`, its result); each storage counted once, the
+    model's parameters and buffers excluded (they are weights, counted elsewhere)."""
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward()
+    return sum(seen.values()), result
+
+
+def measure_towers(peft_model, trained: list[str], image_size: int = DEFAULT_IMAGE_SIZE,
+                   clip_seconds: float = MAX_AUDIO_SECONDS, dtype_bytes: int = 2) -> list[TowerMemory]:
+    """Per-unit activation memory of each tower of a Gemma 3n-style model (`get_image_features`,
+    `get_audio_features`) with LoRA attached. `peft_model` may live on the meta device (plan) or on the CPU
+    (the tests' reference measurement, with real tensors)."""
+    inner = peft_model.get_base_model().model
+    device = next(peft_model.parameters()).device
+    dtype = next(p.dtype for p in peft_model.parameters() if p.is_floating_point())
+    scale = dtype_bytes / torch.empty((), dtype=dtype).element_size()
+    frames = clip_frames(clip_seconds)
+    mels = peft_model.config.audio_config.input_feat_size
+    probes = {
+        "vision": (f"image {image_size}x{image_size}",
+                   lambda: inner.get_image_features(torch.zeros(1, 3, image_size, image_size, device=device,
+                                                                dtype=dtype), return_dict=True)),
+        # The model passes the padding mask (True = padding): a full clip has none.
+        "audio": (f"{clip_seconds:g} s clip",
+                  lambda: inner.get_audio_features(torch.zeros(1, frames, mels, device=device, dtype=dtype),
+                                                   torch.zeros(1, frames, dtype=torch.bool, device=device),
+                                                   return_dict=True)),
+    }
+    out = []
+    for tower in ("vision", "audio"):
+        unit, forward = probes[tower]
+        with _FusedAttention() if device.type == "meta" else nullcontext():
+            saved, result = saved_tensor_bytes(peft_model, forward)
+        soft = result.pooler_output
+        out.append(TowerMemory(tower, unit, tower in trained, saved * scale, soft.numel() * dtype_bytes))
+    return out
+
+
+
+def image_size(model_name: str) -> int:
+    """The side images are resized to, from a local checkpoint's processor files (preprocessor_config.json, or
+    the image_processor inside processor_config.json), else Gemma 3n's 768."""
+    import json
+    from pathlib import Path
+
+    folder = Path(model_name).expanduser()
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        file = folder / name
+        if file.is_file():
+            data = json.loads(file.read_text(encoding="utf-8"))
+            size = ((data.get(key) or {}) if key else data).get("size") or {}
+            if "height" in size:
+                return int(size["height"])
+    return DEFAULT_IMAGE_SIZE
