@@ -128,7 +128,7 @@ class TrainConfig:
     optim: str = _f("adamw_torch", "Optimizer name as in TrainingArguments.")
     precision: str = _f(
         "auto", "Compute precision: auto (bf16 where the hardware has it and, on a CPU, its measured bf16 matmuls are "
-        "not slower than fp32; else fp32), bf16, fp16 or fp32."
+        "at least as fast as fp32; else fp32), bf16, fp16 or fp32."
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~20% slower.")
     packing: bool = _f(

@@ -31,32 +31,35 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# bf16 is chosen on a CPU only where its matmuls are at least this fast relative to fp32: at par it still halves
-# weight and activation memory, below it (AVX512_BF16 without AMX on Intel: 150 vs 290 GFLOP/s) it costs speed.
-BF16_MIN_SPEED_RATIO = 0.9
+# bf16 is chosen on a CPU only where its matmuls are at least as fast as fp32 ones (AMD Zen 4: 2.2x). Intel Xeons
+# with AVX512_BF16 but no AMX run them at 0.5x when quiet, and near 0.9x while another process shares the cores.
+BF16_MIN_SPEED_RATIO = 1.0
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
-    """Measured CPU matmul speed at `dtype` on this process's threads: best of `repeats` size^3 products."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b  # the first call builds the kernel (oneDNN JIT for bf16)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+def matmul_gflops(dtypes: tuple[torch.dtype, ...], size: int = 1024, rounds: int = 5) -> list[float]:
+    """Measured CPU matmul speed per dtype on this process's threads: the best of `rounds` size^3 products,
+    the dtypes taking turns so that a load from another process slows them alike rather than one of them."""
+    pairs = [(torch.randn(size, size).to(d), torch.randn(size, size).to(d)) for d in dtypes]
+    for a, b in pairs:
+        a @ b  # the first call builds the kernel (oneDNN JIT for bf16)
+    best = [float("inf")] * len(dtypes)
+    for _ in range(rounds):
+        for i, (a, b) in enumerate(pairs):
+            start = time.perf_counter()
+            a @ b
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [2 * size**3 / t / 1e9 for t in best]
 
 
 @functools.cache
 def cpu_bf16_speed() -> tuple[float, float]:
-    """(bf16, fp32) matmul GFLOP/s measured on this CPU, once per process (~0.1 s)."""
-    return matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    """(bf16, fp32) matmul GFLOP/s measured on this CPU, once per process (~0.15 s)."""
+    bf16, fp32 = matmul_gflops((torch.bfloat16, torch.float32))
+    return bf16, fp32
 
 
 def choose_cpu_precision(has_bf16: bool, bf16_gflops: float, fp32_gflops: float) -> str:
-    """bf16 on a CPU with bf16 instructions whose bf16 matmuls are not slower than fp32 ones, else fp32.
+    """bf16 on a CPU with bf16 instructions whose bf16 matmuls are at least as fast as fp32 ones, else fp32.
 
     The instruction flags alone do not say it: an AMD Zen 4 runs bf16 at 2.2x fp32, an Intel Xeon with
     AVX512_BF16 but no AMX (or AMX hidden by a VM) at 0.5x.
