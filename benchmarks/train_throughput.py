@@ -5,14 +5,17 @@ Variants, each in a fresh subprocess (so peak RSS is its own), run alternately (
   b  best plain HF stack: TRL SFTTrainer, bf16 weights + bf16 autocast, padding-free batches, completion-only
      loss (TRL's own chunked LM head); falls back to Trainer + DataCollatorWithFlattening when TRL is absent
   c  gemmatune defaults: packed rows with per-example attention, LM head only on label positions in chunks,
-     bf16 frozen weights under bf16 autocast, RMSNorms that keep no fp32 input copy, tcmalloc preloaded and
-     oneDNN's primitive cache capped at 128 (as `gemmatune train` does; --no-tcmalloc runs c without tcmalloc)
+     train.precision auto (bf16 frozen weights under bf16 autocast, or fp32 where fp32 matmuls are faster),
+     RMSNorms that keep no fp32 input copy, tcmalloc preloaded when installed, else glibc malloc tuned in-process
+     (gemmatune.allocator.tune_malloc), and oneDNN's primitive cache capped at 128, as `gemmatune train` does
+     (--no-tcmalloc: c without tcmalloc; --no-mallopt: c without the malloc tuning)
 
 All use the embedded Gemma 3 270M, LoRA r=16 / alpha 32 / dropout 0 on the 7 projections, AdamW lr 2e-4,
 4 examples per step, the same tokenized examples (gemmatune's alpaca-en template, max 512 tokens) in the
 same order, and the same number of steps, so the same real (non-padding) tokens. Tokens/s are measured
-from the end of step 1 to the end of the last step. Also measured here: a 2048^3 bf16 matmul, the roofline
-that c's speed is compared with (FLOPs per token from the model's shapes and the data's label share).
+from the end of step 1 to the end of the last step. Also measured here: 2048^3 bf16 and fp32 matmuls; the
+roofline c's speed is compared with (`c_share_of_roofline`) is that of the dtype c computes in (FLOPs per token
+from the model's shapes and the data's label share); `c_share_of_bf16_roofline` keeps the bf16 one.
 
     flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py            # full, ~18 min here
     flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py --steps 8 --rows 64 --rounds 1
@@ -109,8 +112,11 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
     elif variant == "b":
         trainer, stack = _variant_b(tokenizer, examples, model_dir, out, steps, timer)
     else:
+        from gemmatune.allocator import tune_malloc
         from gemmatune.config import load_config
         from gemmatune.loading import load_model
+
+        tune_malloc()  # what `gemmatune train` does without tcmalloc; a no-op under it or GEMMATUNE_MALLOPT=0
         from gemmatune.train import build_trainer, prepare_for_training
 
         cfg = load_config(None, [f"data.train_file={data_file}", f"train.output_dir={out}", "train.run_name=c",
@@ -138,7 +144,21 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "final_loss": sum(tail) / len(tail),
         "tcmalloc": "tcmalloc" in Path("/proc/self/maps").read_text(),
+        "allocator": _allocator(),
+        "compute_dtype": _compute_dtype(trainer),
     }
+
+
+def _allocator() -> str:
+    from gemmatune.allocator import malloc_tuned, tcmalloc_loaded
+
+    if tcmalloc_loaded():
+        return "tcmalloc"
+    return "glibc malloc tuned (mallopt)" if malloc_tuned() else "glibc malloc default"
+
+
+def _compute_dtype(trainer) -> str:
+    return "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
 
 
 def _variant_b(tokenizer, examples, model_dir, out, steps, timer):
@@ -182,12 +202,13 @@ def _model_dir() -> str:
 # ----------------------------------------------------------------------------- parent: roofline and orchestration
 
 
-def bf16_matmul_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
+def matmul_gflops(threads: int, dtype: str = "bf16", size: int = 2048, repeats: int = 10) -> float:
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+    kind = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    a = torch.randn(size, size, dtype=kind)
+    b = torch.randn(size, size, dtype=kind)
     for _ in range(2):
         a @ b
     best = float("inf")
@@ -228,8 +249,8 @@ def data_file(rows: int) -> tuple[str, str]:
     return str(path), f"{BUNDLED} (first {len(lines)} rows)"
 
 
-def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool) -> dict:
-    from gemmatune.allocator import ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VARIABLE, find_tcmalloc
+def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool, mallopt: bool = True) -> dict:
+    from gemmatune.allocator import MALLOPT_VARIABLE, ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VARIABLE, find_tcmalloc
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     lib = find_tcmalloc() if tcmalloc and variant == "c" else None
@@ -237,6 +258,8 @@ def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool) -> 
         env["LD_PRELOAD"] = lib
     if variant == "c":
         env.setdefault(ONEDNN_CACHE_VARIABLE, str(ONEDNN_CACHE_ENTRIES))
+        if not mallopt:
+            env[MALLOPT_VARIABLE] = "0"
     cmd = [sys.executable, __file__, "--child", variant, "--data", data, "--steps", str(steps),
            "--threads", str(threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -254,6 +277,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating order; medians kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     parser.add_argument("--no-tcmalloc", action="store_true", help="run c without tcmalloc preloaded")
+    parser.add_argument("--no-mallopt", action="store_true", help="run c with glibc malloc's defaults "
+                        "(when tcmalloc is not used)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -275,13 +300,17 @@ def main() -> None:
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-            res = spawn(v, path, args.steps, threads, not args.no_tcmalloc)
+            res = spawn(v, path, args.steps, threads, not args.no_tcmalloc, not args.no_mallopt)
             runs[v].append(res)
             print(f"  round {r + 1} {v}: {res['tokens_per_second']:7.1f} real tok/s, peak RSS "
                   f"{res['peak_rss_gib']:.2f} GiB, loss {res['final_loss']:.4f}  [{res['stack']}]", flush=True)
-    gflops = bf16_matmul_gflops(threads)
+    gflops = {dtype: matmul_gflops(threads, dtype) for dtype in ("bf16", "fp32")}
+    c_dtype = runs["c"][0].get("compute_dtype", "bf16")
+    if c_dtype not in gflops:
+        gflops[c_dtype] = matmul_gflops(threads, c_dtype)
     flops = flops_per_token(_model_dir(), label_share, report.tokens / report.examples)
-    roofline = gflops * 1e9 / flops
+    roofline = gflops[c_dtype] * 1e9 / flops
+    bf16_roofline = gflops["bf16"] * 1e9 / flops
 
     def med(v: str, key: str) -> float:
         return statistics.median(x[key] for x in runs[v])
@@ -297,11 +326,16 @@ def main() -> None:
         "speed_c_over_b": round(c["tokens_per_second"] / b["tokens_per_second"], 2),
         "rss_c_over_a": round(c["peak_rss_gib"] / a["peak_rss_gib"], 3),
         "loss_c_vs_a_relative": round(c["final_loss"] / a["final_loss"] - 1, 4),
-        "bf16_matmul_gflops": round(gflops, 1),
+        "bf16_matmul_gflops": round(gflops["bf16"], 1),
+        "fp32_matmul_gflops": round(gflops["fp32"], 1),
+        "c_compute_dtype": c_dtype,
         "gflop_per_token": round(flops / 1e9, 3),
         "roofline_tokens_per_second": round(roofline, 1),
         "c_share_of_roofline": round(c["tokens_per_second"] / roofline, 3),
+        "bf16_roofline_tokens_per_second": round(bf16_roofline, 1),
+        "c_share_of_bf16_roofline": round(c["tokens_per_second"] / bf16_roofline, 3),
         "tcmalloc_in_c": runs["c"][0]["tcmalloc"],
+        "allocator_in_c": runs["c"][0].get("allocator", "unknown"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     for v in VARIANTS:
@@ -310,8 +344,10 @@ def main() -> None:
               f"loss {s['final_loss']:.4f}  {s['stack']}")
     print(f"c/a {result['speed_c_over_a']}x, c/b {result['speed_c_over_b']}x, RSS c/a {result['rss_c_over_a']}, "
           f"loss c vs a {100 * result['loss_c_vs_a_relative']:+.2f}%")
-    print(f"bf16 matmul {gflops:.0f} GFLOP/s; {flops / 1e9:.2f} GFLOP per token -> roofline {roofline:.0f} tok/s; "
-          f"c reaches {100 * result['c_share_of_roofline']:.0f}% of it")
+    print(f"matmul 2048^3: bf16 {gflops['bf16']:.0f} GFLOP/s, fp32 {gflops['fp32']:.0f} GFLOP/s; c computes in "
+          f"{c_dtype}: {flops / 1e9:.2f} GFLOP per token -> roofline {roofline:.0f} tok/s; c reaches "
+          f"{100 * result['c_share_of_roofline']:.0f}% of it ({100 * result['c_share_of_bf16_roofline']:.0f}% of the "
+          f"bf16 one); allocator in c: {result['allocator_in_c']}")
     print(json.dumps(result))
 
 

@@ -146,3 +146,34 @@ def test_bf16_chunked_loss_keeps_a_confident_tokens_gradient(softcap, monkeypatc
     assert abs(got.item() - expected.item()) <= 1e-2 * expected.item()
     err = (hidden.grad.double() - expected_grad).norm(dim=1) / expected_grad.norm(dim=1)
     assert err[in_range].max() < 0.05, err  # bf16 matmul rounding only, confident rows included
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_is_exact_for_targets_whose_probability_underflows(dtype, monkeypatch):
+    """The loss is -log softmax[target]; where that probability underflows fp32 (a target logit ~150 below the
+    row's best) the log is taken from a recomputed log_softmax, so the loss stays finite and exact."""
+    from gemmatune import loss
+    from gemmatune.loss import CausalLMParts, chunked_cross_entropy_sum
+
+    gen = torch.Generator().manual_seed(1)
+    vocab, dim, n = 256, 16, 10
+    monkeypatch.setattr(loss, "LOGITS_PER_FP32_BLOCK", 3 * vocab)  # blocks of 3 rows in chunks of 4
+    head = torch.nn.Linear(dim, vocab, bias=False, dtype=dtype).requires_grad_(False)
+    head.weight.copy_(torch.randn(vocab, dim, generator=gen))
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    hidden = torch.randn(n, dim, generator=gen)
+    hidden[::3] -= 12.0 * head.weight[targets[::3]].float()  # those targets' logits end up far below the rest
+    hidden = hidden.to(dtype).requires_grad_()
+
+    raw = (hidden.detach().double() @ head.weight.double().T).to(dtype).double()  # the logits the head gives
+    probs = torch.softmax(raw, -1)
+    assert (probs[torch.arange(n), targets] < 1e-40).sum() >= 3  # the case this test is about
+    expected = torch.nn.functional.cross_entropy(raw, targets, reduction="sum")
+    expected_grad = (probs - torch.nn.functional.one_hot(targets, vocab)) @ head.weight.double()
+
+    got = chunked_cross_entropy_sum(hidden, targets, CausalLMParts(None, head, None), chunk=4)
+    got.backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.isfinite(got) and abs(got.item() - expected.item()) <= tolerance * expected.item()
+    err = (hidden.grad.double() - expected_grad).norm(dim=1) / expected_grad.norm(dim=1)
+    assert err.max() < tolerance, err

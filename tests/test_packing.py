@@ -97,3 +97,26 @@ def test_packed_attention_splits_the_row_itself():
                                              v[:, :, sl].repeat_interleave(2, 1), attn_mask=band, scale=0.3)
         assert torch.allclose(out[0, sl], ref[0].transpose(0, 1), atol=1e-6)
         start += n
+
+
+def test_packed_gradients_equal_the_sum_over_separate_examples(tiny_gemma3):
+    """The backward through the per-example attention (gradients of q, k, v gathered back into the row)."""
+    model = _load(tiny_gemma3, None)
+    examples = _examples(1)
+    batch = PackCollator()(examples)
+
+    def loss_sum(logits, labels):
+        return F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+
+    model.zero_grad()
+    packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+    loss_sum(packed, batch["labels"][0]).backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for ex in examples:
+        alone = model(input_ids=torch.tensor([ex["input_ids"]]), use_cache=False).logits[0]
+        loss_sum(alone, torch.tensor([-100, *ex["labels"][1:]])).backward()
+    assert packed_grads and packed_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in packed_grads.items():
+        other = dict(model.named_parameters())[name].grad
+        assert torch.allclose(grad, other, rtol=1e-4, atol=1e-5), name

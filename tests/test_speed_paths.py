@@ -1,4 +1,5 @@
-"""Training paths around the fast defaults: padded batches, gradient checkpointing, the tcmalloc restart."""
+"""Training paths around the fast defaults: padded batches, gradient checkpointing, the tcmalloc restart, the
+glibc malloc tuning used without tcmalloc."""
 
 import os
 import subprocess
@@ -45,14 +46,57 @@ def test_tcmalloc_restart_happens_once_and_not_when_opted_out(monkeypatch):
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: lib)
     monkeypatch.setattr(allocator, "tcmalloc_loaded", lambda: False)
     monkeypatch.setattr(allocator.os, "execve", lambda path, argv, env: restarts.append((argv, env["LD_PRELOAD"])))
+    # Whenever the process goes on without restarting, it tunes glibc malloc instead (not in this test process).
+    tuned = []
+    monkeypatch.setattr(allocator, "tune_malloc", lambda: tuned.append(1) or True)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     reexec_with_tcmalloc(["train", "x.yaml", OPT_OUT])
-    assert restarts == []
+    assert restarts == [] and len(tuned) == 1
     reexec_with_tcmalloc(["train", "x.yaml"])
-    assert restarts == [([sys.executable, "-m", "gemmatune", "train", "x.yaml"], lib)]
+    assert restarts == [([sys.executable, "-m", "gemmatune", "train", "x.yaml"], lib)] and len(tuned) == 1
     monkeypatch.setenv("LD_PRELOAD", lib)  # preloaded, yet not loaded: restarting again would loop
     reexec_with_tcmalloc(["train", "x.yaml"])
-    assert len(restarts) == 1
+    assert len(restarts) == 1 and len(tuned) == 2
+
+
+# Allocates and frees a 256 MiB block 5 times, touching every page, and prints the minor page faults of the
+# last 4 rounds. glibc's default serves it by mmap and unmaps it on free, so every round faults all 65,536
+# pages in again; tuned, the freed block stays in the heap and the next round reuses it.
+_FAULTS = """
+import ctypes, resource, sys
+from gemmatune.allocator import malloc_tuned, tune_malloc
+applied = tune_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
+size = 256 << 20
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, malloc_tuned(), sum(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_tuned_malloc_reuses_freed_large_blocks_without_page_faults():
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    results = {}
+    for setting in ("default", "0"):
+        env = dict(os.environ, PYTHONPATH=src, GEMMATUNE_MALLOPT=setting)
+        env.pop("LD_PRELOAD", None)
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        applied, reported, faults = out.stdout.split()
+        assert applied == reported
+        results[setting] = (applied, int(faults))
+    pages = 4 * (256 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert results["0"][0] == "False" and results["0"][1] >= pages * 0.9  # opted out: glibc's default behaviour
+    assert results["default"][0] == "True" and results["default"][1] < pages * 0.05
 
 
 @pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
@@ -80,3 +124,5 @@ def test_cli_caps_the_onednn_cache_unless_the_user_set_it(tiny_gemma3, alpaca_fi
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"oneDNN cache {user_value or 128} entries (ONEDNN_PRIMITIVE_CACHE_CAPACITY)" in out.stderr
+    # --no-tcmalloc keeps the system malloc, tuned in-process (GEMMATUNE_MALLOPT=0 to leave it as it is)
+    assert "allocator: glibc malloc keeping freed memory (mallopt; GEMMATUNE_MALLOPT=0" in out.stderr

@@ -55,35 +55,56 @@ def causal_lm_parts(model: torch.nn.Module, any_head: bool = False) -> CausalLMP
     return CausalLMParts(body, head, softcap)
 
 
+# Below this a target's fp32 softmax probability may have lost precision to underflow (exp(z - max) is exact to
+# an ulp down to 2**-126 and the sum is >= 1), so its log is taken from a recomputed log_softmax instead.
+_SMALLEST_EXACT_PROB = 2.0**-100
+
+
 def _cross_entropy_and_grad_(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                              work: torch.Tensor | None, need_grad: bool) -> torch.Tensor:
+                              work: torch.Tensor | None, need_grad: bool, raw_rows) -> torch.Tensor:
     """Sum of cross-entropy over the rows of `logits` (the LM head's raw output, any float dtype); with
-    `need_grad`, `logits` is overwritten with d(sum)/d(logits).
+    `need_grad`, `logits` is overwritten with d(sum)/d(logits). `raw_rows(index)` recomputes the raw logits
+    of the rows `index` (rarely needed, see `_SMALLEST_EXACT_PROB`).
 
     The loss is computed in fp32 (in `work`, a float32 buffer, when `logits` is not float32 already), as
-    the plain path does after `logits.float()`. Without a softcap the gradient softmax is taken straight from
-    the low-precision logits (it equals the fp32 softmax rounded); only its target column, p - 1, is written
-    from fp32: rounded to bf16 a p of 0.999 is 1.0 and that token's gradient would be lost.
+    the plain path does after `logits.float()`. Without a softcap it is three passes over the vocabulary-wide
+    rows, the softmax kernel's (max, exp and sum, scale), instead of log_softmax + exp: each row's loss is
+    -log p[target], and the softmax is the gradient. Only the target column, p - 1, is written from fp32
+    (as expm1 of the log-probability): rounded to bf16 a p of 0.999 is 1.0 and that token's gradient would
+    be lost.
     """
     rows = torch.arange(targets.shape[0], device=targets.device)
     x = logits if work is None else work[: logits.shape[0]].copy_(logits)
-    tanh = None
     if softcap is not None:
-        tanh = torch.tanh(x / softcap)
-        torch.mul(tanh, softcap, out=x)
+        return _softcapped_cross_entropy_and_grad_(logits, x, rows, targets, softcap, need_grad)
+    torch.softmax(x, dim=-1, out=x)
+    target_probs = x[rows, targets]
+    target_log_probs = torch.log(target_probs)
+    underflow = torch.nonzero(target_probs < _SMALLEST_EXACT_PROB).flatten()
+    if underflow.numel():
+        raw = raw_rows(underflow).float()
+        target_log_probs[underflow] = torch.log_softmax(raw, dim=-1)[rows[: underflow.numel()], targets[underflow]]
+    if need_grad:
+        x[rows, targets] = torch.expm1(target_log_probs)
+        if x is not logits:
+            logits.copy_(x)
+    return -target_log_probs.sum()
+
+
+def _softcapped_cross_entropy_and_grad_(logits: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                                        targets: torch.Tensor, softcap: float, need_grad: bool) -> torch.Tensor:
+    """`_cross_entropy_and_grad_` for logits capped as softcap * tanh(logits / softcap); `x` is the fp32
+    copy (or `logits` itself when fp32)."""
+    tanh = torch.tanh(x / softcap)
+    torch.mul(tanh, softcap, out=x)
     torch.log_softmax(x, dim=-1, out=x)
     target_log_probs = x[rows, targets]
     if need_grad:
-        if tanh is None and x is not logits:
-            torch.softmax(logits, dim=-1, out=logits)
-            logits[rows, targets] = torch.expm1(target_log_probs).to(logits.dtype)
-        else:
-            x.exp_()
-            x[rows, targets] = torch.expm1(target_log_probs)
-            if tanh is not None:
-                x *= 1 - tanh * tanh
-            if x is not logits:
-                logits.copy_(x)
+        x.exp_()
+        x[rows, targets] = torch.expm1(target_log_probs)
+        x *= 1 - tanh * tanh
+        if x is not logits:
+            logits.copy_(x)
     return -target_log_probs.sum()
 
 
@@ -111,8 +132,9 @@ def _chunked_sum(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: flo
                                device=logits.device)
         # Block by block so the fp32 passes stay in cache; each block's rows become their gradient in place.
         for b in range(0, logits.shape[0], block):
+            rows = h[b:b + block]
             total += _cross_entropy_and_grad_(logits[b:b + block], t[b:b + block], softcap, work,
-                                              on_gradient is not None)
+                                              on_gradient is not None, lambda index, rows=rows: head(rows[index]))
         if on_gradient is not None:
             on_gradient(start, logits, h)
     return total

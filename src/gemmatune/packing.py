@@ -87,13 +87,16 @@ def packed_sdpa_attention(
             attention_mask = _window_mask(q_len, sliding_window, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = []
-    for start, end in bounds:
+    # split, not a slice per example: the backward of a split is one cat of the gradients, while each slice's
+    # backward writes its gradient into a zero tensor as large as the whole row.
+    lengths = [end - start for start, end in bounds]
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
+                       strict=True):
+        length = q.shape[2]
         mask = None
-        if sliding_window is not None and end - start > sliding_window:
-            mask = _window_mask(end - start, sliding_window, query.device)
-        out, _ = sdpa_attention_forward(
-            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask, **kwargs
-        )
+        if sliding_window is not None and length > sliding_window:
+            mask = _window_mask(length, sliding_window, query.device)
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
         outputs.append(out)  # [1, length, heads, head_dim]
     return torch.cat(outputs, dim=1), None
 
