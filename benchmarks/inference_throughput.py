@@ -18,7 +18,7 @@ Loss tokens/s count every real token of the scored rows (prompt and response, as
 generation tokens/s count new tokens (the stop token included), greedy, at most --max-new-tokens.
 
     flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py          # ~15 min here
-    flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py --rows 16 --gen-rows 8 --rounds 1 --train-steps 4
+    flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py --rows 16 --rounds 1 --train-steps 4
 
 The last line printed is one JSON object with every figure.
 """
