@@ -26,6 +26,15 @@ async function api(path, options) {
   return response;
 }
 
+// Polled reads: a failed poll is retried by the next one, so it yields null instead of an error.
+async function getJsonOrNull(path) {
+  try {
+    return await (await api(path)).json();
+  } catch (err) {
+    return null;
+  }
+}
+
 function duration(seconds) {
   if (seconds == null) return "?";
   const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
@@ -40,12 +49,8 @@ function progressText(run) {
 }
 
 async function refreshRuns() {
-  let body;
-  try {
-    body = await (await api("/api/runs")).json();
-  } catch (err) {
-    return;
-  }
+  const body = await getJsonOrNull("/api/runs");
+  if (body === null) return;
   $("runs-dir").textContent = body.runs_dir;
   $("no-runs").hidden = body.runs.length > 0;
   const list = $("runs");
@@ -90,12 +95,8 @@ function selectRun(name) {
 async function pollMetrics() {
   const name = state.run;
   if (!name) return;
-  let body;
-  try {
-    body = await (await api(`/api/runs/${encodeURIComponent(name)}/metrics?since=${state.next}`)).json();
-  } catch (err) {
-    return;
-  }
+  const body = await getJsonOrNull(`/api/runs/${encodeURIComponent(name)}/metrics?since=${state.next}`);
+  if (body === null) return;
   if (name !== state.run) return;
   state.next = body.next;
   if (body.rows.length || !state.plot) {
@@ -168,12 +169,8 @@ function cell(text, className) {
 
 async function loadEval() {
   const name = state.run;
-  let report;
-  try {
-    report = await (await api(`/api/runs/${encodeURIComponent(name)}/eval`)).json();
-  } catch (err) {
-    return;
-  }
+  const report = await getJsonOrNull(`/api/runs/${encodeURIComponent(name)}/eval`);
+  if (report === null) return;
   if (name !== state.run) return;
   const metrics = [["response loss", "response_loss", 4], ["perplexity", "perplexity", 2],
     ["exact match %", "exact_match", 1], ["ROUGE-L F1 %", "rouge_l", 1],
@@ -206,12 +203,8 @@ async function loadEval() {
 }
 
 async function loadModels() {
-  let body;
-  try {
-    body = await (await api("/v1/models")).json();
-  } catch (err) {
-    return;
-  }
+  const body = await getJsonOrNull("/v1/models");
+  if (body === null) return;
   const select = $("model");
   select.replaceChildren(...body.data.map((m) => {
     const option = document.createElement("option");
