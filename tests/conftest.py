@@ -187,6 +187,28 @@ def tiny_config(model_dir: Path, train_file: Path, out: Path, **train_overrides)
     return load_config(None, overrides)
 
 
+def record_lm_head_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes of the logits of every LM-head call the chunked loss makes, whichever way it calls the head
+    (one matmul into a reused buffer for a plain Linear, the module itself otherwise)."""
+    import gemmatune.loss as loss_module
+
+    calls: list[tuple[int, ...]] = []
+    original = loss_module._head_matmul
+
+    def recording(head, hidden):
+        logits_of, dtype = original(head, hidden)
+
+        def logits(h, out=None):
+            result = logits_of(h, out)
+            calls.append(tuple(result.shape))
+            return result
+
+        return logits, dtype
+
+    monkeypatch.setattr(loss_module, "_head_matmul", recording)
+    return calls
+
+
 def make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets=("q_proj", "v_proj", "down_proj")) -> Path:
     """A random-initialised PEFT adapter on `base_dir`, saved as a plain PEFT folder."""
     from peft import LoraConfig, get_peft_model

@@ -12,7 +12,7 @@ from gemmatune.infer import BASE, TunedModel, load
 from gemmatune.loading import load_model
 from gemmatune.loss import CausalLMParts, causal_lm_parts, chunked_cross_entropy_sum
 from gemmatune.templates import IGNORE, tokenize_row
-from tests.conftest import ALPACA_ROWS, make_adapter
+from tests.conftest import ALPACA_ROWS, make_adapter, record_lm_head_calls
 from tests.test_evaluation import CHAT_ROWS
 
 # Lengths vary (61 to ~250 tokens, all longer than the tiny models' sliding window of 16; the longest is over
@@ -43,12 +43,12 @@ def adapters_by_model(tiny_gemma3, tiny_gemma3n, tmp_path_factory):
 
 
 def _tuned(model_dir, adapter, packing: bool) -> TunedModel:
-    if not packing:
+    if packing:
         return load([f"a={adapter}"], template="chat", precision="fp32")  # as `gemmatune eval` loads
-    # As `gemmatune train` hands its model to evaluate_after_training: loaded with packing-aware attention.
+    # A model a user loaded themselves with plain sdpa: rows are right-padded instead of packed.
     from peft import PeftModel
 
-    loaded = load_model(ModelConfig(name=str(model_dir)), "fp32", packing=True)
+    loaded = load_model(ModelConfig(name=str(model_dir)), "fp32", packing=False)
     model = PeftModel.from_pretrained(loaded.model, str(adapter), adapter_name="a")
     return TunedModel(model, loaded.tokenizer, loaded.family, "chat", {"a": "chat"}, "fp32")
 
@@ -91,10 +91,10 @@ def test_eval_batches_respect_the_token_budget_and_run_the_head_only_on_response
     tuned = _tuned(tiny_gemma3, adapters_by_model["tiny_gemma3"], packing)
     parts = causal_lm_parts(tuned.model, any_head=True)
     monkeypatch.setattr(loss, "LOGITS_PER_CHUNK", 7 * parts.head.out_features)  # chunks of at most 7 rows
-    body_tokens, head_rows = [], []
+    body_tokens = []
     parts.body.register_forward_hook(lambda mod, args, kwargs, out: body_tokens.append(kwargs["input_ids"].shape),
                                      with_kwargs=True)
-    parts.head.register_forward_hook(lambda mod, args, out: head_rows.append(tuple(out.shape)))
+    head_rows = record_lm_head_calls(monkeypatch)
     budget = 150
     _, count = response_loss(tuned, ROWS, "a", max_tokens=budget)
     longest = max(len(tokenize_row(r, "chat", tuned.tokenizer).input_ids) for r in ROWS)

@@ -9,6 +9,7 @@ from gemmatune.lora import attach_lora
 from gemmatune.loss import causal_lm_loss, causal_lm_parts
 from gemmatune.packing import PackCollator
 from gemmatune.train import disable_cache
+from tests.conftest import record_lm_head_calls
 from tests.test_packing import _examples
 
 
@@ -75,7 +76,7 @@ def test_the_trainer_internals_the_chunked_loss_relies_on_are_unchanged():
         "self", "model", "inputs", "return_outputs", "num_items_in_batch"]
 
 
-def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny_gemma3, tmp_path):
+def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny_gemma3, tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
     from gemmatune.data import ExampleDataset
@@ -86,9 +87,7 @@ def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny
     examples = [Tokenized(e["input_ids"], e["labels"]) for e in _examples()]
     batch = PackCollator()(_examples())
     tokens, label_tokens = batch["input_ids"].numel(), int((batch["labels"] != -100).sum())
-    rows_seen = []
-    head = causal_lm_parts(model).head
-    head.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[0]))
+    head_calls = record_lm_head_calls(monkeypatch)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(examples),
                              per_device_eval_batch_size=len(examples), max_steps=1, report_to="none",
                              use_cpu=True, remove_unused_columns=False, save_strategy="no")
@@ -97,10 +96,11 @@ def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny
                                run_dir=tmp_path, packing=True)
     assert trainer.path.chunked_loss
     trainer.train()
-    assert rows_seen == [label_tokens] and label_tokens < tokens  # one chunk: every label row, nothing else
-    rows_seen.clear()
+    # one chunk: every label row, nothing else
+    assert [c[0] for c in head_calls] == [label_tokens] and label_tokens < tokens
+    head_calls.clear()
     metrics = trainer.evaluate()
-    assert rows_seen == [label_tokens]
+    assert [c[0] for c in head_calls] == [label_tokens]
     with torch.no_grad():
         expected = model(**batch).loss.item()
     assert abs(metrics["eval_loss"] - expected) < 1e-5

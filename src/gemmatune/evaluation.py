@@ -247,10 +247,11 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
     time, never [batch, sequence, vocab]. Batches are bounded by `max_tokens` (and `batch_size` rows, if
     given) rather than a row count, so long answers make more batches, not bigger ones.
 
-    Batches are packed as in training when the model was loaded with packing-aware attention (the model
-    `gemmatune train` just trained); otherwise (`gemmatune eval` loads for generation, with plain sdpa)
-    rows of similar length are right-padded with an attention mask: both are exact, and neither ever
-    computes attention across two rows.
+    Batches are packed as in training when the model was loaded with packing-aware attention (`load` and
+    `gemmatune train` both load that way); otherwise (a model loaded with plain sdpa or eager attention) rows
+    of similar length are right-padded with an attention mask: both are exact, and neither ever computes
+    attention across two rows. Packed, a batch costs its real tokens; padded, 1.27x them on the Alpaca rows
+    of benchmarks/inference_throughput.py.
     """
     template = tuned.template_for(adapter)
     examples = [tokenize_row(row, template, tuned.tokenizer, media=tuned.media_tokens_for(row)) for row in rows]

@@ -340,7 +340,9 @@ def load(
         model_cfg.quantization = "none"
     if model_cfg.dtype == "auto":
         model_cfg.dtype = DTYPE_NAMES[inference_weight_dtype(resolve_precision(precision), device_kind())]
-    loaded = load_model(model_cfg, precision)
+    # Packing-aware attention: response_loss packs rows as training does (no padding); generation and padded
+    # batches run plain sdpa through it (packing.packed_sdpa_attention).
+    loaded = load_model(model_cfg, precision, packing=True)
     model = loaded.model
     for src in sources:
         # PEFT only warns when an adapter does not fit, then behaves like the base model: refuse instead.
