@@ -6,7 +6,7 @@ from gemmatune.cli import main
 from gemmatune.config import load_config
 from gemmatune.errors import GemmatuneError
 from gemmatune.plan import GIB, NF4_BYTES, estimate, make_plan, parse_size
-from tests.conftest import EXAMPLES_DIR
+from tests.conftest import EXAMPLES_DIR, record_lm_head_calls
 
 E4B_EXAMPLE = str(EXAMPLES_DIR / "gemma3n-e4b-qlora.yaml")
 
@@ -120,13 +120,12 @@ def test_quickstart_full_logits_estimate_is_within_25_percent_of_its_measured_pe
     assert abs(full_logits.total / QUICKSTART_FULL_LOGITS_PEAK_RSS - 1) < 0.25
 
 
-def test_plan_without_packing_takes_the_path_the_trainer_takes(tiny_gemma3, alpaca_file, tmp_path):
+def test_plan_without_packing_takes_the_path_the_trainer_takes(tiny_gemma3, alpaca_file, tmp_path, monkeypatch):
     """train.packing=false on one process: padded batches, and still the label-only chunked loss."""
     from transformers import TrainingArguments
 
     from gemmatune.data import ExampleDataset, PadCollator, prepare
     from gemmatune.loading import load_model
-    from gemmatune.loss import causal_lm_parts
     from gemmatune.train import prepare_for_training
     from gemmatune.trainer import GemmatuneTrainer, TrainingPath
     from tests.conftest import tiny_config
@@ -147,11 +146,11 @@ def test_plan_without_packing_takes_the_path_the_trainer_takes(tiny_gemma3, alpa
     trainer = GemmatuneTrainer(model=model, args=args, train_dataset=dataset,
                                data_collator=collator, run_dir=tmp_path, packing=cfg.train.packing)
     assert trainer.path == plan.training_path
-    rows_seen = []
-    causal_lm_parts(model).head.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[0]))
+    rows_seen = record_lm_head_calls(monkeypatch)
     trainer.train()
     labels = collator([dataset[i] for i in range(len(dataset))])["labels"]
-    assert rows_seen == [int((labels[:, 1:] != -100).sum())] and rows_seen[0] < labels.numel()  # no full logits
+    assert [r[0] for r in rows_seen] == [int((labels[:, 1:] != -100).sum())]
+    assert rows_seen[0][0] < labels.numel()  # no full logits
 
 
 def test_plan_of_a_multimodal_checkpoint_plans_the_language_model(tmp_path):
