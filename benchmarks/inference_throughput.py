@@ -20,7 +20,7 @@ again warm (compared with training, whose tokens/s start after its first step: `
 pass's ratio is `*_first_loss_over_train`);
 generation tokens/s count new tokens (the stop token included), greedy, at most --max-new-tokens.
 
-    flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py          # ~15 min here
+    flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py          # ~18 min here
     flock /tmp/gemmatune-heavy.lock python benchmarks/inference_throughput.py --rows 16 --rounds 1 --train-steps 4
 
 The last line printed is one JSON object with every figure.

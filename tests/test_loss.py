@@ -88,6 +88,8 @@ def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny
     batch = PackCollator()(_examples())
     tokens, label_tokens = batch["input_ids"].numel(), int((batch["labels"] != -100).sum())
     head_calls = record_lm_head_calls(monkeypatch)
+    module_calls = []  # the head module's own forward: a full-logits pass would show up here
+    hook = causal_lm_parts(model).head.register_forward_hook(lambda *a: module_calls.append(1))
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(examples),
                              per_device_eval_batch_size=len(examples), max_steps=1, report_to="none",
                              use_cpu=True, remove_unused_columns=False, save_strategy="no")
@@ -101,6 +103,8 @@ def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny
     head_calls.clear()
     metrics = trainer.evaluate()
     assert [c[0] for c in head_calls] == [label_tokens]
+    assert module_calls == []
+    hook.remove()
     with torch.no_grad():
         expected = model(**batch).loss.item()
     assert abs(metrics["eval_loss"] - expected) < 1e-5

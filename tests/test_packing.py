@@ -75,6 +75,19 @@ def test_attention_choice_keeps_what_the_user_named():
                                            attention_for_packing("sdpa"))
 
 
+def test_generation_loads_never_pick_flash_attention(tiny_gemma3, monkeypatch):
+    """`load` (generate, eval, serve, merge) takes per-example sdpa even where FlashAttention-2 would be chosen
+    for training: FA2 fails on fp32 weights (merge, --precision fp32) and on pre-Ampere GPUs."""
+    import gemmatune.packing as packing
+    from gemmatune.infer import load
+
+    monkeypatch.setattr(packing, "flash_attention_available", lambda: True)
+    assert attention_for_packing(None) == "flash_attention_2"  # training's choice where flash-attn runs
+    assert attention_for_packing(None, allow_flash=False) == PACKED_SDPA
+    tuned = load(base=str(tiny_gemma3), template="chat", precision="fp32")
+    assert tuned.model.config._attn_implementation == PACKED_SDPA
+
+
 def test_packed_attention_splits_the_row_itself():
     """Without any mask, the function alone keeps examples apart (GQA, sliding window on the long one)."""
     from types import SimpleNamespace

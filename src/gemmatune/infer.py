@@ -340,9 +340,10 @@ def load(
         model_cfg.quantization = "none"
     if model_cfg.dtype == "auto":
         model_cfg.dtype = DTYPE_NAMES[inference_weight_dtype(resolve_precision(precision), device_kind())]
-    # Packing-aware attention: response_loss packs rows as training does (no padding); generation and padded
-    # batches run plain sdpa through it (packing.packed_sdpa_attention).
-    loaded = load_model(model_cfg, precision, packing=True)
+    # Per-example sdpa: response_loss packs rows as training does (no padding); generation and padded batches
+    # run plain sdpa through it (packing.packed_sdpa_attention). Never FlashAttention-2 here: `load` also serves
+    # fp32 (merge, --precision fp32) and pre-Ampere GPUs, where it fails.
+    loaded = load_model(model_cfg, precision, packing=True, flash=False)
     model = loaded.model
     for src in sources:
         # PEFT only warns when an adapter does not fit, then behaves like the base model: refuse instead.

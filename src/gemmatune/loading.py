@@ -169,10 +169,11 @@ class Loaded:
     processor: object | None = None  # the multimodal model's processor (images, audio); None for text models
 
 
-def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False) -> Loaded:
+def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False, flash: bool = True) -> Loaded:
     """Load the base model and tokenizer; `precision` (auto|bf16|fp16|fp32) is checked against the family.
 
-    With `packing`, attention is chosen so packed examples never see each other (see packing.py).
+    With `packing`, attention is chosen so packed examples never see each other (see packing.py); `flash=False`
+    keeps per-example sdpa where FlashAttention-2 would be chosen (it needs bf16/fp16 weights and an Ampere GPU).
     `cfg.quantization: 4bit` loads nf4 weights on CPU or CUDA (quantization.py decides which layers stay)."""
     from transformers import AutoConfig
 
@@ -197,7 +198,7 @@ def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False)
     if packing:
         from gemmatune.packing import attention_for_packing
 
-        attn = attention_for_packing(attn)
+        attn = attention_for_packing(attn, allow_flash=flash)
     if attn:
         kwargs["attn_implementation"] = attn
     if source.kind == "gguf":

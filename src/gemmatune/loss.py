@@ -155,9 +155,11 @@ def _head_matmul(head, hidden: torch.Tensor):
     A plain bias-free nn.Linear is one matmul into `out`, in the dtype autocast would give it; its weight is
     cast to that dtype once here, not per chunk (autocast caches casts only of weights that require grad, and
     evaluation keeps frozen fp32 weights under bf16 autocast: 2 x 168M elements per chunk for Gemma's head).
-    Any other head module (LoRA-wrapped, quantized) is called as it is (dtype None: no buffer).
+    Any other head module (LoRA-wrapped, quantized, placed by accelerate hooks) is called as it is (dtype None:
+    no buffer). Hooks registered on a plain head do not run: the matmul is called, not the module.
     """
-    if type(head) is not torch.nn.Linear or head.bias is not None or not head.weight.is_floating_point():
+    if (type(head) is not torch.nn.Linear or head.bias is not None or not head.weight.is_floating_point()
+            or head.weight.device != hidden.device or hasattr(head, "_hf_hook")):  # accelerate moves/offloads it
         return (lambda h, out=None: head(h)), None
     kind = hidden.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else \

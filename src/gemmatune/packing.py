@@ -116,15 +116,15 @@ def register_packed_attention() -> None:
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
-def attention_for_packing(requested: str | None) -> str | None:
+def attention_for_packing(requested: str | None, allow_flash: bool = True) -> str | None:
     """The attention implementation to load a model with when batches are packed.
 
-    None or sdpa: flash_attention_2 on CUDA when flash-attn is installed, else per-example sdpa.
-    Anything else the user named (eager, flex_attention...) is kept: transformers masks packed rows for it.
+    None or sdpa: flash_attention_2 on CUDA when flash-attn is installed and `allow_flash`, else per-example
+    sdpa. Anything else the user named (eager, flex_attention...) is kept: transformers masks packed rows for it.
     """
     if requested not in (None, "sdpa"):
         return requested
-    if flash_attention_available():
+    if allow_flash and flash_attention_available():
         return "flash_attention_2"
     register_packed_attention()
     return PACKED_SDPA
