@@ -17,7 +17,7 @@ from the end of step 1 to the end of the last step. Also measured here: 2048^3 b
 roofline c's speed is compared with (`c_share_of_roofline`) is that of the dtype c computes in (FLOPs per token
 from the model's shapes and the data's label share); `c_share_of_bf16_roofline` keeps the bf16 one.
 
-    flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py            # full, ~18 min here
+    flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py            # full, ~21 min here
     flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py --steps 8 --rows 64 --rounds 1
 
 The last line printed is one JSON object with every figure.
