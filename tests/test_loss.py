@@ -181,3 +181,34 @@ def test_chunked_loss_is_exact_for_targets_whose_probability_underflows(dtype, m
     assert torch.isfinite(got) and abs(got.item() - expected.item()) <= tolerance * expected.item()
     err = (hidden.grad.double() - expected_grad).norm(dim=1) / expected_grad.norm(dim=1)
     assert err.max() < tolerance, err
+
+
+def test_chunked_loss_writes_every_chunk_into_one_logits_buffer(monkeypatch):
+    """A plain Linear head: each chunk's logits go into the same buffer (no fresh [chunk, vocab] per chunk),
+    and loss and gradients equal the full-logits ones."""
+    import gemmatune.loss as loss_module
+    from gemmatune.loss import CausalLMParts, chunked_cross_entropy_sum
+
+    outs = []
+    original = loss_module._head_matmul
+
+    def recording(head, hidden):
+        logits_of, dtype = original(head, hidden)
+        return (lambda h, out=None: outs.append(out) or logits_of(h, out)), dtype
+
+    monkeypatch.setattr(loss_module, "_head_matmul", recording)
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(32, 256, bias=False)
+    hidden = torch.randn(20, 32, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 256, (20,), generator=gen)
+    got = chunked_cross_entropy_sum(hidden, targets, CausalLMParts(None, head, None), chunk=6)
+    got.backward()
+    got_grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    want = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    want.backward()
+    assert len(outs) == 4 and all(o is not None for o in outs)
+    assert len({o.untyped_storage().data_ptr() for o in outs}) == 1
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert torch.allclose(got_grads[0], hidden.grad, atol=1e-5)
+    assert torch.allclose(got_grads[1], head.weight.grad, atol=1e-5)

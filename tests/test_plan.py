@@ -147,10 +147,12 @@ def test_plan_without_packing_takes_the_path_the_trainer_takes(tiny_gemma3, alpa
                                data_collator=collator, run_dir=tmp_path, packing=cfg.train.packing)
     assert trainer.path == plan.training_path
     rows_seen = record_lm_head_calls(monkeypatch)
+    module_calls = []  # the head module's own forward: a full-logits pass would show up here
+    model.get_output_embeddings().register_forward_hook(lambda *a: module_calls.append(1))
     trainer.train()
     labels = collator([dataset[i] for i in range(len(dataset))])["labels"]
     assert [r[0] for r in rows_seen] == [int((labels[:, 1:] != -100).sum())]
-    assert rows_seen[0][0] < labels.numel()  # no full logits
+    assert rows_seen[0][0] < labels.numel() and module_calls == []  # no full logits
 
 
 def test_plan_of_a_multimodal_checkpoint_plans_the_language_model(tmp_path):
