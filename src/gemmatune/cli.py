@@ -435,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        from gemmatune.hub import settle_offline
+
+        settle_offline()
         return args.func(args)
     except GemmatuneError as exc:
         if getattr(args, "debug", False):

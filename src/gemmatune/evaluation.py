@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gemmatune.compat import attn_implementation
 from gemmatune.data import detect_format, normalize, read_rows
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer import BASE, SamplingSettings, TunedModel
@@ -159,7 +160,7 @@ def packs_natively(model: torch.nn.Module) -> bool:
     every off-diagonal block: quadratic in the packed length, in time and, for eager, memory.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base.config, "_attn_implementation", None) in (PACKED_SDPA, "flash_attention_2")
+    return attn_implementation(base.config) in (PACKED_SDPA, "flash_attention_2")
 
 
 class Progress:

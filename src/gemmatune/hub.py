@@ -39,6 +39,22 @@ def hub_reachable() -> bool:
     return True
 
 
+def settle_offline() -> None:
+    """When the hub cannot be reached, tell huggingface_hub so (`HF_HUB_OFFLINE`) before other libraries ask it.
+
+    Some do at import: bitsandbytes' CPU backend fetches a kernel through `kernels` on AVX512-BF16 CPUs, and
+    huggingface_hub fetches its agent registry for the user agent; offline, each is a lookup and a wait for
+    nothing. Called once by the CLI before it loads anything; a library user decides for themselves.
+    """
+    import os
+
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries that read the environment at import
+        constants.HF_HUB_OFFLINE = True  # for huggingface_hub, already imported here
+
+
 def use_cache_only(repo_id: str, revision: str | None, key: str = "model.name") -> bool:
     """Whether a hub model must load from the local cache (hub unreachable); raises if it is not cached."""
     if hub_reachable():

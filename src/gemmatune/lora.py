@@ -121,9 +121,11 @@ def skip_input_casts(peft_model) -> None:
     """Under autocast, LoRA layers take their input as it comes (autocast casts for each matmul)."""
     from peft.tuners.lora import LoraLayer
 
+    from gemmatune.compat import skip_lora_input_cast
+
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
-            module.cast_input_dtype_enabled = False  # PEFT's switch (peft.helpers.disable_input_dtype_casting)
+            skip_lora_input_cast(module)
 
 
 def freeze_quantized(model) -> None:

@@ -9,7 +9,13 @@ backward. Which class to replace, and its scale convention, is family data (`Mod
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from gemmatune.compat import rms_norm_eps, version_of
+
+log = logging.getLogger("gemmatune")
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -46,7 +52,7 @@ class LeanRMSNorm(torch.nn.Module):
 
     def __init__(self, original: torch.nn.Module, offset: float):
         super().__init__()
-        self.eps = original.eps
+        self.eps = rms_norm_eps(original)
         self.offset = offset
         self.weight = getattr(original, "weight", None)  # the same Parameter; None for scale-free norms
 
@@ -58,11 +64,39 @@ class LeanRMSNorm(torch.nn.Module):
         return f"{shape}, eps={self.eps}, offset={self.offset}"
 
 
+def same_output(original: torch.nn.Module, lean: LeanRMSNorm) -> bool:
+    """Whether `lean` computes what `original` computes, on inputs of ordinary size and of the size of epsilon
+    (where a wrong epsilon shows). The swap relies on the library's math, which a new version may change."""
+    weight = lean.weight
+    if weight is not None and weight.device.type == "meta":
+        return True  # nothing to compute with; a model that trains has its weights loaded
+    width = weight.shape[-1] if weight is not None else 64
+    device = weight.device if weight is not None else torch.device("cpu")
+    dtype = weight.dtype if weight is not None else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, width, generator=generator)
+    x = torch.cat([x, x * 1e-3], dim=0).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        want, got = original(x), lean(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    return want.shape == got.shape and torch.allclose(want.float(), got.float(), rtol=tol, atol=tol * 1e-3)
+
+
 def use_lean_rms_norm(model: torch.nn.Module, class_name: str | None, offset: float) -> int:
-    """Replace every module of class `class_name` with LeanRMSNorm; returns how many were replaced."""
+    """Replace every module of class `class_name` with LeanRMSNorm; returns how many were replaced.
+
+    The first module is checked against its replacement first (`same_output`); if they differ (a transformers
+    release changed the norm's math), every norm stays the library's own, with a warning: slower, never wrong.
+    """
     if class_name is None:
         return 0
     targets = [name for name, module in model.named_modules() if type(module).__name__ == class_name]
+    if targets:
+        first = model.get_submodule(targets[0])
+        if not same_output(first, LeanRMSNorm(first, offset)):
+            log.warning("%s (transformers %s) computes differently from gemmatune's lean RMSNorm: keeping the "
+                        "library's norms (more activation memory)", class_name, version_of("transformers"))
+            return 0
     for name in targets:
         model.set_submodule(name, LeanRMSNorm(model.get_submodule(name), offset))
     return len(targets)

@@ -14,6 +14,7 @@ Training must run with `use_cache=False`: with a cache, transformers builds no p
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -65,6 +66,14 @@ def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor
     return ((diff >= 0) & (diff < window))[None, None]
 
 
+@functools.cache
+def _stock_sdpa():
+    """transformers' own sdpa attention function, looked up through its public registry."""
+    from transformers import AttentionInterface
+
+    return AttentionInterface()["sdpa"]
+
+
 def packed_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -77,8 +86,7 @@ def packed_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """sdpa per packed example when the row is packed (one row, several position restarts, no cache);
     plain sdpa otherwise (generation, padded batches), so a model loaded with it behaves as sdpa does."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    sdpa_attention_forward = _stock_sdpa()
     q_len, kv_len = query.shape[2], key.shape[2]
     packed = position_ids is not None and query.shape[0] == 1 and q_len == kv_len and q_len > 1
     bounds = sequence_bounds(position_ids) if packed else []
@@ -107,13 +115,12 @@ def flash_attention_available() -> bool:
 
 def register_packed_attention() -> None:
     """Make `PACKED_SDPA` a valid `attn_implementation` (attention function and its mask builder)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
     # With the sdpa mask builder, padded batches and generation keep their masks. For a packed row the
     # mask it builds is the block-diagonal one, which the split above makes unnecessary to compute with.
-    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    AttentionMaskInterface.register(PACKED_SDPA, AttentionMaskInterface()["sdpa"])
 
 
 def attention_for_packing(requested: str | None, allow_flash: bool = True) -> str | None:

@@ -54,9 +54,9 @@ def _version(text: str) -> tuple[int, int]:
 
 def modules_to_keep_unquantized(model: torch.nn.Module, family: ModelFamily) -> list[str]:
     """Module paths (of a model built on the meta device or loaded) that must stay in 16/32 bits."""
-    from transformers.quantizers.base import get_keys_to_not_convert
+    from gemmatune.compat import keys_to_not_convert
 
-    keep = set(get_keys_to_not_convert(model))
+    keep = set(keys_to_not_convert(model))
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
@@ -112,9 +112,11 @@ def keep_4bit_layout(model: torch.nn.Module) -> int:
     autograd: no gradient reaches the layers below (checked with bitsandbytes 0.50.2). A model that trains,
     and evaluates between steps, must keep the training layout; the 4-bit bytes then never change.
     """
+    from gemmatune.compat import keep_training_layout
+
     layers = quantized_layers(model)
     for layer in layers:
-        layer.support_avx512bf16_for_cpu = False  # bitsandbytes' own per-layer switch for that path
+        keep_training_layout(layer)
     return len(layers)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
+from gemmatune.compat import fused_cpu_attention, storage_key
 from gemmatune.media import MAX_AUDIO_SECONDS, SAMPLE_RATE
 
 # Gemma 3n's processors: images are resized to 768x768; the audio feature extractor frames 32 ms windows every
@@ -60,21 +61,20 @@ class _FusedAttention(TorchFunctionMode):
             q, k, v = args[:3]
             if kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and len(args) == 3:
                 k, v = k.expand(q.shape[:-2] + k.shape[-2:]), v.expand(q.shape[:-2] + v.shape[-2:])
-                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, 0.0, kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
+                return fused_cpu_attention(q, k, v, kwargs.get("is_causal", False), kwargs.get("scale"))
         return func(*args, **kwargs)
 
 
 def saved_tensor_bytes(model: torch.nn.Module, forward) -> tuple[int, object]:
     """(bytes autograd keeps for backward during `forward()`, its result); each storage counted once, the
     model's parameters and buffers excluded (they are weights, counted elsewhere)."""
-    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    weights = {storage_key(t) for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in weights:
-            seen[storage._cdata] = storage.nbytes()
+        key = storage_key(t)
+        if key not in weights:
+            seen[key] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

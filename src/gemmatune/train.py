@@ -15,6 +15,7 @@ from transformers import set_seed
 from gemmatune import runs
 from gemmatune.allocator import allocator_note
 from gemmatune.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
+from gemmatune.compat import attn_implementation
 from gemmatune.config import Config
 from gemmatune.data import ExampleDataset, PadCollator, tokenize_data
 from gemmatune.errors import GemmatuneError
@@ -57,7 +58,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     data = tokenize_data(rows, tokenizer, cfg.data, loaded.processor)
     log.info("model: %s (%s), precision %s (weights %s), attention %s, %d threads on %s%s",
              loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
-             describe_weights(loaded.model), loaded.model.config._attn_implementation, threads, device_kind(),
+             describe_weights(loaded.model), attn_implementation(loaded.model.config), threads, device_kind(),
              allocator_note())
     log.info("data: %s rows as %s with template %s", data.train.report.rows, data.fmt, data.template)
     log.info(data.train.report.line("train", cfg.data.max_length))

@@ -6,14 +6,12 @@
   positions, in chunks (loss.py). Train and eval losses both go through it, so they are the same
   computation;
 - every micro-batch loss is shown to the NaN/inf guard (`training_step`);
-- checkpoints are kill-safe (`_save_checkpoint`, `_get_output_dir`): the Trainer's own save code writes
-  into a staging folder, and the file operations of checkpoints.py seal, publish and retain it.
+- checkpoints are kill-safe (`save_checkpoint`): the Trainer's own save code writes into a staging
+  folder, and the file operations of checkpoints.py seal, publish and retain it.
 
-Why a private override for checkpoints: no public hook runs before the Trainer writes into
-`checkpoint-N` or lets the writing be redirected; `on_save` runs after the damage is possible. The
-override calls the original unchanged, so the checkpoint contents (and the Trainer's loading code on
-resume) stay the stock ones. README's "Where gemmatune changes a library's behaviour" lists each
-private name used here; tests/test_checkpoints.py fails when transformers changes them.
+The private Trainer names this needs (the save redirection, the loss-scaling flags) are all in
+`compat.TrainerHooks`, which this class extends through public-named hooks; the stock save runs unchanged,
+so the checkpoint contents (and the Trainer's loading code on resume) stay the stock ones.
 
 Its callbacks, created by the trainer and held as attributes: `metrics` (metrics.jsonl), `progress`
 (the progress bar), `guard` (NonFiniteGuard), `stop` (StopOnSignal).
@@ -30,11 +28,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gemmatune import checkpoints
+from gemmatune.compat import TrainerHooks
 from gemmatune.errors import GemmatuneError
 from gemmatune.loss import causal_lm_loss, causal_lm_parts
 from gemmatune.runs import append_metrics
@@ -63,7 +63,7 @@ def training_path(packing: bool, num_processes: int) -> TrainingPath:
     return TrainingPath(packed=packing, chunked_loss=num_processes == 1)
 
 
-class GemmatuneTrainer(Trainer):
+class GemmatuneTrainer(TrainerHooks):
     """The Trainer with the chunked loss, the NaN/inf guard and atomic checkpoints (see the module docstring).
 
     `keep_checkpoints` replaces `save_total_limit` (pass that as None to TrainingArguments): the
@@ -71,16 +71,11 @@ class GemmatuneTrainer(Trainer):
     model, deletes the newest checkpoint at the end, which an interrupted run still needs.
     """
 
-    # compute_loss divides by the label count of the whole accumulated batch (num_items_in_batch), so the
-    # Trainer must not divide by the accumulation steps again.
-    loss_is_scaled_for_ga = True
-
     def __init__(self, *args, run_dir: Path, packing: bool, on_nonfinite: str = "stop",
                  keep_checkpoints: int | None = None, **kwargs):
+        # TrainerHooks makes the Trainer count label tokens for every batch, so gradient accumulation is weighted
+        # by tokens, and compute_loss divides by that count itself.
         super().__init__(*args, **kwargs)
-        # Ask the Trainer to count label tokens for every batch (it does so only for models that take loss
-        # kwargs; Gemma3nForConditionalGeneration does not), so gradient accumulation is weighted by tokens.
-        self.model_accepts_loss_kwargs = True
         self.path = training_path(packing, self.accelerator.num_processes)
         self._parts = causal_lm_parts(self.model) if self.path.chunked_loss else None
         if self.path.chunked_loss and self._parts is None:
@@ -115,13 +110,10 @@ class GemmatuneTrainer(Trainer):
         self.guard.observe_loss(loss)
         return loss
 
-    def _get_output_dir(self, trial) -> str:
-        if self._staging is not None:
-            return str(self._staging)
-        return super()._get_output_dir(trial)
+    def checkpoint_write_dir(self) -> Path | None:
+        return self._staging
 
-    def _save_checkpoint(self, model, trial) -> None:
-        folder = Path(super()._get_output_dir(trial))
+    def save_checkpoint(self, folder: Path, stock_save) -> None:
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         # Under torchrun every rank writes its RNG state into the checkpoint: rank 0 prepares the staging
         # folder, all write, and only when all have written does rank 0 seal and publish it.
@@ -132,7 +124,7 @@ class GemmatuneTrainer(Trainer):
             self.accelerator.wait_for_everyone()
         self._staging = staging
         try:
-            super()._save_checkpoint(model, trial)
+            stock_save()
             if multi:
                 self.accelerator.wait_for_everyone()
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
@@ -156,14 +148,41 @@ class GemmatuneTrainer(Trainer):
             checkpoints.retain(folder, self.keep_checkpoints, best)
 
 
-class LossProgressBar(ProgressCallback):
-    """The Trainer's bar, with loss and tokens/s on it instead of a dict printed per log.
+class LossProgressBar(TrainerCallback):
+    """The training bar (steps, with loss and tokens/s on it) and a bar per evaluation, on the main process.
 
+    Built on the public callback events rather than the stock ProgressCallback, whose bar is a private attribute.
     MetricsCallback calls `show` with the numbers it writes, so the bar and metrics.jsonl agree.
     """
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass  # replaces the stock dict printing; `show` does the showing
+    def __init__(self):
+        self.training_bar = None
+        self.eval_bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            self.training_bar.update(state.global_step - self.training_bar.n)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.eval_bar is None:
+            total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") \
+                else None
+            self.eval_bar = tqdm(total=total, leave=self.training_bar is None, dynamic_ncols=True, desc="eval")
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
 
     def show(self, step: int, logs: dict[str, float], tokens_per_second: float | None) -> None:
         if self.training_bar is None:
@@ -178,8 +197,12 @@ class LossProgressBar(ProgressCallback):
 
     def close(self) -> None:
         """End the bar's line, so that an error printed next starts on a line of its own."""
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
         if self.training_bar is not None:
             self.training_bar.close()
+            self.training_bar = None
 
 
 class MetricsCallback(TrainerCallback):
