@@ -59,23 +59,6 @@ def test_loss_divides_by_num_items_in_batch(tiny_gemma3):
     assert torch.allclose(over_two, own / 2)
 
 
-def test_the_trainer_internals_the_chunked_loss_relies_on_are_unchanged():
-    """Checked against transformers 5.24. GemmatuneTrainer sets `model_accepts_loss_kwargs` so the Trainer counts
-    label tokens over the accumulated batch, and `loss_is_scaled_for_ga` so it does not divide by the
-    accumulation steps again. If this fails after an upgrade, the loss would be scaled wrongly: read the new
-    `_get_num_items_in_batch` and `training_step` before changing this test."""
-    import inspect
-
-    from transformers import Trainer
-
-    assert "self.model_accepts_loss_kwargs" in inspect.getsource(Trainer._get_num_items_in_batch)
-    assert "loss_is_scaled_for_ga" in vars(Trainer)
-    step = inspect.getsource(Trainer.training_step)
-    assert "if self.loss_is_scaled_for_ga is not None:" in step
-    assert list(inspect.signature(Trainer.compute_loss).parameters) == [
-        "self", "model", "inputs", "return_outputs", "num_items_in_batch"]
-
-
 def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny_gemma3, tmp_path, monkeypatch):
     from transformers import TrainingArguments
 

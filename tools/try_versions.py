@@ -2,8 +2,8 @@
 
     python tools/try_versions.py newest [--write-lock] [-- PYTEST ARGS]   # the newest release of everything
     python tools/try_versions.py floors [-- PYTEST ARGS]    # transformers, peft, bitsandbytes, accelerate, gguf at
-                                                            # their floors (pyproject.toml), the rest locked
-    python tools/try_versions.py pin transformers==5.5.0 [...] [-- PYTEST ARGS]   # the lock, with these changed
+                                                            # their floors (pyproject.toml), the rest newest in range
+    python tools/try_versions.py pin transformers==5.5.0 [...] [-- PYTEST ARGS]   # these, the rest newest in range
 
 Each builds its own venv (under --workdir, default a temporary folder), installs `torch==TORCH` first (the CPU
 wheel: an unpinned torch pulls a CUDA build), then gemmatune with the `test` and `qlora` extras, runs pytest
@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements-lock.txt"
 TORCH = "2.13.0"
-# The libraries whose internals gemmatune relies on (compat.py): `floors` puts these at their floors, the rest at
-# the lock (the floors of everything at once do not resolve together: pyarrow 14 and numpy 2, say).
+# The libraries whose internals gemmatune relies on (compat.py): `floors` puts these at their floors and lets pip
+# choose the rest (the floors of everything at once do not resolve together: pyarrow 14 and numpy 2, say).
 FLOOR_CHECKED = {"transformers", "peft", "bitsandbytes", "accelerate", "gguf"}
 # Packages that belong to the environment rather than to gemmatune's ranges.
 NOT_LOCKED = {"gemmatune", "torch", "pip", "setuptools", "wheel"}
@@ -63,13 +63,6 @@ def floors() -> list[str]:
     return list(pins.values())
 
 
-def locked(changes: list[str]) -> list[str]:
-    """The lock's lines, with the packages named in `changes` replaced."""
-    names = {re.split(r"[=<>!~]", c)[0].lower() for c in changes}
-    lines = [ln for ln in LOCK.read_text().splitlines() if ln and not ln.startswith("#")]
-    return [ln for ln in lines if re.split(r"[=<>!~]", ln)[0].lower() not in names] + changes
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["newest", "floors", "pin"])
@@ -91,9 +84,9 @@ def main() -> int:
     if args.mode == "newest":
         lines = [ln for ln in LOCK.read_text().splitlines() if ln.startswith("llama-cpp-python==")]
     elif args.mode == "floors":
-        lines = locked([f for f in floors() if f.split("==")[0].lower() in FLOOR_CHECKED])
+        lines = [f for f in floors() if f.split("==")[0].lower() in FLOOR_CHECKED]
     else:
-        lines = locked(args.pins)
+        lines = list(args.pins)
     constraints.write_text("\n".join(lines) + "\n")
     print(f"constraints ({args.mode}):\n  " + "\n  ".join(lines), flush=True)
     install = [pip, "install", "-q", "-c", str(constraints), f"torch=={TORCH}", "-e", f"{ROOT}[test,qlora]"]

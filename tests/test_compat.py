@@ -1,0 +1,182 @@
+"""One test per assumption compat.py makes about a library's internals.
+
+Each failure message names the library and its installed version. When one fails after an upgrade, read the new
+library code named in the test and change compat.py (not the test's expectation alone); then refresh the lock
+(README: "Versions").
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from gemmatune import compat
+from tests.conftest import gemma3_config, gemma3n_config
+
+
+def _where(package: str) -> str:
+    return f"{package} {compat.version_of(package)}"
+
+
+# --- transformers ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module, class_name, offset", [("gemma3", "Gemma3RMSNorm", 1.0),
+                                                        ("gemma3n", "Gemma3nRMSNorm", 0.0)])
+def test_rms_norm_epsilon_is_read_and_the_lean_norm_computes_the_same(module, class_name, offset):
+    """transformers 5.25 renamed Gemma3nRMSNorm.eps to variance_epsilon; compat reads either."""
+    import importlib
+
+    from gemmatune.norms import LeanRMSNorm, same_output
+
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    norm = getattr(modeling, class_name)(64, eps=3e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    assert compat.rms_norm_eps(norm) == 3e-6, f"{_where('transformers')}: {class_name}'s epsilon moved"
+    lean = LeanRMSNorm(norm, offset)
+    assert same_output(norm, lean), f"{_where('transformers')}: {class_name} computes differently now"
+
+
+def test_a_norm_with_other_math_is_left_to_the_library(caplog):
+    """The swap checks itself: a norm whose output the lean one does not reproduce stays as it is."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from gemmatune.norms import use_lean_rms_norm
+
+    class ShiftedNorm(Gemma3RMSNorm):  # a release that changed the math
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    model = torch.nn.Sequential(ShiftedNorm(64), ShiftedNorm(64))
+    assert use_lean_rms_norm(model, "ShiftedNorm", 1.0) == 0
+    assert all(type(m) is ShiftedNorm for m in model)
+    assert "keeping the library's norms" in caplog.text
+    plain = torch.nn.Sequential(Gemma3RMSNorm(64), Gemma3RMSNorm(64))
+    assert use_lean_rms_norm(plain, "Gemma3RMSNorm", 1.0) == 2
+
+
+def test_a_norm_without_a_known_epsilon_is_named():
+    class Norm(torch.nn.Module):
+        epsilon = 1e-6
+
+    with pytest.raises(compat.LibraryChanged, match=r"transformers \S+: Norm has none of"):
+        compat.rms_norm_eps(Norm())
+
+
+def test_attn_implementation_is_what_the_model_was_loaded_with(tiny_gemma3):
+    from transformers import AutoModelForCausalLM
+
+    from gemmatune.packing import PACKED_SDPA, register_packed_attention
+
+    register_packed_attention()
+    for name in ("eager", PACKED_SDPA):
+        model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, attn_implementation=name)
+        assert compat.attn_implementation(model.config) == name, f"{_where('transformers')}: config field moved"
+
+
+def test_keys_to_not_convert_names_the_tied_lm_head():
+    from transformers import Gemma3ForCausalLM
+
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(gemma3_config())
+    assert "lm_head" in compat.keys_to_not_convert(model), f"{_where('transformers')}: get_keys_to_not_convert"
+
+
+def test_the_private_trainer_methods_the_atomic_save_overrides_are_unchanged():
+    """TrainerHooks points `_get_output_dir` at a staging folder while the stock `_save_checkpoint` runs; if this
+    fails, read the new `_save_checkpoint` and check that every file it writes still lands under the folder
+    `_get_output_dir` returns."""
+    from transformers import Trainer
+
+    where = _where("transformers")
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"], where
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"], where
+    save = inspect.getsource(Trainer._save_checkpoint)
+    assert save.count("self._get_output_dir(") == 1 and "run_dir = self._get_output_dir(trial=trial)" in save, where
+    assert "output_dir = os.path.join(run_dir, checkpoint_folder)" in save, where
+
+
+def test_the_trainer_internals_the_chunked_loss_relies_on_are_unchanged():
+    """TrainerHooks sets `model_accepts_loss_kwargs` so the Trainer counts label tokens over the accumulated batch,
+    and `loss_is_scaled_for_ga` so it does not divide by the accumulation steps again; a change would scale the
+    loss wrongly: read the new `_get_num_items_in_batch` and `training_step`."""
+    from transformers import Trainer
+
+    where = _where("transformers")
+    assert "self.model_accepts_loss_kwargs" in inspect.getsource(Trainer._get_num_items_in_batch), where
+    assert "loss_is_scaled_for_ga" in vars(Trainer), where
+    assert "if self.loss_is_scaled_for_ga is not None:" in inspect.getsource(Trainer.training_step), where
+    assert list(inspect.signature(Trainer.compute_loss).parameters) == [
+        "self", "model", "inputs", "return_outputs", "num_items_in_batch"], where
+    hooks = compat.TrainerHooks
+    assert hooks.loss_is_scaled_for_ga is True and issubclass(hooks, Trainer)
+
+
+# --- PEFT -----------------------------------------------------------------------------------------------------
+
+def test_peft_lora_layers_have_the_input_cast_switch():
+    """PEFT's own helper sets the flag compat sets for good; LoRA layers start with it on."""
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+    from peft.tuners.lora import LoraLayer
+    from transformers import Gemma3ForCausalLM
+
+    where = _where("peft")
+    assert "cast_input_dtype_enabled" in inspect.getsource(disable_input_dtype_casting), where
+    model = get_peft_model(Gemma3ForCausalLM(gemma3_config()), LoraConfig(r=2, target_modules=["q_proj"]))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(m.cast_input_dtype_enabled is True for m in layers), where
+    for layer in layers:
+        compat.skip_lora_input_cast(layer)
+    assert all(m.cast_input_dtype_enabled is False for m in layers)
+    with pytest.raises(compat.LibraryChanged, match=r"peft \S+: Linear has no cast_input_dtype_enabled"):
+        compat.skip_lora_input_cast(torch.nn.Linear(2, 2))
+
+
+# --- bitsandbytes ---------------------------------------------------------------------------------------------
+
+def test_bitsandbytes_4bit_layers_have_the_cpu_repack_switch():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.bfloat16, quant_type="nf4")
+    assert hasattr(layer, "support_avx512bf16_for_cpu"), \
+        f"{_where('bitsandbytes')}: Linear4bit's CPU-repack switch moved; see compat.keep_training_layout"
+    compat.keep_training_layout(layer)
+    assert layer.support_avx512bf16_for_cpu is False
+    forward = inspect.getsource(type(layer).forward)
+    assert "support_avx512bf16_for_cpu" in forward, f"{_where('bitsandbytes')}: forward no longer reads the switch"
+
+
+# --- torch ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_fused_cpu_attention_op_equals_sdpa(causal):
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.3)
+    got = compat.fused_cpu_attention(q, k, v, causal, 0.3)
+    assert torch.allclose(got, want, atol=1e-5), f"{_where('torch')}: aten flash attention for CPU"
+
+
+def test_storage_key_is_one_per_storage_also_on_meta():
+    for device in ("cpu", "meta"):
+        a, b = torch.empty(4, 4, device=device), torch.empty(4, 4, device=device)
+        same = {compat.storage_key(a), compat.storage_key(a[1:]), compat.storage_key(a.t())}
+        assert len(same) == 1, (device, _where("torch"))
+        assert compat.storage_key(a) != compat.storage_key(b), (device, _where("torch"))
+
+
+def test_gemma3n_text_norms_are_swapped_in_a_real_model():
+    """The whole family, end to end: every Gemma3nRMSNorm of a model becomes lean, and the model's output stays."""
+    from transformers import Gemma3nForCausalLM
+
+    from gemmatune.norms import use_lean_rms_norm
+
+    torch.manual_seed(0)
+    model = Gemma3nForCausalLM(gemma3n_config()).eval()
+    ids = torch.randint(6, 200, (1, 20))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        count = sum(type(m).__name__ == "Gemma3nRMSNorm" for m in model.modules())
+        assert use_lean_rms_norm(model, "Gemma3nRMSNorm", 0.0) == count > 0
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5), _where("transformers")
