@@ -66,6 +66,10 @@ CASES = [
     ("hub-id-not-here", ["model.name=gemmatune-tests/no-such-model"], "gemmatune-tests/no-such-model"),
     ("truncated-safetensors", ["model.name={d}/truncated"], "model.safetensors is truncated"),
     ("garbage-safetensors", ["model.name={d}/garbage"], "model.safetensors is not a safetensors file"),
+    # issue 28 case 8: a file where the run folder should go; LoRA targets that match nothing (found on the meta
+    # device, before the weights load: a loaded model logs "model: ..." first)
+    ("output-dir-is-a-file", ["train.output_dir={d}/notes.txt"], "notes.txt is a file, not a folder"),
+    ("target-modules-match-nothing", ["lora.target_modules=[nope_proj]"], "lora.target_modules"),
     pytest.param("fp16-on-cpu", ["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(CUDA, reason="CUDA present"), id="fp16-on-cpu"),
 ]
@@ -119,6 +123,8 @@ def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(case, overrides, n
     proc = _run([a for s in sets for a in ("--set", s)], count_file)
     line = _assert_one_line_error(proc, needle)
     assert not out.exists(), f"{case} left {list(out.rglob('*'))}"
+    if case == "target-modules-match-nothing":
+        assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("model: ")], proc.stderr
     if count_file:
         assert line.startswith("error: model.name: ") and _hub_note() in line
         assert int(count_file.read_text()) <= 1, "the hub was asked more than once: retries instead of failing fast"
