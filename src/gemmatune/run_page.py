@@ -103,7 +103,14 @@ def run_summary(run_dir: Path, root: Path | None = None) -> dict:
         eta = round(per_step * max(total - step, 0))
     return {"name": run_dir.name, "state": "finished" if finished else "training" if training else "stopped",
             "step": step, "total": total, "tokens_per_second": tps, "eta_seconds": eta,
-            "has_eval": (run_dir / EVAL_JSON).is_file()}
+            "has_eval": _readable(run_dir / EVAL_JSON, root)}
+
+
+def _readable(path: Path, root: Path) -> bool:
+    try:
+        return runs.safe_file(path, root) is not None
+    except GemmatuneError:
+        return False
 
 
 def list_summaries(runs_dir: Path) -> list[dict]:
@@ -122,8 +129,9 @@ def list_summaries(runs_dir: Path) -> list[dict]:
 def list_runs(runs_dir: Path) -> list[Path]:
     if not runs_dir.is_dir():
         return []
+    # exists(), not is_file(): a run whose metrics.jsonl is a link or a device is listed (and marked), not hidden
     return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and ((p / runs.METRICS_FILE).is_file() or (p / runs.CONFIG_FILE).is_file()))
+                  and any((p / f).exists() or (p / f).is_symlink() for f in (runs.METRICS_FILE, runs.CONFIG_FILE)))
 
 
 def add_run_page(app: FastAPI, runs_dir: Path) -> None:
