@@ -376,11 +376,14 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
+        errors = exc.errors()
+        # A union field (text or parts) reports one error per member: our own checks (value_error) say most.
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON (at character {first.get('loc', ('', '?'))[-1]})"
             return JSONResponse(APIError(400, message).body(), status_code=400)
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        # pydantic's location names union members too ("str", "function-after[...]"): not fields a client sent
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p))
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
 
@@ -539,6 +542,10 @@ class Guard:
                 return await _send_error(send, APIError(413, f"the body is {length} bytes; this server allows at "
                                                         f"most {limit}"))
         return await self.app(scope, receive, send)
+
+
+def _union_member(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
 
 
 def _is_page_asset(path: str) -> bool:
