@@ -31,7 +31,7 @@ def metrics_rows(run_dir: Path, since: int = 0, root: Path | None = None) -> tup
     written (no newline yet) is left for the next call; a line that is not JSON is skipped, not fatal. The file is
     read line by line within runs.py's caps, never whole."""
     rows, count = [], 0
-    for line in runs.metrics_lines(run_dir, root or run_dir):
+    for line in runs.metrics_lines(run_dir, root):
         count += 1
         if count <= since or line is None:
             continue

@@ -73,7 +73,7 @@ def read_adapter_folder(path: str | Path, key: str = "adapter") -> AdapterFolder
             raise GemmatuneError(f"{key} {path} is a full model folder, not an adapter; pass it as the base model")
         raise GemmatuneError(f"{key} {path}: no {ADAPTER_CONFIG} there; give a run folder or a PEFT adapter folder")
     try:
-        peft_config = read_json_file(path / ADAPTER_CONFIG, path)
+        peft_config = read_json_file(path / ADAPTER_CONFIG, None)
     except GemmatuneError as exc:
         raise GemmatuneError(f"{key} {path}/{exc}") from None
     if not isinstance(peft_config, dict):
@@ -344,13 +344,16 @@ def _remove_published(folder: Path, then=None) -> None:
 # --- reading run folders: every file inside the folder, capped, malformed -> one GemmatuneError
 
 
-def safe_file(path: Path, root: Path, limit: int = MAX_JSON_BYTES) -> Path | None:
+def safe_file(path: Path, root: Path | None, limit: int = MAX_JSON_BYTES) -> Path | None:
     """`path` resolved, or None when there is no such file. Raise GemmatuneError when it leads outside `root`
-    (a link out), is not a regular file (a FIFO, /dev/zero) or is larger than `limit` bytes."""
+    (a link out), is not a regular file (a FIFO, /dev/zero) or is larger than `limit` bytes.
+
+    `root` None: links may lead anywhere. The CLI and `load` read folders their user names, and a folder from the
+    hub cache is all links into its blobs/; the page, which serves clients, always passes its runs folder."""
     if not (path.exists() or path.is_symlink()):
         return None
     resolved = path.resolve()
-    if not _inside(resolved, root.resolve()):
+    if root is not None and not _inside(resolved, root.resolve()):
         raise GemmatuneError(f"{path.name} leads outside {root.name}/ (a link); not read")
     try:
         info = resolved.stat()
@@ -398,7 +401,7 @@ def parse_json(text: str, where: str) -> Any:
     return value
 
 
-def read_json_file(path: Path, root: Path) -> Any:
+def read_json_file(path: Path, root: Path | None) -> Any:
     """A JSON file of a run folder, checked by safe_file; None when there is none."""
     resolved = safe_file(path, root)
     if resolved is None:
@@ -416,7 +419,7 @@ def metrics_lines(run_dir: Path, root: Path | None = None) -> Iterator[str | Non
     """metrics.jsonl's complete lines, read in bounded pieces (a line still being written, with no newline yet,
     is left out); None for a line longer than MAX_LINE_BYTES, which is skipped unread."""
     path = run_dir / METRICS_FILE
-    resolved = safe_file(path, root or run_dir, MAX_METRICS_BYTES)
+    resolved = safe_file(path, root, MAX_METRICS_BYTES)
     if resolved is None:
         return
     with resolved.open("rb") as fh:
@@ -459,11 +462,11 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def read_record(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
-    """run.json ({} when there is none). Inside `root` (default: the run folder), capped; one GemmatuneError
-    naming the run folder for anything malformed."""
+    """run.json ({} when there is none). Inside `root` (see safe_file), capped; one GemmatuneError naming the run
+    folder for anything malformed."""
     run_dir = Path(run_dir)
     try:
-        record = read_json_file(run_dir / RECORD_FILE, root or run_dir)
+        record = read_json_file(run_dir / RECORD_FILE, root)
     except GemmatuneError as exc:
         raise GemmatuneError(f"{run_dir}: {exc}") from None
     if record is None:
@@ -477,7 +480,7 @@ def read_run_config(run_dir: Path, root: Path | None = None) -> Config | None:
     """The run's config.yaml, or None where there is none (a bare PEFT folder, a run not started)."""
     run_dir = Path(run_dir)
     try:
-        path = safe_file(run_dir / CONFIG_FILE, root or run_dir)
+        path = safe_file(run_dir / CONFIG_FILE, root)
     except GemmatuneError as exc:
         raise GemmatuneError(f"{run_dir}: {exc}") from None
     return load_config(path) if path is not None else None
