@@ -66,6 +66,10 @@ CASES = [
     ("hub-id-not-here", ["model.name=gemmatune-tests/no-such-model"], "gemmatune-tests/no-such-model"),
     ("truncated-safetensors", ["model.name={d}/truncated"], "model.safetensors is truncated"),
     ("garbage-safetensors", ["model.name={d}/garbage"], "model.safetensors is not a safetensors file"),
+    # issue 28 case 8: a file where the run folder should go; LoRA targets that match nothing (found on the meta
+    # device, before the weights load: a loaded model logs "model: ..." first)
+    ("output-dir-is-a-file", ["train.output_dir={d}/notes.txt"], "notes.txt is a file, not a folder"),
+    ("target-modules-match-nothing", ["lora.target_modules=[nope_proj]"], "lora.target_modules"),
     pytest.param("fp16-on-cpu", ["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(CUDA, reason="CUDA present"), id="fp16-on-cpu"),
 ]
@@ -119,6 +123,8 @@ def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(case, overrides, n
     proc = _run([a for s in sets for a in ("--set", s)], count_file)
     line = _assert_one_line_error(proc, needle)
     assert not out.exists(), f"{case} left {list(out.rglob('*'))}"
+    if case == "target-modules-match-nothing":
+        assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("model: ")], proc.stderr
     if count_file:
         assert line.startswith("error: model.name: ") and _hub_note() in line
         assert int(count_file.read_text()) <= 1, "the hub was asked more than once: retries instead of failing fast"
@@ -163,3 +169,37 @@ def test_force_resumes_with_changed_training_keys(files, tiny_gemma3, tmp_path):
     proc = _run([*sets, "--resume", "--force"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no complete checkpoint" in proc.stderr and (out / "r" / "adapter_model.safetensors").is_file()
+
+
+def _tree(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_overwrite_refuses_a_run_folder_gemmatune_did_not_write(files, tiny_gemma3, tmp_path):
+    """issue 28 case 1 for train: --overwrite deletes only a previous run folder (its marker file), never a folder
+    that holds the training data or other runs."""
+    out = tmp_path / "runs"
+    data = out / "r"
+    data.mkdir(parents=True)
+    shutil.copy(files / "good.jsonl", data / "good.jsonl")  # the run folder would be the data's folder
+    (out / "r" / "notes").mkdir()
+    before = _tree(out)
+    sets = [a for s in _base(tiny_gemma3, files, out) + [f"data.train_file={data}/good.jsonl"]
+            for a in ("--set", s)]
+    _assert_one_line_error(_run([*sets, "--overwrite"]), "holds the input")
+    assert _tree(out) == before
+    other = [a for s in _base(tiny_gemma3, files, out) for a in ("--set", s)]
+    _assert_one_line_error(_run([*other, "--overwrite"]), "not a gemmatune output")
+    assert _tree(out) == before
+
+
+def test_overwrite_replaces_a_previous_run(files, tiny_gemma3, tmp_path):
+    out = tmp_path / "runs"
+    sets = [a for s in _base(tiny_gemma3, files, out) for a in ("--set", s)]
+    assert _run(sets).returncode == 0
+    (out / "r" / "stale.txt").write_text("from the first run's time")
+    proc = _run([*sets, "--overwrite"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "r" / "adapter_model.safetensors").is_file() and not (out / "r" / "stale.txt").exists()
+    (out / "r" / "sub").mkdir()  # a folder inside a run is not the run's: refused
+    _assert_one_line_error(_run([*sets, "--overwrite"]), "did not write there (sub)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 from gemmatune.batching import Batcher, Job
 from gemmatune.infer import load
 
@@ -50,3 +52,46 @@ def test_one_batch_rows_answer_as_if_alone(tiny_gemma3, two_adapters):
     cut = results[len(cases)]
     assert cut.text == long[:long.index(stop)] and cut.finish_reason == "stop"
     assert "".join(streamed[len(cases)]) == cut.text
+
+
+def _answer(tuned, specs: list[dict]) -> list[str]:
+    """Texts for jobs submitted together before the worker starts: one batch."""
+    results: dict[int, object] = {}
+    finished = threading.Event()
+
+    def job(i: int, spec: dict) -> Job:
+        def done(result):
+            results[i] = result
+            if len(results) == len(specs):
+                finished.set()
+
+        return Job(row={"instruction": spec.get("prompt", "hi"), "input": ""}, adapter=spec.get("adapter", "b"),
+                   max_tokens=8, greedy=spec.get("greedy", False), temperature=spec.get("temperature", 1.0),
+                   top_p=spec.get("top_p", 1.0), seed=spec.get("seed"), stop=[], emit=None, done=done)
+
+    batcher = Batcher(tuned, max_batch=32)
+    for i, spec in enumerate(specs):
+        batcher.submit(job(i, spec))
+    batcher.start()
+    assert finished.wait(120)
+    batcher.close(30)
+    assert batcher.status()["batches"] == 1
+    return [results[i].text for i in range(len(specs))]
+
+
+def test_a_seed_is_the_requests_own(tiny_gemma3, two_adapters):
+    """issue 28 case 6: a request's seed went through torch.manual_seed, the process-wide RNG. Now each row has its
+    own generator: the same seed gives the same text whatever shares the batch, and changes nothing else."""
+    a, b = two_adapters
+    tuned = load([f"a={a}", f"b={b}"], base=str(tiny_gemma3), precision="fp32")
+    seven = {"seed": 7, "top_p": 0.9, "prompt": PROMPTS[0]}
+    eight = {"seed": 8, "temperature": 0.7, "adapter": "a"}
+    alone = _answer(tuned, [seven])[0]
+    state = torch.get_rng_state()
+    mixed = _answer(tuned, [{"prompt": "x"}, eight, {"greedy": True}, seven, {"seed": 2**64 - 1, "adapter": "base"}])
+    assert mixed[3] == alone
+    assert _answer(tuned, [eight])[0] == mixed[1]  # its neighbours' seeds did not change it either
+    assert torch.equal(torch.get_rng_state(), state)  # torch's global RNG was never touched
+    # An unseeded request after a seeded one is not made repeatable by that seed.
+    unseeded = [_answer(tuned, [seven, {"prompt": "Where is my refund?"}])[1] for _ in range(3)]
+    assert len(set(unseeded)) > 1, unseeded

@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ import torch
 from gemmatune.errors import GemmatuneError
 from gemmatune.export import combine, merge, parse_weighted
 from gemmatune.infer import load
+from tests.cli_subprocess import run_cli
 
 IDS = torch.tensor([[2, 40, 50, 60, 70, 80, 90, 100]])
 
@@ -60,3 +63,46 @@ def test_combine_arguments_are_checked(two_adapters, tmp_path):
         parse_weighted("runs/x")
     with pytest.raises(GemmatuneError, match="at least two"):
         combine([(str(a), 1.0)], tmp_path / "x")
+
+
+def _tree(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_overwrite_never_deletes_the_input_its_parent_or_foreign_folders(two_adapters, tmp_path):
+    """issue 28 case 1: merging into the run itself or into its parent destroyed the adapter and its siblings."""
+    a, b = two_adapters
+    parent = tmp_path / "h"
+    shutil.copytree(a, parent / "self")
+    (parent / "otherrun").mkdir()
+    (parent / "otherrun" / "notes.txt").write_text("keep me")
+    before = _tree(parent)
+    for out in (parent, parent / "self"):
+        proc = run_cli(["merge", str(parent / "self"), "--out", str(out), "--overwrite"])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "the input" in lines[0], proc.stderr
+    proc = run_cli(["merge", "--combine", f"{parent / 'self'}:0.5", f"{b}:0.5", "--out", str(parent), "--overwrite"])
+    assert proc.returncode == 2 and "holds the input" in proc.stderr, proc.stderr[-2000:]
+    assert _tree(parent) == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("x")
+    with pytest.raises(GemmatuneError, match="not a gemmatune output"):
+        merge(str(a), foreign, overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "x"
+
+
+def test_overwrite_replaces_a_previous_output_of_its_own_kind_only(two_adapters, tmp_path):
+    a, b = two_adapters
+    merged = merge(str(a), tmp_path / "m")
+    assert merge(str(b), merged, overwrite=True) == merged  # a previous merge: replaced
+    assert json.loads((merged / "gemmatune.json").read_text())["merged_from"] == str(b.resolve())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside it
+    with pytest.raises(GemmatuneError, match="merge output"):
+        combine([(str(a), 0.5), (str(b), 0.5)], merged, overwrite=True)  # a merged model is no combination
+    (merged / "my-notes.txt").write_text("x")
+    with pytest.raises(GemmatuneError, match="my-notes.txt"):
+        merge(str(a), merged, overwrite=True)
+    mix = combine([(str(a), 0.5), (str(b), 0.5)], tmp_path / "mix")
+    assert combine([(str(a), 0.2), (str(b), 0.8)], mix, overwrite=True) == mix

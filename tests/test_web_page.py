@@ -141,3 +141,98 @@ def test_run_summary_progress_eta_and_finish(tmp_path):
     write_record(run_dir, {"finished": "2026-12-02T00:00:00", "training": {"global_steps": 58}})
     summary = run_summary(run_dir)
     assert summary["state"] == "finished" and summary["total"] == 58 and summary["eta_seconds"] is None
+
+
+BAD_RUNS = {  # issue 28 case 3: each broke run_summary, so /api/runs answered 500 for every run
+    "bad-step": ("metrics.jsonl", '{"step": "abc", "loss": 1.0}\n'),
+    "huge-steps": ("run.json", '{"finished": "x", "training": {"global_steps": "1e999"}}'),
+    "inf-steps": ("run.json", '{"training": {"global_steps": 1e999}}'),
+    "deep": ("run.json", "[" * 100_000 + "]" * 100_000),
+    "string-record": ("run.json", '"just a string"'),
+}
+
+
+def test_one_malformed_run_never_breaks_the_listing(tmp_path):
+    from gemmatune.run_page import list_summaries
+
+    runs_dir = tmp_path / "runs"
+    write_run(runs_dir / "good")
+    for name, (file, text) in BAD_RUNS.items():
+        (runs_dir / name).mkdir()
+        (runs_dir / name / "config.yaml").write_text("{}\n")
+        (runs_dir / name / file).write_text(text)
+    listed = {r["name"]: r for r in list_summaries(runs_dir)}
+    assert set(listed) == {"good", *BAD_RUNS}
+    assert listed["good"]["state"] != "error" and listed["good"]["step"] == 30
+    assert listed["bad-step"]["step"] == 0 and listed["huge-steps"]["total"] is None  # bad values ignored
+    assert listed["inf-steps"]["total"] is None
+    assert listed["deep"]["state"] == "error" and "nested deeper" in listed["deep"]["error"]
+    assert listed["string-record"]["state"] == "error" and "not a JSON object" in listed["string-record"]["error"]
+
+
+@pytest.mark.parametrize("name", ["deep", "string-record"])
+def test_cli_on_a_malformed_run_folder_is_one_line(name, two_adapters, tmp_path):
+    """`gemmatune merge` on such a folder ended in a traceback."""
+    from tests.cli_subprocess import run_cli
+
+    run = tmp_path / name
+    shutil.copytree(two_adapters[0], run)
+    file, text = BAD_RUNS[name]
+    (run / file).write_text(text)
+    proc = run_cli(["merge", str(run), "--out", str(tmp_path / "merged")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == \
+        [line for line in proc.stderr.splitlines() if line.strip()][-1:]
+
+
+def _get(server, path: str) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(server.url + path, headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_page_reads_nothing_outside_runs_and_lists_bad_runs(page_server, tmp_path):
+    """issue 28 cases 2 and 3 through the real server: links out of runs/ are not followed, metrics.jsonl linked
+    to /dev/zero is refused at once, and a malformed run is marked while the others list."""
+    server, run_dir, _ = page_server
+    runs_dir = run_dir.parent
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"password": "hunter2"}')
+    outside = tmp_path / "outside-run"
+    write_run(outside)
+    made = [runs_dir / n for n in ("leak", "linked", "zero", "deep")]
+    try:
+        (runs_dir / "leak").mkdir()
+        (runs_dir / "leak" / "metrics.jsonl").write_text('{"step": 1}\n')
+        (runs_dir / "leak" / "eval.json").symlink_to(secret)
+        (runs_dir / "linked").symlink_to(outside, target_is_directory=True)
+        (runs_dir / "zero").mkdir()
+        (runs_dir / "zero" / "metrics.jsonl").symlink_to("/dev/zero")
+        (runs_dir / "deep").mkdir()
+        (runs_dir / "deep" / "config.yaml").write_text("{}\n")
+        (runs_dir / "deep" / "run.json").write_text("[" * 100_000 + "]" * 100_000)
+        status, body = _get(server, "/api/runs/leak/eval")
+        assert status == 422 and "hunter2" not in json.dumps(body) and "outside" in body["error"]["message"]
+        for path in ("/api/runs/linked/eval", "/api/runs/linked/metrics", "/api/runs/zero/metrics"):
+            status, body = _get(server, path)
+            assert status == 422 and body["error"]["code"] == "run_unreadable", (path, body)
+        status, body = _get(server, "/api/runs")
+        assert status == 200
+        listed = {r["name"]: r for r in body["runs"]}
+        assert listed["support"]["state"] != "error"
+        assert {n: listed[n]["state"] == "error" for n in ("leak", "linked", "zero", "deep")} == \
+            {"leak": False, "linked": True, "zero": True, "deep": True}
+        assert listed["leak"]["has_eval"] is False  # its eval.json leads outside: not offered
+        assert str(tmp_path) not in json.dumps(body)
+    finally:
+        for path in made:
+            if path.is_symlink():
+                path.unlink()
+            elif path.exists():
+                shutil.rmtree(path)

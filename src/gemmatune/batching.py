@@ -1,16 +1,18 @@
 """Concurrent requests answered together: one worker thread owns the model and runs queued requests as
 mixed-adapter batches through TunedModel.generate (PEFT adapter_names), streaming each row's text back.
 
-Requests waiting when the worker is free form the next batch. Rows of one batch share the sampling
-mode (greedy, or one temperature/top_p), since `generate` takes one setting per call; each row keeps
-its own adapter, `max_tokens` (the batch runs to the largest; a row is cut at its own) and stop strings.
-A request with a seed runs alone, so the same seed and request give the same text whatever else arrives.
+Requests waiting when the worker is free form the next batch. Each row keeps its own adapter, `max_tokens` (the
+batch runs to the largest; a row is cut at its own), stop strings and sampling: `generate` runs greedy and
+_RowSampler picks each sampled row's token with the request's temperature and top_p and a torch.Generator of its
+own (seeded by the request's `seed`, else at random). Nothing touches torch's global RNG, so a request's seed
+decides its text whatever else shares the batch, and changes no other request's sampling.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import shutil
 import threading
 import time
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from gemmatune.infer import TunedModel
@@ -59,10 +61,6 @@ class Job:
         if self.media_dir is not None:
             shutil.rmtree(self.media_dir, ignore_errors=True)
 
-    def batch_key(self) -> tuple:
-        if self.seed is not None:
-            return ("seed", id(self))
-        return ("greedy",) if self.greedy else ("sample", self.temperature, self.top_p)
 
 
 @dataclass
@@ -142,6 +140,50 @@ class _RowsOver(StoppingCriteria):
                             device=input_ids.device)
 
 
+class _RowSampler(LogitsProcessor):
+    """Each sampled row's next token, drawn with its own request's temperature, top_p and torch.Generator; the
+    row's scores then allow that token alone, so generate's greedy pick takes it. Greedy rows pass unchanged.
+
+    The arithmetic is float64 and relative to the row's largest score: a temperature of 1e-300 divides finite
+    differences (0 for the best token), so no inf - inf becomes NaN. The draw is one uniform number per row and
+    step, inverted through the row's cumulative probabilities: it depends on nothing but the row and its seed."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        self.generators: dict[int, torch.Generator] = {}
+
+    def generator(self, i: int, device: torch.device) -> torch.Generator:
+        if i not in self.generators:
+            seed = self.jobs[i].seed
+            g = torch.Generator(device=device)
+            g.manual_seed(seed % 2**64 if seed is not None else secrets.randbits(64))
+            self.generators[i] = g
+        return self.generators[i]
+
+    def __call__(self, input_ids, scores):
+        for i, job in enumerate(self.jobs):
+            if job.greedy:
+                continue
+            token = self.sample(scores[i], job, self.generator(i, scores.device))
+            row = torch.full_like(scores[i], float("-inf"))
+            row[token] = 0.0
+            scores[i] = row
+        return scores
+
+    @staticmethod
+    def sample(scores: torch.Tensor, job: Job, generator: torch.Generator) -> int:
+        logits = scores.double()
+        probs = torch.softmax((logits - logits.max()) / job.temperature, dim=-1)
+        probs, order = probs.sort(descending=True)
+        if job.top_p < 1:
+            # Nucleus: the likeliest tokens until their mass reaches top_p (the first is always kept).
+            probs = probs * ((probs.cumsum(0) - probs) < job.top_p)
+        cumulative = probs.cumsum(0)
+        u = torch.rand((1,), generator=generator, device=scores.device, dtype=torch.float64) * cumulative[-1]
+        k = torch.searchsorted(cumulative, u, right=True).clamp(max=len(cumulative) - 1)
+        return int(order[k].item())
+
+
 class Batcher:
     """The worker thread and its queue. `submit` from any thread (before `start` too: what is queued when the
     worker starts is its first batch); `close` finishes queued work, then stops."""
@@ -199,10 +241,7 @@ class Batcher:
             pending = [j for j in pending if not j.cancelled]
             if not pending:
                 continue
-            key = pending[0].batch_key()
-            batch = [j for j in pending if j.batch_key() == key][: self.max_batch]
-            chosen = {id(j) for j in batch}
-            pending = [j for j in pending if id(j) not in chosen]
+            batch, pending = pending[: self.max_batch], pending[self.max_batch:]
             try:
                 self._run(batch)
             finally:
@@ -212,14 +251,13 @@ class Batcher:
     def _run(self, jobs: list[Job]) -> None:
         # generate() sorts rows by prompt length (stable); sorting here first keeps streamer row i == jobs[i].
         jobs = sorted(jobs, key=lambda j: j.prompt_tokens)
-        first = jobs[0]
         self.busy = len(jobs)
         try:
             self.model.generate(
                 [j.row for j in jobs], adapter=[j.adapter for j in jobs], batch_size=len(jobs),
                 streamer=_RowStreamer(self.model, jobs), stopping_criteria=StoppingCriteriaList([_RowsOver(jobs)]),
-                max_new_tokens=max(j.max_tokens for j in jobs),
-                greedy=first.greedy, temperature=first.temperature, top_p=first.top_p, top_k=0, seed=first.seed)
+                max_new_tokens=max(j.max_tokens for j in jobs), greedy=True,
+                logits_processor=LogitsProcessorList([_RowSampler(jobs)]))
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the worker lives on
             log.exception("generation failed")
             for job in jobs:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,26 +17,17 @@ import torch
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPES
 from gemmatune.infer import MERGED_INFO, TunedModel, load, read_adapter
-from gemmatune.runs import describe_adapter, now, ordinary_modes, write_atomic
+from gemmatune.runs import check_output_folder, describe_adapter, now, publish_folder, write_atomic
 
 log = logging.getLogger(__name__)
 
 COMBINATIONS = ("cat", "svd", "linear")
 
 
-def _fresh_output(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise GemmatuneError(f"{out_dir} already exists and is not empty; choose another --out or add --overwrite")
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move a finished folder into place, so a crash never leaves a half-written model."""
-    ordinary_modes(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+def _inputs(adapters: list[str | Path], base: str | None) -> list[Path]:
+    """What a merge or combination reads: --out may not be, or hold, any of them."""
+    paths = [Path(a) for a in adapters] + ([Path(base)] if base else [])
+    return [p for p in paths if p.exists()]
 
 
 def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto",
@@ -50,7 +39,8 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
     the saved dtype; auto keeps the checkpoint's own dtype (bf16 for a QLoRA base).
     """
     out_dir = Path(out_dir)
-    _fresh_output(out_dir, overwrite)
+    inputs = _inputs([adapter], base)
+    check_output_folder(out_dir, "merge", overwrite, inputs)
     source = read_adapter(adapter)
     if dtype not in ("auto", *DTYPES):
         raise GemmatuneError(f"--dtype: must be auto, bf16, fp16 or fp32, got {dtype!r}")
@@ -75,7 +65,7 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
                 "template": tuned.template_for(source.name), "dtype": str(save_dtype).removeprefix("torch."),
                 "stop_token_ids": tuned.stop_ids, "created": now()}
         write_atomic(folder / MERGED_INFO, json.dumps(info, indent=2) + "\n")
-        _publish(folder, out_dir)
+        publish_folder(folder, out_dir, "merge", inputs)
     log.info("merged %s into %s (%s)", source.path, out_dir, info["dtype"])
     return out_dir
 
@@ -113,7 +103,8 @@ def combine(weighted: list[tuple[str, float]], out_dir: str | Path, combination:
     if combination not in COMBINATIONS:
         raise GemmatuneError(f"--combination: must be one of {', '.join(COMBINATIONS)}, got {combination!r}")
     out_dir = Path(out_dir)
-    _fresh_output(out_dir, overwrite)
+    inputs = _inputs([path for path, _ in weighted], base)
+    check_output_folder(out_dir, "combine", overwrite, inputs)
     sources = [read_adapter(path) for path, _ in weighted]
     tuned = load([path for path, _ in weighted], base=base, precision="fp32", force_unquantized=True)
     names = [s.name for s in sources]
@@ -136,7 +127,7 @@ def combine(weighted: list[tuple[str, float]], out_dir: str | Path, combination:
                                                  for s, (_, w) in zip(sources, weighted, strict=True)],
             "combination": combination, "base_model": {"source": first.base.name, "class": first.base_class},
         })
-        _publish(folder, out_dir)
+        publish_folder(folder, out_dir, "combine", inputs)
     log.info("combined %s into %s (%s)", ", ".join(f"{n}:{w}" for n, (_, w) in zip(names, weighted, strict=True)),
              out_dir, combination)
     return out_dir

@@ -67,13 +67,27 @@ def check_request(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
         raise GemmatuneError(f"--out {out}: a GGUF file name must end in .gguf")
     if out.is_dir():
         raise GemmatuneError(f"--out {out} is a folder; give a file name ending in .gguf")
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise GemmatuneError(f"{out} already exists; choose another --out or add --overwrite")
+    if out.exists() or out.is_symlink():
+        _check_replaceable_file(out, b"GGUF", "a GGUF file")
     script = CONVERTER_DIR / ("convert_lora_to_gguf.py" if fmt == "gguf-lora" else "convert_hf_to_gguf.py")
     if not script.is_file():
         raise GemmatuneError(f"llama.cpp's converter is missing ({script}); reinstall gemmatune")
     if quant in K_QUANTS:
         _quantizer()
+
+
+def _check_replaceable_file(path: Path, magic: bytes, kind: str) -> None:
+    """--overwrite replaces only a previous output: a regular file (not a link) that starts as `kind` does, so a
+    mistyped --out never deletes a file gemmatune did not write."""
+    is_kind = False
+    if path.is_file() and not path.is_symlink():
+        with path.open("rb") as fh:
+            is_kind = fh.read(len(magic)) == magic
+    if not is_kind:
+        raise GemmatuneError(f"--out: {path} is not {kind}; --overwrite replaces only a previous export: choose "
+                             "another --out or remove it yourself")
 
 
 def _quantizer():
@@ -102,6 +116,8 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
     if ollama and out.with_name("Modelfile").exists() and not overwrite:
         raise GemmatuneError(f"{out.with_name('Modelfile')} already exists; choose another --out folder or add "
                              "--overwrite")
+    if ollama and (out.with_name("Modelfile").exists() or out.with_name("Modelfile").is_symlink()):
+        _check_replaceable_file(out.with_name("Modelfile"), b"FROM ", "an Ollama Modelfile")
     read_adapter(adapter)  # a folder that is not a run fails here, before a model is loaded
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:

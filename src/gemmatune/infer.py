@@ -188,14 +188,16 @@ class TunedModel:
         batch_size: int = 8,
         streamer=None,
         stopping_criteria=None,
+        logits_processor=None,
         **sampling,
     ) -> list[Generation]:
         """Generate for one prompt or many; `adapter` is one name for all rows, or one per row.
 
         A prompt is text (treated as an instruction), an Alpaca row or a chat row. `adapter=None` uses the
         first loaded adapter; `"base"` the base model alone. Sampling keywords (max_new_tokens, greedy,
-        temperature, top_p, top_k, seed) override `settings`. `streamer` and `stopping_criteria` go to
-        transformers' generate as they are (gemmatune serve uses both to end rows on its own rules).
+        temperature, top_p, top_k, seed) override `settings`. `streamer`, `stopping_criteria` and `logits_processor`
+        go to transformers' generate as they are (gemmatune serve uses them to end rows on its own rules and to
+        sample each row with its own generator).
         """
         rows = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
@@ -213,13 +215,14 @@ class TunedModel:
             chunk = order[start:start + batch_size]
             media = self.media_inputs([rows[i] for i in chunk])
             out = self._generate_batch([ids[i] for i in chunk], [names[i] for i in chunk], settings, streamer, media,
-                                       stopping_criteria)
+                                       stopping_criteria, logits_processor)
             for i, gen in zip(chunk, out, strict=True):
                 results[i] = gen
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[list[int]], names: list[str], settings: SamplingSettings,
-                        streamer, media: dict | None = None, stopping_criteria=None) -> list[Generation]:
+                        streamer, media: dict | None = None, stopping_criteria=None,
+                        logits_processor=None) -> list[Generation]:
         pad = self.tokenizer.pad_token_id
         input_ids, mask = pad_rows(batch, pad, left=True)
         width = input_ids.shape[1]
@@ -233,6 +236,8 @@ class TunedModel:
             kwargs["streamer"] = streamer
         if stopping_criteria is not None:
             kwargs["stopping_criteria"] = stopping_criteria
+        if logits_processor is not None:
+            kwargs["logits_processor"] = logits_processor
         device = self.device
         kwargs.update({k: v.to(device) for k, v in (media or {}).items()})
         with self.adapter_context(names) as extra, torch.no_grad(), self.autocast():

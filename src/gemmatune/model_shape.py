@@ -89,10 +89,37 @@ def load_architecture(cfg: Config):
         ) from None
 
 
-def measure(cfg: Config) -> ModelShape:
+def _attach_lora(model, cfg: Config, family: ModelFamily):
+    """PEFT's LoRA on a meta model; targets that match nothing -> one GemmatuneError line."""
     from peft import get_peft_model
 
-    from gemmatune.lora import check_towers, peft_lora_config, trainable_report, wrapped_module_names
+    from gemmatune.lora import peft_lora_config
+
+    try:
+        return get_peft_model(model, peft_lora_config(cfg.lora, family))
+    except ValueError as exc:
+        raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """Raise GemmatuneError when the user's lora.target_modules match no module of the model, before any weights
+    load: the same meta-device build as `gemmatune plan`, so a typo costs a second, not the model load.
+
+    Skipped where the architecture is not on this machine without the weights (a hub id neither bundled nor
+    cached): the load checks the targets then, as before."""
+    if cfg.lora.target_modules is None:  # the family's own targets: known to match
+        return
+    try:
+        config, where = load_architecture(cfg)
+    except GemmatuneError:
+        return
+    family = family_for(config.model_type)
+    model = build_on_meta(choose_model_class(cfg.model, config.model_type, family, where), config)
+    _attach_lora(model, cfg, family)
+
+
+def measure(cfg: Config) -> ModelShape:
+    from gemmatune.lora import check_towers, trainable_report, wrapped_module_names
 
     config, where = load_architecture(cfg)
     family = family_for(config.model_type)
@@ -110,10 +137,7 @@ def measure(cfg: Config) -> ModelShape:
     intermediate = text.intermediate_size
     if not isinstance(intermediate, (list, tuple)):
         intermediate = [intermediate] * text.num_hidden_layers
-    try:
-        peft_model = get_peft_model(model, peft_lora_config(cfg.lora, family))
-    except ValueError as exc:
-        raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
+    peft_model = _attach_lora(model, cfg, family)
     wrapped = wrapped_module_names(peft_model)
     lora_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     modules = dict(peft_model.named_modules())

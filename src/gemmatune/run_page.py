@@ -8,7 +8,7 @@ a run that is training grows its curves without a reload and every point is draw
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from pathlib import Path
 
@@ -26,55 +26,73 @@ CHECKPOINT_STATE = "trainer_state.json"  # written by transformers' Trainer into
 ACTIVE_SECONDS = 120  # a run without run.json whose metrics changed this recently counts as training
 
 
-def metrics_rows(run_dir: Path, since: int = 0) -> tuple[list[dict], int]:
+def metrics_rows(run_dir: Path, since: int = 0, root: Path | None = None) -> tuple[list[dict], int]:
     """metrics.jsonl rows after the first `since`, and how many complete lines there are. A line still being
-    written (no newline yet) is left for the next call; a line that is not JSON is skipped, not fatal."""
-    path = run_dir / runs.METRICS_FILE
-    if not path.is_file():
-        return [], 0
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")[:-1]  # the part after the last newline is incomplete
-    rows = []
-    for line in lines[since:]:
+    written (no newline yet) is left for the next call; a line that is not JSON is skipped, not fatal. The file is
+    read line by line within runs.py's caps, never whole."""
+    rows, count = [], 0
+    for line in runs.metrics_lines(run_dir, root):
+        count += 1
+        if count <= since or line is None:
+            continue
         try:
-            row = json.loads(line)
-        except ValueError:
+            row = runs.parse_json(line, runs.METRICS_FILE)
+        except GemmatuneError:
             continue
         if isinstance(row, dict):
             rows.append(row)
-    return rows, len(lines)
+    return rows, count
 
 
-def _total_steps(run_dir: Path) -> int | None:
+def _count(value) -> int | None:
+    """A step count as gemmatune writes it (a whole number >= 0), else None: a hand-edited file may hold
+    "abc", 1e999 or true there."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer() and 0 <= value < 2**53:
+        return int(value)
+    return value if isinstance(value, int) and 0 <= value < 2**53 else None
+
+
+def _total_steps(run_dir: Path, record: dict, root: Path) -> int | None:
     """Steps the run will take: its max_steps, else what the Trainer computed (latest checkpoint or run.json)."""
-    record = runs.read_record(run_dir)
-    steps = (record.get("training") or {}).get("global_steps")
+    training = record.get("training")
+    steps = _count(training.get("global_steps")) if isinstance(training, dict) else None
     if steps:
-        return int(steps)
+        return steps
     try:
-        cfg = runs.read_run_config(run_dir)
+        cfg = runs.read_run_config(run_dir, root)
     except GemmatuneError:  # a broken config.yaml: the run is still listed, without a total
         cfg = None
     if cfg is not None and cfg.train.max_steps and cfg.train.max_steps > 0:
         return int(cfg.train.max_steps)
     states = sorted((run_dir / runs.CHECKPOINTS).glob(f"checkpoint-*/{CHECKPOINT_STATE}"),
                     key=lambda p: p.stat().st_mtime)
-    for state in reversed(states):
+    for state in reversed(states[-8:]):
         try:
-            return int(json.loads(state.read_text(encoding="utf-8"))["max_steps"])
-        except (ValueError, KeyError, TypeError):
+            data = runs.read_json_file(state, root)
+        except GemmatuneError:
             continue
+        total = _count(data.get("max_steps")) if isinstance(data, dict) else None
+        if total:
+            return total
     return None
 
 
-def run_summary(run_dir: Path) -> dict:
-    """Name, state and progress of one run folder: step / total, tokens/s and ETA."""
-    rows, _ = metrics_rows(run_dir)
-    record = runs.read_record(run_dir)
+def run_summary(run_dir: Path, root: Path | None = None) -> dict:
+    """Name, state and progress of one run folder: step / total, tokens/s and ETA. Raises GemmatuneError for a
+    folder whose files lead outside `root` or are malformed (list_summaries marks that run, not the list)."""
+    root = root or run_dir
+    if not runs.safe_dir(run_dir, root):
+        raise GemmatuneError(f"{run_dir.name} leads outside {root.name}/ (a link); not read")
+    rows, _ = metrics_rows(run_dir, root=root)
+    record = runs.read_record(run_dir, root)
     metrics = run_dir / runs.METRICS_FILE
-    step = max((int(r.get("step", 0)) for r in rows), default=0)
-    tps = next((r["tokens_per_second"] for r in reversed(rows) if "tokens_per_second" in r), None)
-    total = _total_steps(run_dir)
+    step = max((s for s in (_count(r.get("step")) for r in rows) if s is not None), default=0)
+    tps = next((r["tokens_per_second"] for r in reversed(rows)
+                if isinstance(r.get("tokens_per_second"), (int, float)) and not isinstance(r["tokens_per_second"], bool)
+                and math.isfinite(r["tokens_per_second"])), None)
+    total = _total_steps(run_dir, record, root)
     finished = bool(record.get("finished"))
     started = run_dir / runs.CONFIG_FILE  # written when the run starts
     changed = max((p.stat().st_mtime for p in (metrics, started) if p.is_file()), default=None)
@@ -85,14 +103,35 @@ def run_summary(run_dir: Path) -> dict:
         eta = round(per_step * max(total - step, 0))
     return {"name": run_dir.name, "state": "finished" if finished else "training" if training else "stopped",
             "step": step, "total": total, "tokens_per_second": tps, "eta_seconds": eta,
-            "has_eval": (run_dir / EVAL_JSON).is_file()}
+            "has_eval": _readable(run_dir / EVAL_JSON, root)}
+
+
+def _readable(path: Path, root: Path) -> bool:
+    try:
+        return runs.safe_file(path, root) is not None
+    except GemmatuneError:
+        return False
+
+
+def list_summaries(runs_dir: Path) -> list[dict]:
+    """Every run's summary; a run that cannot be read is listed with state "error" and why, so one bad folder
+    never hides the others."""
+    out = []
+    for path in list_runs(runs_dir):
+        try:
+            out.append(run_summary(path, runs_dir))
+        except (GemmatuneError, OSError, ValueError, RecursionError) as exc:
+            out.append({"name": path.name, "state": "error", "error": str(exc), "step": 0, "total": None,
+                        "tokens_per_second": None, "eta_seconds": None, "has_eval": False})
+    return out
 
 
 def list_runs(runs_dir: Path) -> list[Path]:
     if not runs_dir.is_dir():
         return []
+    # exists(), not is_file(): a run whose metrics.jsonl is a link or a device is listed (and marked), not hidden
     return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and ((p / runs.METRICS_FILE).is_file() or (p / runs.CONFIG_FILE).is_file()))
+                  and any((p / f).exists() or (p / f).is_symlink() for f in (runs.METRICS_FILE, runs.CONFIG_FILE)))
 
 
 def add_run_page(app: FastAPI, runs_dir: Path) -> None:
@@ -103,7 +142,13 @@ def add_run_page(app: FastAPI, runs_dir: Path) -> None:
         for path in list_runs(runs_dir):
             if path.name == name:
                 return path
-        raise APIError(404, f"no run '{name}' under {runs_dir}", param="name", code="run_not_found")
+        raise APIError(404, f"no run '{name}'", param="name", code="run_not_found")
+
+    def inside(path: Path) -> Path:
+        if not runs.safe_dir(path, runs_dir):
+            raise APIError(422, f"run '{path.name}' leads outside the runs folder (a link); not read",
+                           code="run_unreadable")
+        return path
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -113,22 +158,25 @@ def add_run_page(app: FastAPI, runs_dir: Path) -> None:
 
     @app.get("/api/runs")
     async def all_runs():
-        return {"runs_dir": str(runs_dir), "runs": [run_summary(p) for p in list_runs(runs_dir)]}
+        return {"runs_dir": str(runs_dir), "runs": list_summaries(runs_dir)}
 
     @app.get("/api/runs/{name}/metrics")
     async def metrics(name: str, since: int = 0):
         if since < 0:
             raise APIError(400, "since must be >= 0", param="since")
-        rows, count = metrics_rows(run_dir(name), since)
+        try:
+            rows, count = metrics_rows(inside(run_dir(name)), since, root=runs_dir)
+        except GemmatuneError as exc:
+            raise APIError(422, f"run '{name}': {exc}", code="run_unreadable") from None
         return {"rows": rows, "next": count}
 
     @app.get("/api/runs/{name}/eval")
     async def evaluation(name: str):
-        path = run_dir(name) / EVAL_JSON
-        if not path.is_file():
+        try:
+            report = runs.read_json_file(inside(run_dir(name)) / EVAL_JSON, runs_dir)
+        except GemmatuneError as exc:
+            raise APIError(422, f"run '{name}': {exc}", code="run_unreadable") from None
+        if report is None:
             raise APIError(404, f"run '{name}' has no {EVAL_JSON} yet (gemmatune eval --adapter RUN)",
                            code="eval_not_found")
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise APIError(500, f"{path}: not valid JSON ({exc})", "server_error") from None
+        return report

@@ -17,8 +17,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,16 @@ PLOT_FILE = "loss.png"
 CHECKPOINTS = "checkpoints"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OUTPUT_MARKER = ".gemmatune-output.json"
+"""Written into every folder a gemmatune command publishes (a run, a merged model, a combined adapter): what
+made it, and (merge, combine) which entries it wrote. --overwrite replaces only a folder that carries one of
+its own kind, so a mistyped --out never deletes something gemmatune did not write."""
+
+# Caps for reading a run folder, which may be half-written, hand-edited or hostile (the page serves it).
+MAX_JSON_BYTES = 8 << 20  # run.json, config.yaml, eval.json: a few KiB when gemmatune writes them
+MAX_METRICS_BYTES = 256 << 20  # metrics.jsonl: ~200 bytes a step, so a million steps fit
+MAX_LINE_BYTES = 64 << 10  # one metrics.jsonl line; longer ones are skipped
+MAX_JSON_DEPTH = 32  # gemmatune's own files nest 4 deep
 
 
 @dataclass(frozen=True)
@@ -60,9 +73,11 @@ def read_adapter_folder(path: str | Path, key: str = "adapter") -> AdapterFolder
             raise GemmatuneError(f"{key} {path} is a full model folder, not an adapter; pass it as the base model")
         raise GemmatuneError(f"{key} {path}: no {ADAPTER_CONFIG} there; give a run folder or a PEFT adapter folder")
     try:
-        peft_config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GemmatuneError(f"{key} {path}/{ADAPTER_CONFIG}: not valid JSON ({exc})") from None
+        peft_config = read_json_file(path / ADAPTER_CONFIG, None)
+    except GemmatuneError as exc:
+        raise GemmatuneError(f"{key} {path}/{exc}") from None
+    if not isinstance(peft_config, dict):
+        raise GemmatuneError(f"{key} {path}/{ADAPTER_CONFIG}: not a JSON object")
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = "; adapter_model.bin is a pickle file that can run code when loaded: convert it to safetensors " \
@@ -72,17 +87,25 @@ def read_adapter_folder(path: str | Path, key: str = "adapter") -> AdapterFolder
     if problem:
         raise GemmatuneError(f"{key} {weights} is {problem}; the adapter cannot be used")
     record = read_record(path)
-    template = (record.get("data") or {}).get("template")
+    template = _field(record, "data", "template", str)
     test_file = None
-    if (path / CONFIG_FILE).is_file():
-        cfg = load_config(path / CONFIG_FILE)
+    cfg = read_run_config(path)
+    if cfg is not None:
         base = cfg.model
         test_file = cfg.data.test_file
         if template is None and cfg.data.template != "auto":
             template = cfg.data.template
     else:
-        base = ModelConfig(name=peft_config.get("base_model_name_or_path") or "embedded")
-    return AdapterFolder(path, base, template, (record.get("base_model") or {}).get("class"), test_file)
+        name = peft_config.get("base_model_name_or_path")
+        base = ModelConfig(name=name if isinstance(name, str) and name else "embedded")
+    return AdapterFolder(path, base, template, _field(record, "base_model", "class", str), test_file)
+
+
+def _field(record: dict[str, Any], section: str, key: str, kind: type) -> Any:
+    """record[section][key] when it has the type gemmatune writes there, else None (a hand-edited run.json)."""
+    value = record.get(section)
+    value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
 def describe_adapter(folder: Path, base: ModelConfig, template: str, record: dict[str, Any]) -> None:
@@ -156,9 +179,13 @@ def run_dir_for(cfg: Config) -> Path:
 def open_run_dir(cfg: Config, resume: bool, overwrite: bool, force: bool = False) -> Path:
     """Check the run folder against the request before any work; nothing is created here."""
     run_dir = run_dir_for(cfg)
+    _check_folder_path(run_dir, "train.output_dir/run_name")
     if not run_dir.exists() or not any(run_dir.iterdir()):
         if resume:
             raise GemmatuneError(f"--resume: {run_dir} has no run to resume; drop --resume to start it")
+        return run_dir
+    if overwrite and not resume:
+        check_replaceable(run_dir, "run", run_inputs(cfg), "train.output_dir/run_name")
         return run_dir
     if overwrite:
         return run_dir
@@ -194,11 +221,220 @@ _RESUMABLE_CHANGES = {
 }
 
 
+def run_inputs(cfg: Config) -> list[Path]:
+    """What a run reads: its run folder may not be, or hold, any of them (--overwrite would delete it)."""
+    paths = [cfg.data.train_file, cfg.data.test_file, cfg.model.name]
+    return [Path(p) for p in paths if p and Path(p).exists()]
+
+
 def start_run_dir(run_dir: Path, cfg: Config, overwrite: bool, resume: bool) -> None:
     if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
+        # Checked again: the model load took minutes, and the folder may have changed meanwhile.
+        check_replaceable(run_dir, "run", run_inputs(cfg), "train.output_dir/run_name")
+        _remove_published(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / OUTPUT_MARKER).is_file():
+        write_atomic(run_dir / OUTPUT_MARKER, json.dumps({"kind": "run", "created": now()}) + "\n")
     write_atomic(run_dir / CONFIG_FILE, dump_config(cfg))
+
+
+# --- publishing folders: --overwrite never deletes what gemmatune did not write
+
+
+def _check_folder_path(folder: Path, what: str) -> None:
+    """A folder to be created: no existing part of its path may be a file (mkdir would fail half-way)."""
+    for part in (folder, *folder.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                raise GemmatuneError(f"{what}: {part} is a file, not a folder; choose another path")
+            return
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(out: Path, kind: str, overwrite: bool, inputs: Iterable[Path] = (),
+                        what: str = "--out") -> None:
+    """Before any work: `out` must be new, empty, or (with --overwrite) a previous `kind` output; see
+    check_replaceable."""
+    _check_folder_path(out, what)
+    if out.is_symlink() or (out.exists() and any(out.iterdir())):
+        if not overwrite:
+            raise GemmatuneError(f"{what} {out} already exists and is not empty; choose another {what} or add "
+                                 "--overwrite")
+        check_replaceable(out, kind, inputs, what)
+    else:
+        resolved = out.resolve()
+        for item in inputs:
+            if _inside(Path(item).resolve(), resolved):
+                raise GemmatuneError(f"{what} {out} holds the input {item}; choose another {what}")
+
+
+def check_replaceable(out: Path, kind: str, inputs: Iterable[Path] = (), what: str = "--out") -> None:
+    """Raise unless --overwrite may delete `out`: a folder (not a link) carrying OUTPUT_MARKER of `kind`, that is
+    not an input nor holds one, and (merge, combine) holds nothing but the entries its marker lists; a run folder
+    holds no folders but its checkpoints. One-line refusals, so nothing is deleted on a guess."""
+    if out.is_symlink():
+        raise GemmatuneError(f"{what} {out} is a link; --overwrite replaces only a folder gemmatune wrote")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GemmatuneError(f"{what} {out} is a file; --overwrite replaces only a folder gemmatune wrote")
+    resolved = out.resolve()
+    for item in inputs:
+        if _inside(Path(item).resolve(), resolved):
+            same = Path(item).resolve() == resolved
+            raise GemmatuneError(f"{what} {out} {'is' if same else 'holds'} the input {item}; --overwrite would "
+                                 f"delete it: choose another {what}")
+    marker = _read_marker(out)
+    if marker.get("kind") != kind:
+        made = f"a gemmatune {marker['kind']} output" if marker.get("kind") else "not a gemmatune output"
+        raise GemmatuneError(f"{what} {out} is {made} (no {kind} marker {OUTPUT_MARKER}); --overwrite replaces "
+                             f"only a previous {kind} output: choose another {what} or remove it yourself")
+    names = {p.name for p in out.iterdir()} - {OUTPUT_MARKER}
+    if kind == "run":
+        foreign = sorted(n for n in names if n != CHECKPOINTS and not n.startswith(".")
+                         and ((out / n).is_dir() or (out / n).is_symlink()))
+    else:
+        listed = marker.get("entries")
+        foreign = sorted(names - set(listed)) if isinstance(listed, list) else sorted(names)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise GemmatuneError(f"{what} {out} holds entries gemmatune did not write there ({shown}); --overwrite "
+                             f"would delete them: choose another {what} or move them out")
+
+
+def _read_marker(folder: Path) -> dict[str, Any]:
+    try:
+        data = read_json_file(folder / OUTPUT_MARKER, folder)
+    except GemmatuneError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def publish_folder(tmp: Path, out: Path, kind: str, inputs: Iterable[Path] = (), what: str = "--out") -> None:
+    """Move a finished folder into place, so a crash never leaves a half-written one: marked as a `kind` output,
+    ordinary modes; a previous output of the same kind is set aside, replaced, then deleted."""
+    entries = sorted(p.name for p in tmp.iterdir())
+    write_atomic(tmp / OUTPUT_MARKER, json.dumps({"kind": kind, "created": now(), "entries": entries}) + "\n")
+    ordinary_modes(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() or out.is_symlink():
+        if any(out.iterdir()):
+            check_replaceable(out, kind, inputs, what)  # again: the work took minutes
+        _remove_published(out, then=lambda: os.replace(tmp, out))
+    else:
+        os.replace(tmp, out)
+
+
+def _remove_published(folder: Path, then=None) -> None:
+    """Rename `folder` aside (one atomic step), run `then` (put the new one in place), delete the old one."""
+    aside = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(folder, aside)
+    try:
+        if then is not None:
+            then()
+    except BaseException:
+        os.replace(aside, folder)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# --- reading run folders: every file inside the folder, capped, malformed -> one GemmatuneError
+
+
+def safe_file(path: Path, root: Path | None, limit: int = MAX_JSON_BYTES) -> Path | None:
+    """`path` resolved, or None when there is no such file. Raise GemmatuneError when it leads outside `root`
+    (a link out), is not a regular file (a FIFO, /dev/zero) or is larger than `limit` bytes.
+
+    `root` None: links may lead anywhere. The CLI and `load` read folders their user names, and a folder from the
+    hub cache is all links into its blobs/; the page, which serves clients, always passes its runs folder."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    resolved = path.resolve()
+    if root is not None and not _inside(resolved, root.resolve()):
+        raise GemmatuneError(f"{path.name} leads outside {root.name}/ (a link); not read")
+    try:
+        info = resolved.stat()
+    except OSError as exc:
+        raise GemmatuneError(f"{path.name}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise GemmatuneError(f"{path.name} is not a regular file; not read")
+    if info.st_size > limit:
+        raise GemmatuneError(f"{path.name} is {info.st_size} bytes, more than the {limit} a run file may have")
+    return resolved
+
+
+def safe_dir(path: Path, root: Path) -> bool:
+    """Whether the folder `path` resolves inside `root` (a run folder that is a link out is not)."""
+    return _inside(path.resolve(), root.resolve())
+
+
+def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value` nests at most `limit` deep (iterative: a deep value must not exhaust the stack here)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def parse_json(text: str, where: str) -> Any:
+    """JSON text -> value; malformed, NaN/Infinity, or nested deeper than MAX_JSON_DEPTH -> GemmatuneError."""
+
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        value = json.loads(text, parse_constant=no_constant)
+    except RecursionError:
+        raise GemmatuneError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise GemmatuneError(f"{where}: not valid JSON ({str(exc).splitlines()[0][:200]})") from None
+    if not json_depth_ok(value):
+        raise GemmatuneError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def read_json_file(path: Path, root: Path | None) -> Any:
+    """A JSON file of a run folder, checked by safe_file; None when there is none."""
+    resolved = safe_file(path, root)
+    if resolved is None:
+        return None
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise GemmatuneError(f"{path.name}: not UTF-8") from None
+    except OSError as exc:
+        raise GemmatuneError(f"{path.name}: cannot be read ({exc.strerror})") from None
+    return parse_json(text, path.name)
+
+
+def metrics_lines(run_dir: Path, root: Path | None = None) -> Iterator[str | None]:
+    """metrics.jsonl's complete lines, read in bounded pieces (a line still being written, with no newline yet,
+    is left out); None for a line longer than MAX_LINE_BYTES, which is skipped unread."""
+    path = run_dir / METRICS_FILE
+    resolved = safe_file(path, root, MAX_METRICS_BYTES)
+    if resolved is None:
+        return
+    with resolved.open("rb") as fh:
+        while True:
+            line = fh.readline(MAX_LINE_BYTES + 1)
+            if not line.endswith(b"\n"):
+                if len(line) <= MAX_LINE_BYTES:
+                    return  # end of file, or an unfinished last line
+                while line and not line.endswith(b"\n"):  # skip the rest of an overlong line
+                    line = fh.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return
+                yield None
+                continue
+            yield line.decode("utf-8", errors="replace")
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
@@ -207,25 +443,47 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """metrics.jsonl's rows (objects); lines that are not JSON objects are skipped."""
+    rows = []
+    for line in metrics_lines(run_dir):
+        if line is None or not line.strip():
+            continue
+        try:
+            row = parse_json(line, METRICS_FILE)
+        except GemmatuneError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     write_atomic(run_dir / RECORD_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_record(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / RECORD_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def read_record(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
+    """run.json ({} when there is none). Inside `root` (see safe_file), capped; one GemmatuneError naming the run
+    folder for anything malformed."""
+    run_dir = Path(run_dir)
+    try:
+        record = read_json_file(run_dir / RECORD_FILE, root)
+    except GemmatuneError as exc:
+        raise GemmatuneError(f"{run_dir}: {exc}") from None
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise GemmatuneError(f"{run_dir}/{RECORD_FILE}: not a JSON object")
+    return record
 
 
-def read_run_config(run_dir: Path) -> Config | None:
+def read_run_config(run_dir: Path, root: Path | None = None) -> Config | None:
     """The run's config.yaml, or None where there is none (a bare PEFT folder, a run not started)."""
-    path = Path(run_dir) / CONFIG_FILE
-    return load_config(path) if path.is_file() else None
+    run_dir = Path(run_dir)
+    try:
+        path = safe_file(run_dir / CONFIG_FILE, root)
+    except GemmatuneError as exc:
+        raise GemmatuneError(f"{run_dir}: {exc}") from None
+    return load_config(path) if path is not None else None
 
 
 def save_adapter(peft_model, tokenizer, run_dir: Path, state_dict: dict | None = None) -> None:

@@ -24,12 +24,13 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmatune.batching import Batcher, Job, Result
 from gemmatune.errors import GemmatuneError
@@ -45,6 +46,7 @@ class Limits:
     max_tokens: int = 2048  # the largest max_tokens a request may ask for (also the default)
     max_prompt_tokens: int = 8192
     max_batch: int = 16  # rows per forward pass
+    max_messages: int = 256  # a chat's messages: rendering them is quadratic in their number (turn-by-turn split)
 
 
 class APIError(Exception):
@@ -59,14 +61,29 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+INTERNAL = APIError(500, "internal error; the server log has the details", "server_error")
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which no tokenizer can encode: a 400, not a 500 later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds {exc.object[exc.start:exc.end]!a}, which is not valid Unicode text "
+                         "(a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
 # The request bodies. Unknown fields are ignored, as many clients send defaults (user, presence_penalty=0, ...).
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(BaseModel):
-    url: str
+    url: Text
 
 
 class ImagePart(BaseModel):
@@ -75,7 +92,7 @@ class ImagePart(BaseModel):
 
 
 class InputAudio(BaseModel):
-    data: str
+    data: Text
     format: Literal["wav"]
 
 
@@ -86,7 +103,7 @@ class AudioPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImagePart | AudioPart] | None = None
+    content: Text | list[TextPart | ImagePart | AudioPart] | None = None
 
     def parts(self, index: int, media_dir: Path) -> str | list[dict]:
         """The content as gemmatune's chat rows hold it: text, or text/image/audio parts whose data are written
@@ -124,23 +141,45 @@ def _media_part(part: TextPart | ImagePart | AudioPart, where: str, media_dir: P
     try:
         check_media_file(kind, path, where)
     except GemmatuneError as exc:
-        raise APIError(400, str(exc).replace(f" {path}", ""), param="messages") from None
+        # The checks name the file (and PIL quotes it): the client sent data, not a file, and must not learn the
+        # server's temporary paths.
+        message = str(exc).replace(f" {path}", "").replace(str(path), "the data").replace(str(media_dir), "")
+        raise APIError(400, message, param="messages") from None
     return {"type": kind, "path": str(path)}
 
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch.Generator takes
     n: int = 1
     stream: bool = False
     stream_options: dict | None = None
     logprobs: bool | int | None = None
+    # Not supported: refused rather than ignored, since a client relying on them would get a plain answer.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v):
+        if v:
+            raise ValueError("tool and function calling are not supported by this server")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        if v is not None and v != "none":
+            raise ValueError("tool and function calling are not supported by this server")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -170,7 +209,7 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
     @field_validator("prompt")
     @classmethod
@@ -181,6 +220,31 @@ class CompletionRequest(Sampling):
             return v[0]
         return v
 
+
+
+def check_conversation(messages: list[Message], limit: int) -> None:
+    """The turns a chat template can render, checked before it runs (Gemma's raises "roles must alternate"):
+    system/developer messages first, then user and assistant alternating, starting and ending with the user."""
+    if len(messages) > limit:
+        raise APIError(400, f"messages: {len(messages)} messages; this server takes at most {limit}",
+                       param="messages")
+    turns = [m.role for m in messages]
+    system = 0
+    while system < len(turns) and turns[system] in ("system", "developer"):
+        system += 1
+    if system > 1:
+        raise APIError(400, "messages: give at most one system (or developer) message", param="messages")
+    rest = turns[system:]
+    for i, role in enumerate(rest):
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            where = system + i
+            raise APIError(400, f"messages[{where}]: expected a {want} message, got {role}: after an optional "
+                           "system message, user and assistant messages alternate, starting with the user",
+                           param="messages")
+    if not rest or rest[-1] != "user":
+        raise APIError(400, "messages: the last message must be the user's (the reply to it is generated)",
+                       param="messages")
 
 
 def chat_row(messages: list[dict], template: str) -> dict:
@@ -246,11 +310,16 @@ class Service:
         if max_tokens > self.limits.max_tokens:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}",
                            param="max_tokens")
+        from jinja2 import TemplateError
+
         try:
             prompt_tokens = len(prompt_ids(row, self.tuned.template_for(adapter), self.tokenizer,
                                            self.tuned.media_tokens_for(row)))
         except GemmatuneError as exc:
             raise APIError(400, str(exc), param="messages") from exc
+        except TemplateError as exc:  # the tokenizer's own template refused the conversation
+            raise APIError(400, f"messages: the chat template cannot render them ({str(exc)[:200]})",
+                           param="messages") from None
         if prompt_tokens > self.limits.max_prompt_tokens:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens; this server allows at most "
                            f"{self.limits.max_prompt_tokens}", param="messages")
@@ -307,18 +376,32 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
+        errors = exc.errors()
+        # A union field (text or parts) reports one error per member: our own checks (value_error) say most.
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON (at character {first.get('loc', ('', '?'))[-1]})"
             return JSONResponse(APIError(400, message).body(), status_code=400)
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        # pydantic's location names union members too ("str", "function-after[...]"): not fields a client sent
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p))
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        # Unknown routes (404), wrong methods (405) and bodies FastAPI cannot parse (400): OpenAI's error object
+        # too, not FastAPI's {"detail": ...}.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code,
+                                                                                     str(exc.detail)[:200])
+        body = APIError(exc.status_code, message, code=code).body()
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(_request: Request, exc: Exception):
         log.exception("request failed")
-        return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+        # The exception's text stays in the server log: it may name server paths.
+        return JSONResponse(INTERNAL.body(), status_code=500)
 
     @app.get("/health")
     async def health():
@@ -336,6 +419,7 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         adapter = service.adapter(req.model)
+        check_conversation(req.messages, service.limits.max_messages)
         has_media = any(isinstance(p, (ImagePart, AudioPart)) for m in req.messages if isinstance(m.content, list)
                         for p in m.content)
         media_dir = Path(tempfile.mkdtemp(prefix="gemmatune-serve-")) if has_media else None
@@ -407,8 +491,7 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
                     yield chunk(pieces.get_nowait(), None)
                 exc = future.exception()
                 if exc is not None:
-                    error = APIError(500, f"internal error: {exc}", "server_error")
-                    yield f"data: {json.dumps(error.body())}\n\n"
+                    yield f"data: {json.dumps(INTERNAL.body())}\n\n"  # the text is in the server log
                     return
                 result: Result = future.result()
                 yield chunk(None if kind == "chat.completion" else "", result.finish_reason)
@@ -459,6 +542,10 @@ class Guard:
                 return await _send_error(send, APIError(413, f"the body is {length} bytes; this server allows at "
                                                         f"most {limit}"))
         return await self.app(scope, receive, send)
+
+
+def _union_member(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
 
 
 def _is_page_asset(path: str) -> bool:

@@ -23,6 +23,7 @@ from gemmatune.evaluation import evaluate_after_training
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.loading import Loaded, load_model
 from gemmatune.lora import attach_lora
+from gemmatune.model_shape import check_lora_targets
 from gemmatune.norms import use_lean_rms_norm
 from gemmatune.preflight import check_inputs
 from gemmatune.quantization import describe_weights, quantized_layers
@@ -51,6 +52,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     dist = distributed_state()
     run_dir = runs.open_run_dir(cfg, resume, overwrite, force)
     rows = check_inputs(cfg)  # every data row read and validated here, before the model loads
+    check_lora_targets(cfg)  # a target_modules typo, on the meta device before the weights load
     dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
     threads = set_threads(cfg.train.num_threads)
     loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)

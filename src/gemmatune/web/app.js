@@ -42,6 +42,7 @@ function duration(seconds) {
 }
 
 function progressText(run) {
+  if (run.state === "error") return `cannot be read: ${run.error}`; // one bad run folder, marked; the rest list
   const parts = [`${run.state}`, `step ${run.step} / ${run.total ?? "?"}`];
   if (run.tokens_per_second != null) parts.push(`${Math.round(run.tokens_per_second)} tokens/s`);
   if (run.state === "training") parts.push(`ETA ${duration(run.eta_seconds)}`);
