@@ -203,3 +203,8 @@ def test_overwrite_replaces_a_previous_run(files, tiny_gemma3, tmp_path):
     assert (out / "r" / "adapter_model.safetensors").is_file() and not (out / "r" / "stale.txt").exists()
     (out / "r" / "sub").mkdir()  # a folder inside a run is not the run's: refused
     _assert_one_line_error(_run([*sets, "--overwrite"]), "did not write there (sub)")
+    (out / "r" / "sub").rmdir()
+    (out / "r" / ".gemmatune-output.json").unlink()  # a run folder made before the marker existed
+    proc = _run([*sets, "--overwrite"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "r" / ".gemmatune-output.json").is_file()

@@ -145,8 +145,8 @@ class _RowSampler(LogitsProcessor):
     row's scores then allow that token alone, so generate's greedy pick takes it. Greedy rows pass unchanged.
 
     The arithmetic is float64 and relative to the row's largest score: a temperature of 1e-300 divides finite
-    differences (0 for the best token), so no inf - inf becomes NaN. The draw is one uniform number per row and
-    step, inverted through the row's cumulative probabilities: it depends on nothing but the row and its seed."""
+    differences (0 for the best token), so no inf - inf becomes NaN. The draw uses the row's generator alone, so
+    it depends on nothing but the row and its seed."""
 
     def __init__(self, jobs: list[Job]):
         self.jobs = jobs
@@ -174,10 +174,11 @@ class _RowSampler(LogitsProcessor):
     def sample(scores: torch.Tensor, job: Job, generator: torch.Generator) -> int:
         logits = scores.double()
         probs = torch.softmax((logits - logits.max()) / job.temperature, dim=-1)
+        if job.top_p >= 1:  # no nucleus: no sort of the whole vocabulary (262,144 for Gemma) per token
+            return int(torch.multinomial(probs, 1, generator=generator).item())
         probs, order = probs.sort(descending=True)
-        if job.top_p < 1:
-            # Nucleus: the likeliest tokens until their mass reaches top_p (the first is always kept).
-            probs = probs * ((probs.cumsum(0) - probs) < job.top_p)
+        # Nucleus: the likeliest tokens until their mass reaches top_p (the first is always kept).
+        probs = probs * ((probs.cumsum(0) - probs) < job.top_p)
         cumulative = probs.cumsum(0)
         u = torch.rand((1,), generator=generator, device=scores.device, dtype=torch.float64) * cumulative[-1]
         k = torch.searchsorted(cumulative, u, right=True).clamp(max=len(cumulative) - 1)

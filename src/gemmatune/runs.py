@@ -288,6 +288,8 @@ def check_replaceable(out: Path, kind: str, inputs: Iterable[Path] = (), what: s
             raise GemmatuneError(f"{what} {out} {'is' if same else 'holds'} the input {item}; --overwrite would "
                                  f"delete it: choose another {what}")
     marker = _read_marker(out)
+    if not marker and kind == "run" and (out / CONFIG_FILE).is_file() and (out / METRICS_FILE).is_file():
+        marker = {"kind": "run"}  # a run folder from before the marker: its config and metrics are its own
     if marker.get("kind") != kind:
         made = f"a gemmatune {marker['kind']} output" if marker.get("kind") else "not a gemmatune output"
         raise GemmatuneError(f"{what} {out} is {made} (no {kind} marker {OUTPUT_MARKER}); --overwrite replaces "
