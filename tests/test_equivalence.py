@@ -4,7 +4,8 @@ log-probs as stock transformers + stock PEFT decoding the same tokens one at a t
 
 This is what failed silently for Gemma 3n on transformers 5.0-5.5: without a cache its KV-shared layers computed
 keys and values of their own, so the model trained was not the model that generates. On transformers 5.5 the
-Gemma 3n cases here fail (max difference ~0.1 nats on these tiny models); from 5.6 on they pass.
+Gemma 3n case here fails (0.25 nats per token at worst on this tiny model, checked with
+tools/try_versions.py pin transformers==5.5.0); from 5.6 on it passes.
 """
 
 from __future__ import annotations
