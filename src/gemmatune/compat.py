@@ -84,7 +84,8 @@ def _trainer_hooks() -> type:
           over the accumulated batch (`num_items_in_batch`) for every model, also those whose forward takes no
           loss kwargs (Gemma3nForConditionalGeneration).
         - `loss_is_scaled_for_ga`: compute_loss already divides by that count, so the Trainer must not divide by
-          the accumulation steps again.
+          the accumulation steps again (transformers before the flag, 5.6 say, skips that division whenever
+          `model_accepts_loss_kwargs` is set and the count is known, which it then is).
         """
 
         loss_is_scaled_for_ga = True
