@@ -118,6 +118,7 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
         trainer, stack = _variant_b(tokenizer, examples, model_dir, out, steps, timer)
     else:
         from gemmatune.allocator import tune_malloc
+        from gemmatune.compat import attn_implementation
         from gemmatune.config import load_config
         from gemmatune.loading import load_model
 
@@ -136,7 +137,7 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
         model, _ = prepare_for_training(loaded, cfg)  # what `gemmatune train` does between loading and training
         trainer = build_trainer(cfg, model, tokenizer, data, Path(out), loaded.precision)
         trainer.add_callback(timer)
-        stack = f"gemmatune ({loaded.precision}, {loaded.model.config._attn_implementation}, packed, chunked loss)"
+        stack = f"gemmatune ({loaded.precision}, {attn_implementation(loaded.model.config)}, packed, chunked loss)"
     trainer.train()
     (t0, n0), (t1, n1) = timer.marks[0], timer.marks[-1]
     import resource

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemmatune.compat import attn_implementation
 from gemmatune.config import ModelConfig
 from gemmatune.loading import load_model
 from gemmatune.packing import PACKED_SDPA, PackCollator, attention_for_packing, sequence_bounds
@@ -40,7 +41,7 @@ def _load(model_dir, attn):
 @pytest.mark.parametrize("attn", [None, "eager"])
 def test_packed_per_example_losses_equal_separate_runs(model_fixture, attn, request):
     model = _load(request.getfixturevalue(model_fixture), attn)
-    assert model.config._attn_implementation == (PACKED_SDPA if attn is None else "eager")
+    assert attn_implementation(model.config) == (PACKED_SDPA if attn is None else "eager")
     examples = _examples()
     batch = PackCollator()(examples)
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_generation_loads_never_pick_flash_attention(tiny_gemma3, monkeypatch):
     assert attention_for_packing(None) == "flash_attention_2"  # training's choice where flash-attn runs
     assert attention_for_packing(None, allow_flash=False) == PACKED_SDPA
     tuned = load(base=str(tiny_gemma3), template="chat", precision="fp32")
-    assert tuned.model.config._attn_implementation == PACKED_SDPA
+    assert attn_implementation(tuned.model.config) == PACKED_SDPA
 
 
 def test_packed_attention_splits_the_row_itself():

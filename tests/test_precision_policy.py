@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from gemmatune import hardware
+from gemmatune.compat import attn_implementation
 from gemmatune.config import load_config
 from gemmatune.evaluation import response_loss
 from gemmatune.export import merge
@@ -77,7 +78,7 @@ def test_packing_falls_back_from_flash_attention_where_the_class_refuses_it(monk
     cfg = load_config(None, [f"model.name={tiny_gemma3_multimodal}"])
     model = load_model(cfg.model, "fp32", packing=True).model
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
-    assert model.config._attn_implementation == packing.PACKED_SDPA
+    assert attn_implementation(model.config) == packing.PACKED_SDPA
 
 
 def test_merge_auto_keeps_the_checkpoint_dtype(alpaca_file, tmp_path):
