@@ -64,6 +64,15 @@ class ModelFamily:
     loader requires those tensors; its graph never reads them. A GGUF export adds zero ones."""
     ollama_chat_template: str | None = None
     """The chat format as an Ollama (Go text/template) TEMPLATE, for `export --ollama` of a chat-template run."""
+    expert_parameters: tuple[str, ...] = ()
+    """Mixture-of-experts weights stored as 3-D parameters (not nn.Linear, so no module target reaches them): the
+    PEFT `target_parameters` that `lora.experts: true` adds. Empty: the family has no experts."""
+    moe_parts: tuple[tuple[str, str], ...] = ()
+    """(report name, module-name part) of a mixture-of-experts layer's parts, so the trainable report says which of
+    them got LoRA (experts, router, shared MLP) and which did not."""
+    thinking_markers: tuple[str, str] | None = None
+    """The tokens that open and close a reply's thinking (reasoning) span: kept out of the loss unless
+    `data.train_on_thinking`."""
 
 
 def bundled_config_file(model_id: str):
@@ -78,9 +87,9 @@ def bundled_config_file(model_id: str):
 
 
 def _families() -> tuple[ModelFamily, ...]:
-    from gemmatune.models import gemma3, gemma3n
+    from gemmatune.models import gemma3, gemma3n, gemma4
 
-    return (gemma3.FAMILY, gemma3n.FAMILY)
+    return (gemma3.FAMILY, gemma3n.FAMILY, gemma4.FAMILY)
 
 
 def family_for(model_type: str) -> ModelFamily:
