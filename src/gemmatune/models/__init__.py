@@ -38,6 +38,10 @@ class ModelFamily:
     text_class: str | None = None
     """transformers class that loads the language model alone from a multimodal checkpoint (text data);
     None: AutoModelForCausalLM decides."""
+    text_key_mapping: tuple[tuple[str, str], ...] = ()
+    """(regex, replacement) renames of checkpoint keys for loading `text_class` from a multimodal checkpoint, where
+    transformers has none of its own (Gemma 4 in 5.25: without it the language model loads with random weights,
+    reported only in a log table)."""
     multimodal_class: str | None = None
     """transformers class of the full model, for `model.multimodal: true`; None: not offered."""
     multimodal_requires: tuple[str, ...] = ()

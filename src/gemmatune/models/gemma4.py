@@ -75,6 +75,9 @@ FAMILY = ModelFamily(
     text_config_attr="text_config",
     multimodal_model_types=("gemma4",),
     text_class="Gemma4ForCausalLM",
+    # transformers 5.25 maps gemma3n_text's keys but not gemma4_text's: the language model sits under
+    # model.language_model in the checkpoint and under model in Gemma4ForCausalLM.
+    text_key_mapping=((r"^model\.language_model\.", "model."),),
     multimodal_class="Gemma4ForConditionalGeneration",
     # The towers are plain torch modules (no timm); the image processor needs Pillow.
     multimodal_requires=("PIL",),
