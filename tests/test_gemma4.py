@@ -16,7 +16,7 @@ from gemmatune.models.gemma4 import FAMILY
 from gemmatune.runs import read_metrics
 from gemmatune.templates import IGNORE, tokenize_row
 from gemmatune.train import train
-from tests.conftest import make_gemma4_tokenizer, tiny_config, write_jsonl
+from tests.conftest import gemma4_config, make_gemma4_tokenizer, tiny_config, write_jsonl
 
 SHORT_ROWS = [{"messages": [{"role": "user", "content": f"Ticket {i}: where is my parcel?"},
                             {"role": "assistant", "content": "ok"}]} for i in range(16)]
@@ -277,3 +277,48 @@ def test_cli_run_on_a_local_gemma4_folder_completes_learns_and_stops(tiny_gemma4
     assert proc.returncode == 0, proc.stderr[-2000:]
     answer = json.loads(out.read_text().splitlines()[0])
     assert answer["stopped"] and answer["generation"] == "ok"
+
+
+@pytest.mark.parametrize("model_id", FAMILY.known_ids)
+def test_plan_for_a_real_gemma4_id_says_in_one_line_that_no_config_is_bundled(model_id, monkeypatch):
+    from gemmatune.model_shape import load_architecture
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(GemmatuneError, match=f"bundles no config for {model_id}") as err:
+        load_architecture(load_config(None, [f"model.name={model_id}"]))
+    assert "\n" not in str(err.value)
+
+
+def test_plan_of_a_local_moe_folder_counts_what_peft_trains(tiny_gemma4_moe):
+    from gemmatune.model_shape import measure
+
+    for experts in (False, True):
+        cfg = load_config(None, [f"model.name={tiny_gemma4_moe}", "lora.lora_dropout=0"])
+        cfg.lora.experts = experts
+        shape = measure(cfg)
+        model = load_model(cfg.model, "fp32").model
+        _, report = attach_lora(model, cfg.lora, FAMILY)
+        assert shape.lora_params == report.trainable
+        assert any(".experts" in n for n in shape.wrapped) == experts
+
+
+def test_qlora_keeps_the_router_unquantized():
+    from transformers import Gemma4ForCausalLM
+
+    from gemmatune.loading import build_on_meta
+    from gemmatune.quantization import modules_to_keep_unquantized
+
+    keep = modules_to_keep_unquantized(build_on_meta(Gemma4ForCausalLM, gemma4_config("moe", num_experts=32)), FAMILY)
+    assert {f"model.layers.{i}.router.proj" for i in range(4)} <= set(keep)  # 64 -> 32 would fit the kernel
+    assert "model.layers.0.mlp.gate_proj" not in keep
+
+
+def test_gguf_export_of_a_gemma4_run_is_refused_in_one_line(tiny_gemma4, tmp_path):
+    from tests.cli_subprocess import run_cli
+
+    cfg = tiny_config(tiny_gemma4, write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS), tmp_path / "runs", max_steps=1)
+    run = train(cfg).run_dir
+    proc = run_cli(["export", str(run), "--out", str(tmp_path / "x.gguf")], timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "does not support Gemma 4" in errors[0]
+    assert not (tmp_path / "x.gguf").exists()

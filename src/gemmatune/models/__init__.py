@@ -74,6 +74,8 @@ class ModelFamily:
     moe_parts: tuple[tuple[str, str], ...] = ()
     """(report name, module-name part) of a mixture-of-experts layer's parts, so the trainable report says which of
     them got LoRA (experts, router, shared MLP) and which did not."""
+    gguf_refusal: str | None = None
+    """Why `gemmatune export` cannot write this family as GGUF yet (one line); None: it can."""
     thinking_markers: tuple[str, str] | None = None
     """The tokens that open and close a reply's thinking (reasoning) span: kept out of the loss unless
     `data.train_on_thinking`."""
@@ -104,6 +106,13 @@ def family_for(model_type: str) -> ModelFamily:
         if model_type in family.model_types:
             return family
     return generic.FAMILY
+
+
+def family_named(name: str) -> ModelFamily | None:
+    """The family a run record names (run.json base_model.family), or None."""
+    from gemmatune.models import generic
+
+    return next((f for f in (*_families(), generic.FAMILY) if f.name == name), None)
 
 
 def all_known_ids() -> tuple[str, ...]:
