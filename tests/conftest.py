@@ -33,14 +33,19 @@ def _fast_cpu():
     torch.set_num_threads(2)
 
 
-def make_tokenizer():
+def make_tokenizer(specials: list[str] = SPECIALS, extra_specials: tuple[str, ...] = (),
+                   chat_template: str = CHAT_TEMPLATE):
+    """Byte-level tokenizer: `specials` (pad, eos, bos, unk, start and end of turn: ids 0-5), the 256 bytes, then
+    `extra_specials` (from id 262)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in alphabet:
         vocab[ch] = len(vocab)
+    for tok in extra_specials:
+        vocab[tok] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
@@ -51,10 +56,21 @@ def make_tokenizer():
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        additional_special_tokens=[*specials[4:], *extra_specials],
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
+
+
+# Gemma 4's chat tokens in place of Gemma 3's (same ids 4 and 5), plus its thinking-channel tokens (262-264).
+GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
+GEMMA4_EXTRA = ("<|channel>", "<channel|>", "<|think|>")
+
+
+def make_gemma4_tokenizer():
+    from gemmatune.models.gemma4 import CHAT_TEMPLATE as GEMMA4_TEMPLATE
+
+    return make_tokenizer(GEMMA4_SPECIALS, GEMMA4_EXTRA, GEMMA4_TEMPLATE)
 
 
 def gemma3_config():
@@ -110,7 +126,52 @@ def gemma3n_4bit_config(vocab_size: int = VOCAB):
                           layer_types=["sliding_attention", "full_attention"] * 2)
 
 
-def save_tiny(config, folder: Path, seed: int = 0) -> Path:
+def gemma4_config(kind: str = "e", **overrides):
+    """Tiny Gemma 4 text configs. "e": E2B/E4B-style, with per-layer embeddings (PLE) and KV sharing (layers 2-3
+    reuse the keys/values of layers 0-1, one of each attention type), final logit softcap; "moe": 26B-A4B-style,
+    4 experts (top 2) beside the shared MLP, keys = values on full-attention layers; "dense": 31B-style. Full-attention
+    layers have their own (wider) head_dim, as in the real models."""
+    from transformers import Gemma4TextConfig
+
+    values = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=16, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        # The LM head is the (tied) embedding after a norm of fixed scale: with the default 0.02 init the logits of
+        # a tiny model cannot spread far enough for LoRA to bring the loss below ~4.4 nats (seen here); 0.1 can.
+        initializer_range=0.1,
+    )
+    values.update({
+        "e": dict(hidden_size_per_layer_input=16, num_kv_shared_layers=2, final_logit_softcapping=30.0),
+        "moe": dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                    attention_k_eq_v=True, num_global_key_value_heads=1),
+        "dense": {},
+    }[kind])
+    config = Gemma4TextConfig(**{**values, **overrides})
+    config.architectures = ["Gemma4ForCausalLM"]
+    return config
+
+
+def gemma4_multimodal_config(vision: bool = True, audio: bool = True):
+    """E4B's layout, tiny: the E-style text model with a 1-layer vision encoder (4x4 patches of 4 pixels, pooled 2x2)
+    and a 1-layer audio conformer (8 mel bins here), both with clipped linears (clamps from the checkpoint)."""
+    from transformers import Gemma4Config
+
+    vision_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                         position_embedding_size=64, use_clipped_linears=True)
+    audio_config = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                        output_proj_dims=32, use_clipped_linears=True)
+    config = Gemma4Config(text_config=gemma4_config("e").to_dict(), vision_config=vision_config if vision else None,
+                          audio_config=audio_config if audio else None, image_token_id=265, audio_token_id=266,
+                          boi_token_id=267, eoi_token_id=268, boa_token_id=269, eoa_token_index=270,
+                          video_token_id=271, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    return config
+
+
+def save_tiny(config, folder: Path, seed: int = 0, tokenizer=None) -> Path:
     import transformers
 
     torch.manual_seed(seed)
@@ -121,7 +182,7 @@ def save_tiny(config, folder: Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = [1, 5]
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
+    (tokenizer or make_tokenizer()).save_pretrained(folder)
     return folder
 
 
@@ -133,6 +194,18 @@ def tiny_gemma3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gemma3n(tmp_path_factory) -> Path:
     return save_tiny(gemma3n_config(), tmp_path_factory.mktemp("tiny-gemma3n"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4(tmp_path_factory) -> Path:
+    """E-style tiny Gemma 4 (PLE, KV sharing) with a tokenizer that has Gemma 4's chat and thinking tokens."""
+    return save_tiny(gemma4_config("e"), tmp_path_factory.mktemp("tiny-gemma4"), tokenizer=make_gemma4_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_moe(tmp_path_factory) -> Path:
+    return save_tiny(gemma4_config("moe"), tmp_path_factory.mktemp("tiny-gemma4-moe"),
+                     tokenizer=make_gemma4_tokenizer())
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ from tests.conftest import (
     VOCAB,
     gemma3_config,
     gemma3n_config,
+    gemma4_config,
+    make_gemma4_tokenizer,
     needs_multimodal,
     save_tiny,
     tiny_config,
@@ -45,7 +47,8 @@ def _sequences() -> list[list[int]]:
     return [[2, *torch.randint(6, VOCAB, (n - 1,), generator=generator).tolist()] for n in LENGTHS]
 
 
-def _training_logprobs(model_dir: Path, tmp: Path, sequences, multimodal: bool) -> tuple[list[list[float]], Path]:
+def _training_logprobs(model_dir: Path, tmp: Path, sequences, multimodal: bool,
+                       overrides: tuple[str, ...] = ()) -> tuple[list[list[float]], Path]:
     """Per-token log-probs from gemmatune's training forward; the (randomised) LoRA adapter is saved beside."""
     from gemmatune import packing
     from gemmatune.compat import attn_implementation
@@ -56,6 +59,10 @@ def _training_logprobs(model_dir: Path, tmp: Path, sequences, multimodal: bool) 
 
     cfg = tiny_config(model_dir, write_jsonl(tmp / "rows.jsonl", [{"text": "x"}]), tmp / "runs")
     cfg.model.multimodal = multimodal
+    for item in overrides:
+        section, _, rest = item.partition(".")
+        key, _, value = rest.partition("=")
+        setattr(getattr(cfg, section), key, value == "true" if value in ("true", "false") else value)
     loaded = load_model(cfg.model, "fp32", packing=True)
     model, _ = prepare_for_training(loaded, cfg)
     torch.manual_seed(3)
@@ -94,15 +101,16 @@ def _decoded_logprobs(model_dir: Path, adapter: Path, sequences, model_class: st
             past, logprobs = None, []
             for t in range(len(s) - 1):
                 step = model(input_ids=torch.tensor([[s[t]]]), past_key_values=past, use_cache=True)
-                past = step.past_key_values
+                # Gemma 4 (transformers 5.25) returns the cache as `cache`; the others as `past_key_values`.
+                past = getattr(step, "past_key_values", None) or getattr(step, "cache", None)
                 logprobs.append(torch.log_softmax(step.logits[0, -1].float(), -1)[s[t + 1]].item())
             out.append(logprobs)
     return out
 
 
-def _check(model_dir: Path, tmp: Path, model_class: str, multimodal: bool = False) -> None:
+def _check(model_dir: Path, tmp: Path, model_class: str, multimodal: bool = False, overrides=()) -> None:
     sequences = _sequences()
-    trained, adapter = _training_logprobs(model_dir, tmp, sequences, multimodal)
+    trained, adapter = _training_logprobs(model_dir, tmp, sequences, multimodal, tuple(overrides))
     decoded = _decoded_logprobs(model_dir, adapter, sequences, model_class)
     for got, want in zip(trained, decoded, strict=True):
         worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
@@ -112,15 +120,27 @@ def _check(model_dir: Path, tmp: Path, model_class: str, multimodal: bool = Fals
             "generates")
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma3n", "generic"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma3n", "generic", "gemma4-e", "gemma4-moe", "gemma4-dense"])
 def test_training_forward_equals_cached_decoding(family, tmp_path):
     config, model_class = {
         "gemma3": (gemma3_config(), "Gemma3ForCausalLM"),
         "gemma3n": (gemma3n_config(), "Gemma3nForCausalLM"),
         "generic": (_llama_config(), "LlamaForCausalLM"),
+        # E-style: per-layer embeddings + KV sharing (the layers that reuse keys/values must do so without a cache)
+        "gemma4-e": (gemma4_config("e"), "Gemma4ForCausalLM"),
+        "gemma4-moe": (gemma4_config("moe"), "Gemma4ForCausalLM"),
+        "gemma4-dense": (gemma4_config("dense"), "Gemma4ForCausalLM"),
     }[family]
     config.architectures = [model_class]
-    _check(save_tiny(config, tmp_path / "base"), tmp_path, model_class)
+    tokenizer = make_gemma4_tokenizer() if family.startswith("gemma4") else None
+    _check(save_tiny(config, tmp_path / "base", tokenizer=tokenizer), tmp_path, model_class)
+
+
+def test_gemma4_experts_lora_keeps_training_forward_equal_to_cached_decoding(tmp_path):
+    """With `lora.experts: true` the experts' parameter LoRA (PEFT ParamWrapper) is in both paths too."""
+    config = gemma4_config("moe")
+    _check(save_tiny(config, tmp_path / "base", tokenizer=make_gemma4_tokenizer()), tmp_path, "Gemma4ForCausalLM",
+           overrides=["lora.experts=true"])
 
 
 @pytest.mark.multimodal

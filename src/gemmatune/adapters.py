@@ -39,6 +39,10 @@ def adapted_modules(adapter_dir: str | Path) -> dict[str, dict[str, tuple[int, .
             for marker in _MARKERS:
                 if marker in path:
                     module, _, _ = path.partition(marker)
+                    # Parameter LoRA (lora.experts) nests one PEFT wrapper per adapted parameter of a module:
+                    # the second parameter's weights sit under <module>.base_layer.
+                    while module.endswith(".base_layer"):
+                        module = module.removesuffix(".base_layer")
                     modules.setdefault(module, {})[marker.strip(".")] = tuple(fh.get_slice(key).get_shape())
                     break
     return modules

@@ -77,6 +77,12 @@ class LoraSection:
         "model.multimodal: true). Each tower's own projections are added to the targets; a tower that gets no "
         "module is an error.",
     )
+    experts: bool = _f(
+        False,
+        "Mixture-of-experts models (Gemma 4 26B-A4B): also put LoRA on the experts' weights (3-D parameters that "
+        "no target_modules entry reaches, adapted through PEFT's target_parameters; needs lora_dropout: 0). Off: "
+        "the experts stay frozen, and the trainable report says so.",
+    )
 
 
 @dataclass
@@ -108,6 +114,11 @@ class DataConfig:
         "truncate", "What happens to examples longer than max_length: truncate or drop (both reported)."
     )
     train_on_prompt: bool = _f(False, "Compute the loss on prompt tokens too, not only on responses.")
+    train_on_thinking: bool = _f(
+        False,
+        "Compute the loss on a reply's thinking span too (Gemma 4: an assistant message's `reasoning`, rendered as "
+        "<|channel>thought ... <channel|>); by default the model learns the answer, not the thoughts.",
+    )
     max_rows: int | None = _f(None, "Use at most this many training rows (after shuffling), for quick runs.")
 
 
@@ -299,6 +310,9 @@ def validate(cfg: Config) -> None:
     for tower in lo.towers:
         _check(tower in TOWERS, "lora.towers", f"each must be one of {', '.join(TOWERS)}, got {tower!r}")
     _check(not lo.towers or m.multimodal, "lora.towers", "needs model.multimodal: true (the towers load only then)")
+    # PEFT's parameter LoRA (what reaches the 3-D expert weights) cannot apply dropout to its input.
+    _check(not lo.experts or lo.lora_dropout == 0, "lora.experts",
+           f"needs lora.lora_dropout: 0 (PEFT applies no dropout to expert weights), got {lo.lora_dropout}")
     _check(d.format in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}, got {d.format!r}")
     _check(d.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}, got {d.template!r}")
     _check(0 <= d.eval_ratio < 1, "data.eval_ratio", f"must be in [0, 1), got {d.eval_ratio}")

@@ -224,7 +224,12 @@ def _clean_messages(row: Row, messages) -> list[dict]:
             content = _clean_parts(row, f"messages[{i}].content", content, media_allowed=m["role"] != "assistant")
         else:
             content = _need_str(row, f"messages[{i}].content", content)
-        clean.append({"role": m["role"], "content": content})
+        message = {"role": m["role"], "content": content}
+        thinking = m.get("reasoning", m.get("reasoning_content"))
+        if thinking is not None and m["role"] == "assistant":
+            # The reply's thinking, rendered by chat templates that know it (Gemma 4's thinking channel).
+            message["reasoning"] = _need_str(row, f"messages[{i}].reasoning", thinking)
+        clean.append(message)
     return clean
 
 
@@ -289,7 +294,7 @@ def read_prompt_rows(spec: str) -> list[dict]:
 
 
 def _tokenize_split(rows: list[Row], template: str, tokenizer, cfg: DataConfig, split: str,
-                    media: MediaTokens | None = None) -> Split:
+                    media: MediaTokens | None = None, thinking: tuple[int, int] | None = None) -> Split:
     """Token ids + labels for rows that `read_data` validated; overlong ones truncated or dropped, and counted.
 
     An example with image or audio parts is never cut inside its soft tokens: if truncation would cut into them,
@@ -298,7 +303,7 @@ def _tokenize_split(rows: list[Row], template: str, tokenizer, cfg: DataConfig, 
     examples = []
     kept = []
     for row in rows:
-        ex = tokenize_row(row.data, template, tokenizer, cfg.train_on_prompt, media)
+        ex = tokenize_row(row.data, template, tokenizer, cfg.train_on_prompt, media, thinking)
         if len(ex.input_ids) > cfg.max_length:
             cut = Tokenized(ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length], ex.media)
             cuts_media = media is not None and any(i in media.ids for i in ex.input_ids[cfg.max_length:])
@@ -374,19 +379,34 @@ def _normalized(rows: list[Row], fmt: str) -> list[Row]:
     return [Row(r.where, normalize(r, fmt)) for r in rows]
 
 
-def tokenize_data(rows: CheckedRows, tokenizer, cfg: DataConfig, processor=None) -> Prepared:
+def tokenize_data(rows: CheckedRows, tokenizer, cfg: DataConfig, processor=None,
+                  thinking_markers: tuple[str, str] | None = None) -> Prepared:
     """Tokenize the rows `read_data` checked, once the tokenizer is loaded; reads no file.
 
-    `processor`: the multimodal model's processor, for rows with image/audio parts (their soft tokens)."""
+    `processor`: the multimodal model's processor, for rows with image/audio parts (their soft tokens).
+    `thinking_markers`: the family's thinking-span tokens (ModelFamily.thinking_markers), kept out of the loss
+    unless `cfg.train_on_thinking`."""
     check_template(rows.template, rows.fmt, tokenizer)
     media = media_tokens(processor) if processor is not None else None
     where = has_media(rows.train + rows.eval)
     if where and media is None:
         raise GemmatuneError(f"{where}: has image/audio parts, which need the multimodal model: set "
                              "model.multimodal: true")
-    train = _tokenize_split(rows.train, rows.template, tokenizer, cfg, "train", media)
-    evaluation = _tokenize_split(rows.eval, rows.template, tokenizer, cfg, "eval", media) if rows.eval else None
+    thinking = None if cfg.train_on_thinking else marker_ids(tokenizer, thinking_markers)
+    train = _tokenize_split(rows.train, rows.template, tokenizer, cfg, "train", media, thinking)
+    evaluation = (_tokenize_split(rows.eval, rows.template, tokenizer, cfg, "eval", media, thinking)
+                  if rows.eval else None)
     return Prepared(rows.fmt, rows.template, train, evaluation, rows.files)
+
+
+def marker_ids(tokenizer, markers: tuple[str, str] | None) -> tuple[int, int] | None:
+    """The ids of a pair of special tokens, or None where the tokenizer lacks either (nothing to mask then)."""
+    if markers is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    if not all(m in vocab for m in markers):
+        return None
+    return vocab[markers[0]], vocab[markers[1]]
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int) -> Prepared:

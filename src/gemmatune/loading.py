@@ -206,6 +206,9 @@ def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False,
 
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     model_class = choose_model_class(cfg, config.model_type, family, source.describe())
+    if family.text_key_mapping and model_class.__name__ == family.text_class and \
+            config.model_type in family.multimodal_model_types:
+        kwargs["key_mapping"] = dict(family.text_key_mapping)  # the language model alone, under its own names
     if cfg.quantization == "4bit":
         keep = modules_to_keep_unquantized(build_on_meta(model_class, config), family)
         kwargs["quantization_config"] = bnb_4bit_config(keep)

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 
 LANGUAGE_MODEL = "language model"
+EXPERTS = "experts"  # the name of the experts' part in a family's `moe_parts`
 
 
 @dataclass
@@ -23,6 +24,9 @@ class TrainableReport:
     total: int
     wrapped_modules: int
     per_tower: dict[str, int] = field(default_factory=dict)  # "language model" / tower name -> wrapped modules
+    moe: dict[str, int] = field(default_factory=dict)
+    """Mixture-of-experts models only: part (experts, router, shared MLP) -> LoRA layers on it (experts: adapted
+    3-D parameters); empty for dense models."""
 
     def line(self) -> str:
         share = 100 * self.trainable / max(1, self.total)
@@ -32,6 +36,10 @@ class TrainableReport:
         )
         if len(self.per_tower) > 1:
             text += "; " + ", ".join(f"{part}: {n}" for part, n in self.per_tower.items())
+        if self.moe:
+            parts = [f"{part} {n}" if n or part != EXPERTS else f"{part} frozen (lora.experts: false)"
+                     for part, n in self.moe.items()]
+            text += "; mixture of experts: " + ", ".join(parts)
         return text
 
 
@@ -70,6 +78,26 @@ def lora_targets(cfg: LoraSection, family: ModelFamily) -> str | list[str]:
     return "|".join(f"(?:{regex})" for regex in [language] + [known[t] for t in cfg.towers])
 
 
+def expert_targets(cfg: LoraSection, family: ModelFamily) -> list[str] | None:
+    """PEFT `target_parameters` for `lora.experts: true` (the family's 3-D expert weights), else None."""
+    if not cfg.experts:
+        return None
+    if not family.expert_parameters:
+        raise GemmatuneError(f"config key lora.experts: the {family.name} family has no mixture-of-experts layers")
+    return list(family.expert_parameters)
+
+
+def check_experts(model, cfg: LoraSection, family: ModelFamily) -> None:
+    """`lora.experts: true` on a model without experts (a dense Gemma 4) is an error, before PEFT's own message."""
+    wanted = expert_targets(cfg, family)
+    if not wanted:
+        return
+    names = {name for name, _ in model.named_parameters()}
+    if not any(name.endswith("." + target) for name in names for target in wanted):
+        raise GemmatuneError("config key lora.experts: this model has no experts (it is not a mixture-of-experts "
+                             "model); set lora.experts: false")
+
+
 def peft_lora_config(cfg: LoraSection, family: ModelFamily):
     from peft import LoraConfig
 
@@ -80,6 +108,7 @@ def peft_lora_config(cfg: LoraSection, family: ModelFamily):
         lora_dropout=cfg.lora_dropout,
         bias=cfg.bias,
         target_modules=targets,
+        target_parameters=expert_targets(cfg, family),
         task_type="CAUSAL_LM",
     )
 
@@ -96,6 +125,7 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
     if quantized:
         freeze_quantized(model)
         keep_4bit_layout(model)
+    check_experts(model, cfg, family)
     try:
         peft_model = get_peft_model(model, peft_lora_config(cfg, family))
     except ValueError as exc:
@@ -157,4 +187,26 @@ def trainable_report(peft_model, family: ModelFamily | None = None) -> Trainable
             per_tower[tower_of(name, family)] += 1
     else:
         per_tower[LANGUAGE_MODEL] = len(names)
-    return TrainableReport(trainable, total, len(names), per_tower)
+    return TrainableReport(trainable, total, len(names), per_tower, moe_report(peft_model, names, family))
+
+
+def moe_report(peft_model, wrapped: list[str], family: ModelFamily | None) -> dict[str, int]:
+    """LoRA layers per part of the mixture-of-experts layers (`family.moe_parts`), counted only in layers that have
+    experts (a dense model's MLP is no "shared MLP"); {} for a model without experts."""
+    if family is None or not family.moe_parts:
+        return {}
+    expert_part = dict(family.moe_parts).get(EXPERTS)
+    layers = {name.rsplit("." + expert_part, 1)[0] for name, _ in peft_model.named_modules()
+              if expert_part and name.endswith("." + expert_part)}
+    if not layers:
+        return {}
+    counts = dict.fromkeys((part for part, _ in family.moe_parts), 0)
+    for name in wrapped:
+        layer = next((prefix for prefix in layers if name.startswith(prefix + ".")), None)
+        if layer is None:
+            continue
+        first = name[len(layer) + 1:].split(".")[0]
+        for part, module in family.moe_parts:
+            if first == module:
+                counts[part] += 1
+    return counts

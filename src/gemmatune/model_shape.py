@@ -16,7 +16,7 @@ import torch
 from gemmatune.config import Config
 from gemmatune.errors import GemmatuneError
 from gemmatune.loading import build_on_meta, choose_model_class, resolve_source
-from gemmatune.models import ModelFamily, bundled_config_file, family_for
+from gemmatune.models import ModelFamily, all_known_ids, bundled_config_file, family_for
 from gemmatune.quantization import is_kept, modules_to_keep_unquantized
 
 
@@ -76,13 +76,26 @@ def load_architecture(cfg: Config):
             full = AutoConfig.for_model(family.multimodal_model_types[0], text_config=text.to_dict())
             return full, f"bundled config {Path(str(bundled)).name} + the default towers"
         return text, f"bundled config {Path(str(bundled)).name}"
-    source = resolve_source(cfg.model)  # near-miss ids fail here with 'did you mean'
+    not_bundled = GemmatuneError(
+        # A real id whose config gemmatune could not bundle (Gemma 4: its config.json was not readable where this
+        # release was made, and transformers' defaults are no checkpoint's): say so in one line, invent nothing.
+        f"model.name: gemmatune bundles no config for {name} (the real one was not available offline when this "
+        "release was made) and none is in the local cache; plan needs the model folder or a cached download"
+    )
+    try:
+        source = resolve_source(cfg.model)  # near-miss ids fail here with 'did you mean'
+    except GemmatuneError:
+        if name in all_known_ids():
+            raise not_bundled from None
+        raise
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
         return AutoConfig.from_pretrained(source.path, local_files_only=True, **kwargs), source.describe()
     except OSError:
+        if name in all_known_ids():
+            raise not_bundled from None
         raise GemmatuneError(
             f"model.name: no bundled config for {name} and none in the local cache; plan needs a local model "
             "folder, a .gguf file, 'embedded' or one of the bundled ids"
@@ -93,8 +106,9 @@ def _attach_lora(model, cfg: Config, family: ModelFamily):
     """PEFT's LoRA on a meta model; targets that match nothing -> one GemmatuneError line."""
     from peft import get_peft_model
 
-    from gemmatune.lora import peft_lora_config
+    from gemmatune.lora import check_experts, peft_lora_config
 
+    check_experts(model, cfg.lora, family)
     try:
         return get_peft_model(model, peft_lora_config(cfg.lora, family))
     except ValueError as exc:

@@ -111,7 +111,10 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def tokenize_row(row: dict, template: str, tokenizer, train_on_prompt: bool = False, media=None) -> Tokenized:
+def tokenize_row(row: dict, template: str, tokenizer, train_on_prompt: bool = False, media=None,
+                 thinking: tuple[int, int] | None = None) -> Tokenized:
+    """`thinking`: the token ids that open and close a reply's thinking span, which is then kept out of the loss
+    (markers included); None: every reply token is a target."""
     if template == "text":
         ids = _encode(tokenizer, row["text"], True) + [tokenizer.eos_token_id]
         return Tokenized(ids, list(ids))
@@ -128,7 +131,23 @@ def tokenize_row(row: dict, template: str, tokenizer, train_on_prompt: bool = Fa
     if media is not None:
         # Soft tokens and their markers stand for an image or a clip: never a target, also with train_on_prompt.
         ex.labels = [IGNORE if i in media.ids else label for i, label in zip(ex.input_ids, ex.labels, strict=True)]
+    if thinking is not None:
+        ex.labels = without_thinking(ex.input_ids, ex.labels, thinking)
     return Tokenized(ex.input_ids, ex.labels, parts)
+
+
+def without_thinking(ids: list[int], labels: list[int], markers: tuple[int, int]) -> list[int]:
+    """`labels` with every thinking span (from the opening marker through the closing one) set to IGNORE; a span
+    left open runs to the end."""
+    start, end = markers
+    out, inside = [], False
+    for token, label in zip(ids, labels, strict=True):
+        if token == start:
+            inside = True
+        out.append(IGNORE if inside else label)
+        if token == end:
+            inside = False
+    return out
 
 
 def _tokenize_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> Tokenized:

@@ -57,7 +57,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     threads = set_threads(cfg.train.num_threads)
     loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
     tokenizer, family = loaded.tokenizer, loaded.family
-    data = tokenize_data(rows, tokenizer, cfg.data, loaded.processor)
+    data = tokenize_data(rows, tokenizer, cfg.data, loaded.processor, family.thinking_markers)
     log.info("model: %s (%s), precision %s (weights %s), attention %s, %d threads on %s%s",
              loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
              describe_weights(loaded.model), attn_implementation(loaded.model.config), threads, device_kind(),

@@ -38,6 +38,10 @@ class ModelFamily:
     text_class: str | None = None
     """transformers class that loads the language model alone from a multimodal checkpoint (text data);
     None: AutoModelForCausalLM decides."""
+    text_key_mapping: tuple[tuple[str, str], ...] = ()
+    """(regex, replacement) renames of checkpoint keys for loading `text_class` from a multimodal checkpoint, where
+    transformers has none of its own (Gemma 4 in 5.25: without it the language model loads with random weights,
+    reported only in a log table)."""
     multimodal_class: str | None = None
     """transformers class of the full model, for `model.multimodal: true`; None: not offered."""
     multimodal_requires: tuple[str, ...] = ()
@@ -64,6 +68,17 @@ class ModelFamily:
     loader requires those tensors; its graph never reads them. A GGUF export adds zero ones."""
     ollama_chat_template: str | None = None
     """The chat format as an Ollama (Go text/template) TEMPLATE, for `export --ollama` of a chat-template run."""
+    expert_parameters: tuple[str, ...] = ()
+    """Mixture-of-experts weights stored as 3-D parameters (not nn.Linear, so no module target reaches them): the
+    PEFT `target_parameters` that `lora.experts: true` adds. Empty: the family has no experts."""
+    moe_parts: tuple[tuple[str, str], ...] = ()
+    """(report name, module-name part) of a mixture-of-experts layer's parts, so the trainable report says which of
+    them got LoRA (experts, router, shared MLP) and which did not."""
+    gguf_refusal: str | None = None
+    """Why `gemmatune export` cannot write this family as GGUF yet (one line); None: it can."""
+    thinking_markers: tuple[str, str] | None = None
+    """The tokens that open and close a reply's thinking (reasoning) span: kept out of the loss unless
+    `data.train_on_thinking`."""
 
 
 def bundled_config_file(model_id: str):
@@ -78,9 +93,9 @@ def bundled_config_file(model_id: str):
 
 
 def _families() -> tuple[ModelFamily, ...]:
-    from gemmatune.models import gemma3, gemma3n
+    from gemmatune.models import gemma3, gemma3n, gemma4
 
-    return (gemma3.FAMILY, gemma3n.FAMILY)
+    return (gemma3.FAMILY, gemma3n.FAMILY, gemma4.FAMILY)
 
 
 def family_for(model_type: str) -> ModelFamily:
@@ -91,6 +106,13 @@ def family_for(model_type: str) -> ModelFamily:
         if model_type in family.model_types:
             return family
     return generic.FAMILY
+
+
+def family_named(name: str) -> ModelFamily | None:
+    """The family a run record names (run.json base_model.family), or None."""
+    from gemmatune.models import generic
+
+    return next((f for f in (*_families(), generic.FAMILY) if f.name == name), None)
 
 
 def all_known_ids() -> tuple[str, ...]:

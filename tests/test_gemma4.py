@@ -1,0 +1,324 @@
+"""Gemma 4 on tiny random configs: family data, chat format and stopping, thinking out of the loss, experts only when
+asked, train -> resume -> eval -> generate -> merge, towers, 4-bit, and plan / export for real ids."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gemmatune.config import load_config
+from gemmatune.errors import GemmatuneError
+from gemmatune.loading import choose_model_class, load_model, resolve_source
+from gemmatune.lora import attach_lora, trainable_report, wrapped_module_names
+from gemmatune.models import family_for
+from gemmatune.models.gemma4 import FAMILY
+from gemmatune.runs import read_metrics
+from gemmatune.templates import IGNORE, tokenize_row
+from gemmatune.train import train
+from tests.conftest import gemma4_config, make_gemma4_tokenizer, tiny_config, write_jsonl
+
+SHORT_ROWS = [{"messages": [{"role": "user", "content": f"Ticket {i}: where is my parcel?"},
+                            {"role": "assistant", "content": "ok"}]} for i in range(16)]
+
+
+def _model_cfg(*sets):
+    return load_config(None, list(sets)).model
+
+
+def test_family_data():
+    for model_type in ("gemma4", "gemma4_text"):
+        assert family_for(model_type) is FAMILY
+    assert choose_model_class(_model_cfg(), "gemma4", FAMILY, "x").__name__ == "Gemma4ForCausalLM"
+    assert choose_model_class(_model_cfg(), "gemma4_text", FAMILY, "x").__name__ == "AutoModelForCausalLM"
+    with pytest.raises(GemmatuneError, match=r"did you mean google/gemma-4-E4B-it\?"):
+        resolve_source(_model_cfg("model.name=google/gemma-4-e4b-it"))
+    with pytest.raises(GemmatuneError, match=r"did you mean google/gemma-4-26B-A4B-it\?"):
+        resolve_source(_model_cfg("model.name=google/gemma-4-26b-a4b-it"))
+
+
+def test_fp16_is_refused_before_loading(tiny_gemma4):
+    with pytest.raises(GemmatuneError, match="fp16"):
+        load_model(_model_cfg(f"model.name={tiny_gemma4}"), "fp16")
+
+
+def test_chat_format_learns_end_of_turn_and_keeps_thinking_out_of_the_loss():
+    tok = make_gemma4_tokenizer()
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello", "reasoning": "greet back"}]}
+    text = tok.apply_chat_template(row["messages"], tokenize=False)
+    assert text == ("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+                    "<|channel>thought\ngreet back\n<channel|>Hello<turn|>\n")
+    channel, close, end = (tok.convert_tokens_to_ids(t) for t in ("<|channel>", "<channel|>", "<turn|>"))
+    masked = tokenize_row(row, "chat", tok, thinking=(channel, close))
+    trained = [i for i, label in zip(masked.input_ids, masked.labels, strict=True) if label != IGNORE]
+    assert tok.decode(trained) == "Hello<turn|>\n" and end in trained
+    every = tokenize_row(row, "chat", tok)  # data.train_on_thinking: true
+    assert tok.decode([i for i, lab in zip(every.input_ids, every.labels, strict=True) if lab != IGNORE]) == \
+        "<|channel>thought\ngreet back\n<channel|>Hello<turn|>\n"
+
+
+def test_thinking_rows_train_with_the_thoughts_masked_unless_asked(tiny_gemma4, tmp_path):
+    from gemmatune.data import read_data, tokenize_data
+
+    rows = [{"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4", "reasoning": "two and two"}]}]
+    cfg = tiny_config(tiny_gemma4, write_jsonl(tmp_path / "t.jsonl", rows), tmp_path / "runs")
+    tok = make_gemma4_tokenizer()
+    counts = {}
+    for asked in (False, True):
+        cfg.data.train_on_thinking = asked
+        data = tokenize_data(read_data(cfg.data, 0), tok, cfg.data, None, FAMILY.thinking_markers)
+        counts[asked] = data.train.report.label_tokens
+    assert counts[False] == len(tok("4<turn|>\n", add_special_tokens=False)["input_ids"])
+    assert counts[True] > counts[False]
+
+
+def test_default_targets_are_the_language_projections_and_k_v_only_where_they_exist(tiny_gemma4):
+    model = load_model(_model_cfg(f"model.name={tiny_gemma4}"), "fp32").model
+    peft_model, report = attach_lora(model, load_config().lora, FAMILY)
+    expected = set()
+    for i in range(4):  # layers 2 and 3 reuse the keys/values of 0 and 1: no k/v projections there
+        names = ["q_proj", "o_proj"] + (["k_proj", "v_proj"] if i < 2 else [])
+        expected |= {f"base_model.model.model.layers.{i}.self_attn.{p}" for p in names}
+        expected |= {f"base_model.model.model.layers.{i}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert set(wrapped_module_names(peft_model)) == expected
+    assert report.moe == {}  # no experts: nothing to report
+
+
+def _expert_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_experts_get_lora_only_when_asked(experts, tiny_gemma4_moe, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS)
+    cfg = tiny_config(tiny_gemma4_moe, rows, tmp_path / "runs", max_steps=3)
+    cfg.lora.experts = experts
+    result = train(cfg)
+    base = load_file(str(tiny_gemma4_moe / "model.safetensors"))
+    trained = dict(result.model.named_parameters())
+    for name, tensor in trained.items():  # the base weights never change, experts included
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(tensor.detach(), base[key]), name
+    expert_lora = {n: p for n, p in trained.items() if ".experts." in n and "lora_" in n}
+    assert bool(expert_lora) == experts
+    if experts:
+        assert all(p.requires_grad for p in expert_lora.values())
+        assert any(p.detach().abs().sum() > 0 for n, p in expert_lora.items() if "lora_B" in n)  # B moved off 0
+    moe = result.record["lora"]
+    report = trainable_report(result.model, FAMILY)
+    assert report.moe == {"experts": 8 if experts else 0, "router": 0, "shared MLP": 12}  # 4 layers
+    assert ("experts frozen (lora.experts: false)" in report.line()) != experts
+    assert moe["wrapped_modules"] == report.wrapped_modules
+
+
+def test_experts_on_a_dense_model_or_with_dropout_is_an_error(tiny_gemma4, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS)
+    cfg = tiny_config(tiny_gemma4, rows, tmp_path / "runs", max_steps=1)
+    cfg.lora.experts = True
+    with pytest.raises(GemmatuneError, match="lora.experts: this model has no experts"):
+        train(cfg)
+    with pytest.raises(GemmatuneError, match="lora.experts: needs lora.lora_dropout: 0"):
+        load_config(None, ["lora.experts=true", "lora.lora_dropout=0.1"])
+    with pytest.raises(GemmatuneError, match="lora.experts: the gemma3 family has no mixture-of-experts"):
+        attach_lora(torch.nn.Linear(2, 2), load_config(None, ["lora.experts=true", "lora.lora_dropout=0"]).lora,
+                    family_for("gemma3_text"))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma4", "tiny_gemma4_moe"])
+def test_train_resume_eval_generate_stops_merge(fixture, request, tmp_path):
+    from gemmatune.export import merge
+    from gemmatune.infer import load
+
+    model_dir = request.getfixturevalue(fixture)
+    rows = write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS)
+    cfg = tiny_config(model_dir, rows, tmp_path / "runs", max_steps=12)
+    cfg.data.eval_ratio = 0.25
+    cfg.train.save_steps = 6
+    cfg.lora.experts = fixture == "tiny_gemma4_moe"
+    train(cfg)
+    cfg.train.max_steps = 24
+    result = train(cfg, resume=True)
+    metrics = read_metrics(result.run_dir)
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 25))
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    assert losses[-1] < losses[0] * 0.5 and evals[-1] < evals[0]
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["base_model"]["family"] == "gemma4"
+
+    tuned = load([str(result.run_dir)], precision="fp32")
+    assert 5 in tuned.stop_ids  # <turn|>
+    answer = tuned.generate("Ticket 99: where is my parcel?", greedy=True, max_new_tokens=20)[0]
+    assert answer.stopped and answer.text == "ok"
+
+    out = merge(str(result.run_dir), tmp_path / "merged")
+    merged = load_file(str(out / "model.safetensors"))
+    base = load_file(str(model_dir / "model.safetensors"))
+    adapter = load_file(str(result.run_dir / "adapter_model.safetensors"))
+    scale = cfg.lora.lora_alpha / cfg.lora.r
+    checked = 0
+    for key in adapter:
+        if not key.endswith("lora_A.weight") or ".experts." in key:
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        delta = scale * adapter[key.replace("lora_A", "lora_B")] @ adapter[key]
+        assert torch.allclose(merged[module + ".weight"], base[module + ".weight"] + delta, atol=1e-6), module
+        checked += 1
+    assert checked >= 20
+    if cfg.lora.experts:  # the experts' own weights changed by the merge as well
+        assert not torch.equal(merged["model.layers.0.experts.down_proj"], base["model.layers.0.experts.down_proj"])
+    ids = torch.tensor([tuned.prompt_ids("Ticket 7: where is my parcel?")])
+    with torch.no_grad(), tuned.adapter_context([result.run_dir.name]):
+        want = tuned.model(input_ids=ids).logits
+    plain = load(base=str(out), precision="fp32")
+    with torch.no_grad():
+        got = plain.model(input_ids=ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_text_data_loads_the_language_model_alone_from_a_multimodal_checkpoint(tmp_path):
+    from transformers import Gemma4ForConditionalGeneration
+
+    from tests.conftest import gemma4_multimodal_config, save_tiny
+
+    folder = save_tiny(gemma4_multimodal_config(), tmp_path / "mm", tokenizer=make_gemma4_tokenizer())
+    loaded = load_model(_model_cfg(f"model.name={folder}"), "fp32")
+    assert type(loaded.model).__name__ == "Gemma4ForCausalLM"
+    full = Gemma4ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([[2, 40, 50, 60, 70, 80]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.model.eval()(input_ids=ids).logits, full(input_ids=ids).logits, atol=1e-5)
+
+
+def _tower_inputs():
+    torch.manual_seed(5)
+    pixels = torch.rand(1, 16, 48)  # 16 patches of 4x4x3, on a 4x4 grid
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1).reshape(1, 16, 2)
+    return pixels, grid, torch.randn(1, 40, 8), torch.tensor([[2, 40, 50, 60, 70, 80]])
+
+
+def _lora_with_towers(towers: list[str], config=None):
+    from transformers import Gemma4ForConditionalGeneration
+
+    from tests.conftest import gemma4_multimodal_config
+
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(config or gemma4_multimodal_config())
+    cfg = load_config(None, ["model.multimodal=true"])
+    cfg.lora.towers = towers
+    return attach_lora(model, cfg.lora, FAMILY)
+
+
+@pytest.mark.parametrize("towers", [[], ["vision"], ["audio"], ["audio", "vision"]])
+def test_towers_get_lora_inside_the_clippable_linears_and_train_only_when_asked(towers):
+    from peft.tuners.lora import LoraLayer
+
+    peft_model, report = _lora_with_towers(towers)
+    names = wrapped_module_names(peft_model)
+    assert {t for t in ("audio", "vision") if report.per_tower[t]} == set(towers)
+    for name in names:
+        if "_tower." in name:  # inside a tower: the nn.Linear of a Gemma4ClippableLinear, never the clamping wrapper
+            assert name.endswith(".linear")
+            parent = peft_model.get_submodule(name.rsplit(".", 1)[0])
+            assert type(parent).__name__ == "Gemma4ClippableLinear"
+    inner = peft_model.base_model.model.model
+    pixels, grid, audio, ids = _tower_inputs()
+    loss = (peft_model(input_ids=ids).logits.square().mean()
+            + inner.embed_vision(inner.vision_tower(pixel_values=pixels, pixel_position_ids=grid)
+                                 .last_hidden_state[None]).square().mean()
+            + inner.embed_audio(inner.audio_tower(input_features=audio, attention_mask=torch.ones(1, 40, dtype=bool))
+                                .last_hidden_state).square().mean())
+    loss.backward()
+    moved = {n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved and all("lora_" in n for n in moved)  # nothing of the base model trains
+    parts = {("vision" if "vision" in n else "audio" if "audio" in n else "language model") for n in moved}
+    assert parts == {"language model", *towers}
+    if "vision" in towers:  # the clamps still act around the adapted layer
+        clip = inner.vision_tower.encoder.layers[0].self_attn.q_proj
+        assert isinstance(clip.linear, LoraLayer)
+        clip.output_max.fill_(0.01)
+        clip.input_min.fill_(-0.5)
+        x = torch.randn(3, 32) * 10
+        with torch.no_grad():
+            out = clip(x)
+            assert out.max() <= 0.01
+            assert torch.equal(out, torch.clamp(clip.linear(torch.clamp(x, min=-0.5)), max=0.01))
+
+
+def test_a_tower_asked_for_but_absent_is_an_error():
+    from tests.conftest import gemma4_multimodal_config
+
+    with pytest.raises(GemmatuneError, match="lora.towers: vision asked for, but no module of that tower"):
+        _lora_with_towers(["vision"], gemma4_multimodal_config(vision=False))
+
+
+def test_cli_run_on_a_local_gemma4_folder_completes_learns_and_stops(tiny_gemma4, tmp_path):
+    from tests.cli_subprocess import run_cli
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS)
+    sets = [f"model.name={tiny_gemma4}", f"data.train_file={rows}", f"train.output_dir={tmp_path / 'runs'}",
+            "train.run_name=g4", "train.precision=fp32", "train.max_steps=20", "train.save_steps=10",
+            "train.logging_steps=1", "train.per_device_train_batch_size=4", "train.learning_rate=5e-3",
+            "train.warmup_steps=0", "lora.lora_dropout=0", "train.num_threads=2"]
+    proc = run_cli(["train", *[a for s in sets for a in ("--set", s)]], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "runs" / "g4"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run.json", "metrics.jsonl",
+                 "loss.png", "tokenizer.json"):
+        assert (run / name).is_file(), name
+    losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
+    assert losses[-1] < losses[0] * 0.5
+    out = tmp_path / "answers.jsonl"
+    proc = run_cli(["generate", "--adapter", str(run), "--prompt", "Ticket 42: where is my parcel?", "--greedy",
+                    "--max-new-tokens", "20", "--output", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = json.loads(out.read_text().splitlines()[0])
+    assert answer["stopped"] and answer["generation"] == "ok"
+
+
+@pytest.mark.parametrize("model_id", FAMILY.known_ids)
+def test_plan_for_a_real_gemma4_id_says_in_one_line_that_no_config_is_bundled(model_id, monkeypatch):
+    from gemmatune.model_shape import load_architecture
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(GemmatuneError, match=f"bundles no config for {model_id}") as err:
+        load_architecture(load_config(None, [f"model.name={model_id}"]))
+    assert "\n" not in str(err.value)
+
+
+def test_plan_of_a_local_moe_folder_counts_what_peft_trains(tiny_gemma4_moe):
+    from gemmatune.model_shape import measure
+
+    for experts in (False, True):
+        cfg = load_config(None, [f"model.name={tiny_gemma4_moe}", "lora.lora_dropout=0"])
+        cfg.lora.experts = experts
+        shape = measure(cfg)
+        model = load_model(cfg.model, "fp32").model
+        _, report = attach_lora(model, cfg.lora, FAMILY)
+        assert shape.lora_params == report.trainable
+        assert any(".experts" in n for n in shape.wrapped) == experts
+
+
+def test_qlora_keeps_the_router_unquantized():
+    from transformers import Gemma4ForCausalLM
+
+    from gemmatune.loading import build_on_meta
+    from gemmatune.quantization import modules_to_keep_unquantized
+
+    keep = modules_to_keep_unquantized(build_on_meta(Gemma4ForCausalLM, gemma4_config("moe", num_experts=32)), FAMILY)
+    assert {f"model.layers.{i}.router.proj" for i in range(4)} <= set(keep)  # 64 -> 32 would fit the kernel
+    assert "model.layers.0.mlp.gate_proj" not in keep
+
+
+def test_gguf_export_of_a_gemma4_run_is_refused_in_one_line(tiny_gemma4, tmp_path):
+    from tests.cli_subprocess import run_cli
+
+    cfg = tiny_config(tiny_gemma4, write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS), tmp_path / "runs", max_steps=1)
+    run = train(cfg).run_dir
+    proc = run_cli(["export", str(run), "--out", str(tmp_path / "x.gguf")], timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "does not support Gemma 4" in errors[0]
+    assert not (tmp_path / "x.gguf").exists()
