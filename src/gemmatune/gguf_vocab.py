@@ -65,6 +65,8 @@ def _pieces(folder: Path) -> tuple[list[str], list[float], list[int]]:
         for i in range(sp.vocab_size()):
             pieces.append(sp.IdToPiece(i))
             scores.append(sp.GetScore(i))
+            # User-defined pieces are NORMAL here: llama.cpp would match a USER_DEFINED one against the raw text,
+            # and Gemma's spell spaces as U+2581, which raw text never holds.
             types.append(int(TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
                              else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
                              else TokenType.NORMAL))
@@ -96,7 +98,9 @@ def _pieces_from_tokenizer_json(folder: Path) -> tuple[list[str], list[float], l
         elif piece == model.get("unk_token"):
             entry = (piece, 0.0, TokenType.UNKNOWN)
         elif i in added:
-            entry = (piece, _ADDED_SCORE, TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+            # As a Google tokenizer.model reads (see _pieces): its user-defined pieces (whitespace runs, "\n\n")
+            # come back NORMAL; llama.cpp then reaches them through merges, as the HF tokenizer does.
+            entry = (piece, _ADDED_SCORE, TokenType.CONTROL if added[i].get("special") else TokenType.NORMAL)
         elif _BYTE_PIECE.fullmatch(piece):
             entry = (piece, 0.0, TokenType.BYTE)
         else:
