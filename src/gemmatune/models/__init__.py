@@ -20,7 +20,8 @@ def language_model_projections(towers: tuple[str, ...], names: tuple[str, ...] =
 @dataclass(frozen=True)
 class GgufLayout:
     """How llama.cpp's loader for this family wants the Hugging Face tensors and config (read by gguf_model.py and
-    gguf_lora.py; the norm offset is `ModelFamily.rms_norm_offset`, the tensors skipped its `tower_modules`)."""
+    gguf_lora.py; the norm offset is `ModelFamily.rms_norm_offset`, the tensors skipped its `tower_modules`). The
+    tokenizer is written as SentencePiece (gguf_vocab.py): every family with a layout has one."""
 
     arch: str
     """`gguf.MODEL_ARCH` member: llama.cpp's architecture name, and its map of tensor names."""
@@ -79,9 +80,6 @@ class ModelFamily:
     input copy kept for backward); None: left as it is."""
     rms_norm_offset: float = 0.0
     """The norm multiplies by (weight + offset): Gemma 3 stores weight - 1 (offset 1.0), Gemma 3n the scale."""
-    sentencepiece_tokenizer: bool = False
-    """The tokenizer is SentencePiece BPE (byte fallback): a GGUF export describes it to llama.cpp as one, also
-    where the folder has only tokenizer.json (see gguf_export.write_sentencepiece_model)."""
     gguf: GgufLayout | None = None
     """How to write the family as a GGUF for llama.cpp; None: `export --format gguf` refuses it."""
     ollama_chat_template: str | None = None

@@ -92,7 +92,6 @@ FAMILY = ModelFamily(
     tower_modules=TOWERS,
     rms_norm="Gemma3RMSNorm",
     rms_norm_offset=1.0,  # output * (1.0 + weight)
-    sentencepiece_tokenizer=True,
     ollama_chat_template=OLLAMA_CHAT_TEMPLATE,
     gguf=GGUF,
 )

@@ -89,7 +89,6 @@ FAMILY = ModelFamily(
     ),
     rms_norm="Gemma3nRMSNorm",
     rms_norm_offset=0.0,  # output * weight (norms built with_scale=False have no weight)
-    sentencepiece_tokenizer=True,
     gguf=GGUF,
     ollama_chat_template=OLLAMA_CHAT_TEMPLATE,
 )

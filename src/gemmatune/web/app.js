@@ -213,11 +213,13 @@ function drawChart(chart) {
     if (!points.length) continue;
     const d = points.map(([step, v], k) => `${k ? "L" : "M"}${x(step).toFixed(1)},${y(v).toFixed(1)}`).join("");
     svg("path", { d, class: `line ${name}` }, root);
-    if (name === "eval") for (const [step, v] of points) svg("circle", { cx: x(step), cy: y(v), r: 3.5, class: "eval" }, root);
+    if (name !== "eval") continue;
+    for (const [step, v] of points) svg("circle", { cx: x(step), cy: y(v), r: 3.5, class: "eval" }, root);
   }
 
   // Hover: the step under the pointer, marked, and its values in the legend.
-  const cursor = svg("line", { y1: MARGIN.top, y2: MARGIN.top + plotHeight, class: "cursor", visibility: "hidden" }, root);
+  const cursor = svg("line", { y1: MARGIN.top, y2: MARGIN.top + plotHeight, class: "cursor", visibility: "hidden" },
+    root);
   const legend = document.createElement("div");
   legend.id = "chart-legend";
   const hover = document.createElement("span");
@@ -229,7 +231,9 @@ function drawChart(chart) {
     item.textContent = label;
     return item;
   }));
-  const overlay = svg("rect", { x: MARGIN.left, y: MARGIN.top, width: plotWidth, height: plotHeight, class: "overlay" }, root);
+  const overlay = svg("rect", { x: MARGIN.left, y: MARGIN.top, width: plotWidth, height: plotHeight,
+    class: "overlay" }, root);
+  const label = (item) => SERIES.find(([i]) => i === Number(item.dataset.series))[1];
   overlay.onmousemove = (event) => {
     if (!steps.length) return;
     const at = x0 + ((event.clientX - root.getBoundingClientRect().left - MARGIN.left) / plotWidth) * (x1 - x0);
@@ -240,14 +244,13 @@ function drawChart(chart) {
     cursor.setAttribute("visibility", "visible");
     hover.textContent = `step ${steps[k]}`;
     for (const item of legend.querySelectorAll(".key")) {
-      const [, label] = SERIES.find(([i]) => i === Number(item.dataset.series));
-      item.textContent = `${label} ${format(series[item.dataset.series - 1][k])}`;
+      item.textContent = `${label(item)} ${format(series[item.dataset.series - 1][k])}`;
     }
   };
   overlay.onmouseleave = () => {
     cursor.setAttribute("visibility", "hidden");
     hover.textContent = "";
-    for (const item of legend.querySelectorAll(".key")) item.textContent = SERIES.find(([i]) => i === Number(item.dataset.series))[1];
+    for (const item of legend.querySelectorAll(".key")) item.textContent = label(item);
   };
   box.replaceChildren(root, legend);
 }
