@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gemmatune.errors import GemmatuneError
 from gemmatune.gguf_model import gguf_family, text_config, write_model_gguf
+from gemmatune.gguf_tensors import TYPES
 from gemmatune.infer import read_adapter
 from gemmatune.models import ModelFamily
 from gemmatune.runs import ordinary_modes
@@ -32,14 +33,14 @@ log = logging.getLogger(__name__)
 
 GGUF_WRITER = f"gemmatune's GGUF writer, gguf {version('gguf')}"
 FORMATS = ("gguf", "gguf-lora", "gguf-base")
-# Types gemmatune writes itself (gguf_tensors.TYPES).
-CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+# Types gemmatune writes itself.
+WRITER_TYPES = tuple(TYPES)
 # K-quants: llama.cpp's quantizer, from a bf16 GGUF. Values: llama.cpp's llama_ftype names.
 K_QUANTS = {
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
 }
-QUANTS = (*CONVERTER_TYPES, *K_QUANTS)
+QUANTS = (*WRITER_TYPES, *K_QUANTS)
 LORA_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -112,7 +113,7 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
                              "--overwrite")
     if ollama and (out.with_name("Modelfile").exists() or out.with_name("Modelfile").is_symlink()):
         _check_replaceable_file(out.with_name("Modelfile"), b"FROM ", "an Ollama Modelfile")
-    read_adapter(adapter)  # a folder that is not a run fails here, before a model is loaded
+    source = read_adapter(adapter)  # a folder that is not a run fails here, before a model is loaded
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         merged = merge(adapter, Path(tmp) / "merged", base=base)
@@ -120,9 +121,9 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
         template = info["template"]
         jinja, stop_tokens, family = _chat_format(merged, template)
         modelfile_text = ollama_modelfile(out, template, stop_tokens, family) if ollama else ""
-        direct = quant if quant in CONVERTER_TYPES else "bf16"
+        direct = quant if quant in WRITER_TYPES else "bf16"
         converted = Path(tmp) / f"model-{direct}.gguf"
-        write_model_gguf(merged, converted, direct, jinja, name=read_adapter(adapter).name)
+        write_model_gguf(merged, converted, direct, jinja, name=source.name)
         result = converted
         if quant in K_QUANTS:
             result = Path(tmp) / f"model-{quant}.gguf"
@@ -174,7 +175,7 @@ def base_gguf(base: str, out: str | Path, quant: str = "f16", template: str = "c
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         jinja, stop_tokens, _ = _chat_format(base_dir, template)
-        direct = quant if quant in CONVERTER_TYPES else "bf16"
+        direct = quant if quant in WRITER_TYPES else "bf16"
         result = Path(tmp) / "model.gguf"
         write_model_gguf(base_dir, result, direct, jinja, name=Path(base).name)
         if quant in K_QUANTS:
@@ -193,7 +194,7 @@ def run_base(adapter: str | Path, base: str | None = None) -> tuple[str, str]:
 
 
 def _local_base_folder(name: str) -> Path:
-    """The base model as a local Hugging Face folder (the LoRA converter reads its config and tensor names)."""
+    """The base model as a local Hugging Face folder (the LoRA writer reads its config)."""
     from gemmatune.config import ModelConfig
     from gemmatune.loading import embedded_model_dir, resolve_source
 
