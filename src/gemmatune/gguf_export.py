@@ -41,7 +41,7 @@ K_QUANTS = {
     "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
 }
 QUANTS = (*WRITER_TYPES, *K_QUANTS)
-LORA_TYPES = ("f32", "f16", "bf16", "q8_0")
+LORA_TYPES = WRITER_TYPES
 
 
 @dataclass
