@@ -109,6 +109,7 @@ def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_ada
             sync_api.expect(chart).to_have_attribute("data-train-points", str(train_points + 1), timeout=10_000)
             assert page.evaluate("window.gemmatune.chart.data[1].at(-1)") == 0.42
             assert vertices(page, "train") == train_points + 1
+            sync_api.expect(page.locator("#chart-hover")).to_have_text("step 30")  # the hover outlives redraws
             page.check("#smooth")  # the EMA curve appears over the raw points, which stay
             assert page.evaluate("window.gemmatune.chart.smooth") is True
             assert vertices(page, "smooth") == train_points + 1 and vertices(page, "train") == train_points + 1

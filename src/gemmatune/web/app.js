@@ -3,8 +3,9 @@
 "use strict";
 
 const EMA = 0.9;
-// chart: { data: [steps, train, eval, smoothed], smooth } of the curves on screen, null before the first draw.
-const state = { run: null, rows: [], next: 0, chart: null, hasEval: null, history: [] };
+// chart: { data: [steps, train, eval, smoothed], smooth } of the curves on screen, null before the first draw;
+// hoverStep: the step under the pointer, kept across redraws (new rows, resizes), null when the pointer is away.
+const state = { run: null, rows: [], next: 0, chart: null, hoverStep: null, hasEval: null, history: [] };
 window.gemmatune = state; // read by the browser test
 
 const $ = (id) => document.getElementById(id);
@@ -90,6 +91,7 @@ function selectRun(name) {
   $("eval").innerHTML = '<p class="muted">No eval.json yet: run <code>gemmatune eval --adapter RUN</code>.</p>';
   for (const li of $("runs").children) li.className = li.dataset.name === name ? "selected" : "";
   state.chart = null;
+  state.hoverStep = null;
   $("chart").replaceChildren();
   pollMetrics();
   refreshRuns();
@@ -196,7 +198,7 @@ function drawChart(chart) {
   const axes = svg("g", { class: "axes" }, root);
   for (const v of ticks(y0, y1, 6)) {
     svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y(v), y2: y(v), class: "grid" }, axes);
-    svg("text", { x: MARGIN.left - 6, y: y(v), class: "tick y" }, axes).textContent = format(v);
+    svg("text", { x: MARGIN.left - 6, y: y(v), class: "tick y" }, axes).textContent = String(v);
   }
   for (const v of ticks(x0, x1, Math.max(2, Math.floor(plotWidth / 80))).filter(Number.isInteger)) {
     svg("line", { x1: x(v), x2: x(v), y1: MARGIN.top, y2: MARGIN.top + plotHeight, class: "grid" }, axes);
@@ -234,11 +236,7 @@ function drawChart(chart) {
   const overlay = svg("rect", { x: MARGIN.left, y: MARGIN.top, width: plotWidth, height: plotHeight,
     class: "overlay" }, root);
   const label = (item) => SERIES.find(([i]) => i === Number(item.dataset.series))[1];
-  overlay.onmousemove = (event) => {
-    if (!steps.length) return;
-    const at = x0 + ((event.clientX - root.getBoundingClientRect().left - MARGIN.left) / plotWidth) * (x1 - x0);
-    let k = 0;
-    for (let j = 1; j < steps.length; j++) if (Math.abs(steps[j] - at) < Math.abs(steps[k] - at)) k = j;
+  const showStep = (k) => {
     cursor.setAttribute("x1", x(steps[k]));
     cursor.setAttribute("x2", x(steps[k]));
     cursor.setAttribute("visibility", "visible");
@@ -247,11 +245,21 @@ function drawChart(chart) {
       item.textContent = `${label(item)} ${format(series[item.dataset.series - 1][k])}`;
     }
   };
+  overlay.onmousemove = (event) => {
+    if (!steps.length) return;
+    const at = x0 + ((event.clientX - root.getBoundingClientRect().left - MARGIN.left) / plotWidth) * (x1 - x0);
+    let k = 0;
+    for (let j = 1; j < steps.length; j++) if (Math.abs(steps[j] - at) < Math.abs(steps[k] - at)) k = j;
+    state.hoverStep = steps[k];
+    showStep(k);
+  };
   overlay.onmouseleave = () => {
+    state.hoverStep = null;
     cursor.setAttribute("visibility", "hidden");
     hover.textContent = "";
     for (const item of legend.querySelectorAll(".key")) item.textContent = label(item);
   };
+  if (steps.includes(state.hoverStep)) showStep(steps.indexOf(state.hoverStep));
   box.replaceChildren(root, legend);
 }
 
