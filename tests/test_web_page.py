@@ -37,6 +37,14 @@ def write_run(run_dir: Path) -> list[dict]:
     return rows
 
 
+def vertices(page, series: str) -> int:
+    """Points the chart's SVG path of `series` (train, eval, smooth) passes through; 0 when it is not drawn."""
+    return page.evaluate(f"""(() => {{
+        const path = document.querySelector("#chart path.{series}");
+        return path ? path.getAttribute("d").match(/[ML]/g).length : 0;
+    }})()""")
+
+
 @pytest.fixture(scope="module")
 def page_server(tiny_gemma3, two_adapters, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("page")
@@ -79,9 +87,16 @@ def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_ada
             chart = page.locator("#chart")
             sync_api.expect(chart).to_have_attribute("data-train-points", str(train_points), timeout=20_000)
             sync_api.expect(chart).to_have_attribute("data-eval-points", str(eval_points))
-            drawn = page.evaluate("window.gemmatune.plot.data.map(s => s.filter(v => v != null).length)")
-            assert drawn == [train_points, train_points, eval_points, train_points]  # uPlot holds every point
-            assert page.evaluate("window.gemmatune.plot.series[3].show") is False  # smoothing off by default
+            drawn = page.evaluate("window.gemmatune.chart.data.map(s => s.filter(v => v != null).length)")
+            assert drawn == [train_points, train_points, eval_points, train_points]  # the chart holds every point
+            # ... and draws every one: a vertex per train loss, a dot per eval loss, no smoothed curve by default.
+            assert vertices(page, "train") == train_points and vertices(page, "eval") == eval_points
+            assert page.locator("#chart circle.eval").count() == eval_points
+            assert page.evaluate("window.gemmatune.chart.smooth") is False and vertices(page, "smooth") == 0
+            box = page.locator("#chart svg .overlay").bounding_box()
+            page.mouse.move(box["x"] + box["width"] - 1, box["y"] + box["height"] / 2)  # the hover: last step's values
+            sync_api.expect(page.locator("#chart-hover")).to_have_text("step 30")
+            sync_api.expect(page.locator("#chart-legend .key.train")).to_contain_text(f"{rows[-2]['loss']:.4g}")
             sync_api.expect(page.locator("#progress")).to_contain_text("step 30 / ?")
             sync_api.expect(page.locator("#progress")).to_contain_text("880 tokens/s")
             sync_api.expect(page.locator("#eval-table")).to_contain_text("support")
@@ -92,13 +107,18 @@ def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_ada
             with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": 31, "epoch": 1.0, "loss": 0.42}) + "\n")
             sync_api.expect(chart).to_have_attribute("data-train-points", str(train_points + 1), timeout=10_000)
-            assert page.evaluate("window.gemmatune.plot.data[1].at(-1)") == 0.42
+            assert page.evaluate("window.gemmatune.chart.data[1].at(-1)") == 0.42
+            assert vertices(page, "train") == train_points + 1
+            sync_api.expect(page.locator("#chart-hover")).to_have_text("step 30")  # the hover outlives redraws
             page.check("#smooth")  # the EMA curve appears over the raw points, which stay
-            assert page.evaluate("window.gemmatune.plot.series[3].show") is True
-            assert page.evaluate("window.gemmatune.plot.data[1].at(-1)") == 0.42
-            smooth = page.evaluate("window.gemmatune.plot.data[3]")
+            assert page.evaluate("window.gemmatune.chart.smooth") is True
+            assert vertices(page, "smooth") == train_points + 1 and vertices(page, "train") == train_points + 1
+            assert page.evaluate("window.gemmatune.chart.data[1].at(-1)") == 0.42
+            smooth = page.evaluate("window.gemmatune.chart.data[3]")
             assert len(smooth) == train_points + 1 and smooth[-1] != 0.42
             assert smooth[0] == pytest.approx(rows[0]["loss"])  # debiased: the first point is not pulled to 0
+            page.uncheck("#smooth")
+            assert vertices(page, "smooth") == 0 and vertices(page, "train") == train_points + 1
 
             page.select_option("#model", "b")
             page.fill("#max-tokens", "12")

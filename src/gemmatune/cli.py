@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     # gemmatune.gguf_export does the work.
     p = command("export", "base", help="write a run as a GGUF file for llama.cpp, Ollama, LM Studio",
                 formatter_class=RAW,
-                description="--format gguf: merge the adapter into its base in 16 bits and convert with llama.cpp's "
-                            "own converter (bundled: works offline); the run's template becomes the GGUF's chat "
+                description="--format gguf: merge the adapter into its base in 16 bits and write it as a GGUF "
+                            "(works offline); the run's template becomes the GGUF's chat "
                             "template and its stop tokens end replies. --format gguf-lora: the adapter alone, for "
                             "llama-server --lora. --format gguf-base: the run's base model alone (what a GGUF LoRA "
                             "is applied to).",
@@ -406,7 +406,7 @@ def _refuse_unsupported_gguf(adapter: Path) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gemmatune.gguf_export import (
-        LLAMA_CPP_VERSION,
+        GGUF_WRITER,
         base_gguf,
         check_request,
         export_gguf,
@@ -420,17 +420,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise GemmatuneError("--ollama goes with --format gguf (a Modelfile for the merged model)")
     if args.format == "gguf-lora":
         done = export_gguf_lora(args.adapter, args.out, args.quant, base=args.base, overwrite=args.overwrite)
-        print(f"GGUF LoRA: {done.path} ({done.quant}, {LLAMA_CPP_VERSION}); use it on a GGUF of the same base: "
+        print(f"GGUF LoRA: {done.path} ({done.quant}, {GGUF_WRITER}); use it on a GGUF of the same base: "
               f"llama-server -m BASE.gguf --lora {done.path}")
         return 0
     if args.format == "gguf-base":
         base, template = run_base(args.adapter, args.base)
         done = base_gguf(base, args.out, args.quant, template=template, overwrite=args.overwrite)
-        print(f"GGUF base model: {done.path} ({done.quant}, {LLAMA_CPP_VERSION})")
+        print(f"GGUF base model: {done.path} ({done.quant}, {GGUF_WRITER})")
         return 0
     done = export_gguf(args.adapter, args.out, args.quant, base=args.base, ollama=args.ollama,
                        overwrite=args.overwrite)
-    print(f"GGUF: {done.path} ({done.quant}, {LLAMA_CPP_VERSION}; template {done.template}, stops on "
+    print(f"GGUF: {done.path} ({done.quant}, {GGUF_WRITER}; template {done.template}, stops on "
           f"{', '.join(done.stop_tokens)})")
     if done.modelfile:
         print(f"Ollama: cd {done.modelfile.parent} && ollama create NAME -f Modelfile && ollama run NAME")

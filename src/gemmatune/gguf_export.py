@@ -1,13 +1,13 @@
-"""`gemmatune export RUN --format gguf|gguf-lora`: a run as a GGUF file for llama.cpp, Ollama and LM Studio.
+"""`gemmatune export RUN --format gguf|gguf-lora|gguf-base`: a run as a GGUF file for llama.cpp, Ollama and LM Studio.
 
 `gguf`: the adapter is merged into a 16-bit (or fp32) copy of the base by `gemmatune.export.merge` (never into
-4-bit weights), then llama.cpp's own converter (`llama_cpp_converter/`, copied unmodified from a pinned
-llama.cpp release, so it works offline) writes f32/f16/bf16/q8_0; k-quants go through llama.cpp's quantizer
-(`llama_model_quantize` in the `llama-cpp-python` of the same release, the `gguf` extra).
-`gguf-lora`: the adapter alone, by llama.cpp's `convert_lora_to_gguf.py`, for `llama-server -m BASE --lora FILE`.
+4-bit weights), then `gguf_model` writes it (f32/f16/bf16/q8_0) with PyPI's `gguf` package; k-quants go through
+llama.cpp's own quantizer (`llama_model_quantize` in `llama-cpp-python`, the `gguf` extra) from a bf16 GGUF.
+`gguf-lora`: the adapter alone (`gguf_lora`), for `llama-server -m BASE --lora FILE`. `gguf-base`: the base alone,
+the file such a LoRA applies to.
 
-Every file is written under a temporary name beside the output and renamed at the end: a failure (bad input,
-a converter error, a full disk) leaves nothing behind.
+Every file is written under a temporary name beside the output and renamed at the end: a failure (bad input, a
+full disk) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,33 +17,31 @@ import errno
 import json
 import logging
 import os
-import re
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from gemmatune.errors import GemmatuneError
+from gemmatune.gguf_model import gguf_family, text_config, write_model_gguf
+from gemmatune.gguf_tensors import TYPES
 from gemmatune.infer import read_adapter
-from gemmatune.models import ModelFamily, family_for
+from gemmatune.models import ModelFamily
 from gemmatune.runs import ordinary_modes
 
 log = logging.getLogger(__name__)
 
-CONVERTER_DIR = Path(__file__).with_name("llama_cpp_converter")
-LLAMA_CPP_VERSION = "llama.cpp 0c1e57098 (llama-cpp-python 0.3.36)"
+GGUF_WRITER = f"gemmatune's GGUF writer, gguf {version('gguf')}"
 FORMATS = ("gguf", "gguf-lora", "gguf-base")
-# Types llama.cpp's converter writes itself.
-CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+# Types gemmatune writes itself.
+WRITER_TYPES = tuple(TYPES)
 # K-quants: llama.cpp's quantizer, from a bf16 GGUF. Values: llama.cpp's llama_ftype names.
 K_QUANTS = {
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
 }
-QUANTS = (*CONVERTER_TYPES, *K_QUANTS)
-LORA_TYPES = ("f32", "f16", "bf16", "q8_0")
-_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+QUANTS = (*WRITER_TYPES, *K_QUANTS)
+LORA_TYPES = WRITER_TYPES
 
 
 @dataclass
@@ -71,9 +69,6 @@ def check_request(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
         raise GemmatuneError(f"{out} already exists; choose another --out or add --overwrite")
     if out.exists() or out.is_symlink():
         _check_replaceable_file(out, b"GGUF", "a GGUF file")
-    script = CONVERTER_DIR / ("convert_lora_to_gguf.py" if fmt == "gguf-lora" else "convert_hf_to_gguf.py")
-    if not script.is_file():
-        raise GemmatuneError(f"llama.cpp's converter is missing ({script}); reinstall gemmatune")
     if quant in K_QUANTS:
         _quantizer()
 
@@ -118,18 +113,17 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
                              "--overwrite")
     if ollama and (out.with_name("Modelfile").exists() or out.with_name("Modelfile").is_symlink()):
         _check_replaceable_file(out.with_name("Modelfile"), b"FROM ", "an Ollama Modelfile")
-    read_adapter(adapter)  # a folder that is not a run fails here, before a model is loaded
+    source = read_adapter(adapter)  # a folder that is not a run fails here, before a model is loaded
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         merged = merge(adapter, Path(tmp) / "merged", base=base)
         info = json.loads((merged / "gemmatune.json").read_text(encoding="utf-8"))
         template = info["template"]
-        stop_tokens, family = _prepare_for_converter(merged, template)
+        jinja, stop_tokens, family = _chat_format(merged, template)
         modelfile_text = ollama_modelfile(out, template, stop_tokens, family) if ollama else ""
-        direct = quant if quant in CONVERTER_TYPES else "bf16"
+        direct = quant if quant in WRITER_TYPES else "bf16"
         converted = Path(tmp) / f"model-{direct}.gguf"
-        _run_converter([str(CONVERTER_DIR / "convert_hf_to_gguf.py"), str(merged), "--outfile", str(converted),
-                        "--outtype", direct], what=f"converting {merged.name} to GGUF")
+        write_model_gguf(merged, converted, direct, jinja, name=source.name)
         result = converted
         if quant in K_QUANTS:
             result = Path(tmp) / f"model-{quant}.gguf"
@@ -144,26 +138,28 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
             modelfile = out.with_name("Modelfile")
             ordinary_modes(modelfile_tmp)
             os.replace(modelfile_tmp, modelfile)
-    log.info("wrote %s (%s, %s, template %s)", out, quant, LLAMA_CPP_VERSION, template)
+    log.info("wrote %s (%s, %s, template %s)", out, quant, GGUF_WRITER, template)
     return GgufExport(out, quant, template, stop_tokens, modelfile)
 
 
 def export_gguf_lora(adapter: str | Path, out: str | Path, quant: str = "f16", base: str | None = None,
                      overwrite: bool = False) -> GgufExport:
-    """The adapter alone as a GGUF LoRA (llama.cpp's convert_lora_to_gguf.py), for `llama-server --lora`.
+    """The adapter alone as a GGUF LoRA (`gguf_lora`), for `llama-server --lora`.
 
     The base GGUF it applies to must hold the same base weights: export the base with `base_gguf`, or use a GGUF
     converted from the same checkpoint."""
     out = Path(out)
     check_request("gguf-lora", quant, out, overwrite)
+    from gemmatune.gguf_lora import write_lora_gguf
+
     source = read_adapter(adapter)
     base_dir = _local_base_folder(base or source.folder.base.name)
+    gguf_family(text_config(base_dir)[0].model_type)
     template = source.folder.template or "chat"
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         result = Path(tmp) / "adapter.gguf"
-        _run_converter([str(CONVERTER_DIR / "convert_lora_to_gguf.py"), str(source.path), "--base", str(base_dir),
-                        "--outfile", str(result), "--outtype", quant], what=f"converting adapter {source.path}")
+        write_lora_gguf(Path(source.path), base_dir, result, quant, name=source.name)
         ordinary_modes(result)
         os.replace(result, out)
     return GgufExport(out, quant, template, [])
@@ -172,20 +168,16 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, quant: str = "f16", b
 def base_gguf(base: str, out: str | Path, quant: str = "f16", template: str = "chat",
               overwrite: bool = False) -> GgufExport:
     """The base model alone as a GGUF (the file a GGUF LoRA is applied to), tokenizer prepared as for `export_gguf`."""
-    import shutil
-
     out = Path(out)
     check_request("gguf-base", quant, out, overwrite)
     base_dir = _local_base_folder(base)
+    gguf_family(text_config(base_dir)[0].model_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        folder = Path(tmp) / "base"
-        shutil.copytree(base_dir, folder)
-        stop_tokens, _ = _prepare_for_converter(folder, template)
-        direct = quant if quant in CONVERTER_TYPES else "bf16"
+        jinja, stop_tokens, _ = _chat_format(base_dir, template)
+        direct = quant if quant in WRITER_TYPES else "bf16"
         result = Path(tmp) / "model.gguf"
-        _run_converter([str(CONVERTER_DIR / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(result),
-                        "--outtype", direct], what=f"converting {base} to GGUF")
+        write_model_gguf(base_dir, result, direct, jinja, name=Path(base).name)
         if quant in K_QUANTS:
             quantized = Path(tmp) / "quantized.gguf"
             _quantize(result, quantized, quant)
@@ -202,7 +194,7 @@ def run_base(adapter: str | Path, base: str | None = None) -> tuple[str, str]:
 
 
 def _local_base_folder(name: str) -> Path:
-    """The base model as a local Hugging Face folder (the LoRA converter reads its config and tensor names)."""
+    """The base model as a local Hugging Face folder (the LoRA writer reads its config)."""
     from gemmatune.config import ModelConfig
     from gemmatune.loading import embedded_model_dir, resolve_source
 
@@ -219,142 +211,20 @@ def _local_base_folder(name: str) -> Path:
                          f"(it is a {source.kind} source); pass --base FOLDER")
 
 
-def _prepare_for_converter(folder: Path, template: str) -> tuple[list[str], ModelFamily]:
-    """Make the model folder say what llama.cpp needs: the training template as the chat template, and a
-    SentencePiece model where the family's tokenizer is one (see `write_sentencepiece_model`). Returns the
-    stop tokens (as text) of that template and the model family."""
+def _chat_format(folder: Path, template: str) -> tuple[str, list[str], ModelFamily]:
+    """The training template as a Jinja chat template for the GGUF, its stop tokens (as text), and the family (one
+    line naming the families a GGUF export writes, for any other)."""
     from transformers import AutoTokenizer
 
     from gemmatune.templates import gguf_chat_template
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    family = family_for(config.get("model_type", ""))
+    family = gguf_family(config.get("model_type", ""))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    jinja = gguf_chat_template(template, tokenizer)
-    # The converter reads chat_template.jinja over tokenizer_config.json's template.
-    (folder / "chat_template.jinja").write_text(jinja, encoding="utf-8")
-    if family.sentencepiece_tokenizer and not (folder / "tokenizer.model").is_file():
-        write_sentencepiece_model(folder, tokenizer)
-    if family.gguf_kv_shared_placeholders:
-        add_kv_shared_placeholders(folder)
     stops = [tokenizer.eos_token]
     if template == "chat":
         stops += [t for t in family.stop_tokens if t not in stops]
-    return stops, family
-
-
-def write_sentencepiece_model(folder: Path, tokenizer) -> Path:
-    """Write `tokenizer.model` (a SentencePiece BPE model) equal to the folder's tokenizer.json.
-
-    Gemma's tokenizer is SentencePiece BPE with byte fallback; a folder saved from a fast tokenizer alone (the
-    embedded model, converted from a GGUF) has only tokenizer.json, and llama.cpp's converter would then write it
-    as a GPT-2 byte-level vocabulary that tokenizes and decodes text differently. Pieces and types come from
-    tokenizer.json; a normal piece's score is minus its id, which ranks merges as Gemma's own model does (its
-    scores fall by one per id).
-    """
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as spm
-    except ImportError:
-        raise GemmatuneError(f"{folder} has no tokenizer.model; writing one for llama.cpp needs protobuf: "
-                             "pip install 'gemmatune[gguf]'") from None
-
-    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    model = data["model"]
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise GemmatuneError(f"{folder}/tokenizer.json is not a SentencePiece-style BPE tokenizer (byte fallback); "
-                             "cannot describe it to llama.cpp")
-    added = {t["id"]: t for t in data.get("added_tokens", [])}
-    size = max([*model["vocab"].values(), *added]) + 1
-    pieces: list[str | None] = [None] * size
-    for piece, i in model["vocab"].items():
-        pieces[i] = piece
-    for i, token in added.items():
-        pieces[i] = token["content"]
-    proto = spm.ModelProto()
-    types = spm.ModelProto.SentencePiece.Type
-    for i, piece in enumerate(pieces):
-        entry = proto.pieces.add()
-        entry.piece = piece if piece is not None else f"<gemmatune-unused-{i}>"
-        if piece is None:
-            entry.type, entry.score = types.UNUSED, -1000.0
-        elif piece == model.get("unk_token"):
-            entry.type, entry.score = types.UNKNOWN, 0.0
-        elif i in added:
-            entry.type = types.CONTROL if added[i].get("special") else types.USER_DEFINED
-            entry.score = -1000.0
-        elif _BYTE_PIECE.fullmatch(piece):
-            entry.type, entry.score = types.BYTE, 0.0
-        else:
-            entry.type, entry.score = types.NORMAL, -float(i)
-    spec = proto.trainer_spec
-    spec.model_type = spm.TrainerSpec.BPE
-    spec.byte_fallback = True
-    spec.vocab_size = size
-    spec.unk_id = tokenizer.unk_token_id
-    spec.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else -1
-    spec.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
-    spec.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
-    norm = proto.normalizer_spec
-    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = \
-        "identity", False, False, True
-    path = folder / "tokenizer.model"
-    path.write_bytes(proto.SerializeToString())
-    return path
-
-
-def add_kv_shared_placeholders(folder: Path) -> None:
-    """Zero k_proj / v_proj / k_norm weights for Gemma 3n's KV-shared layers, in an extra safetensors part.
-
-    transformers builds those layers without them (they read the cache of an earlier layer) and saves none;
-    llama.cpp's Gemma 3n loader requires every layer's tensors although its graph reads no k/v weights there.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    parts = sorted(p for p in folder.glob("model*.safetensors"))
-    names: dict[str, Path] = {}
-    for part in parts:
-        with safe_open(str(part), "pt") as fh:
-            names.update(dict.fromkeys(fh.keys(), part))
-    pattern = re.compile(r"(.*layers\.)(\d+)\.self_attn\.(k_proj\.weight|v_proj\.weight|k_norm\.weight)$")
-    present: dict[tuple[str, str], dict[int, str]] = {}
-    layers: dict[str, set[int]] = {}
-    for name in names:
-        if (m := pattern.match(name)):
-            present.setdefault((m[1], m[3]), {})[int(m[2])] = name
-        if (m := re.match(r"(.*layers\.)(\d+)\.self_attn\.q_proj\.weight$", name)):
-            layers.setdefault(m[1], set()).add(int(m[2]))
-    extra = {}
-    for (prefix, kind), have in present.items():
-        template_name = have[max(have)]
-        with safe_open(str(names[template_name]), "pt") as fh:
-            template = fh.get_tensor(template_name)
-        for layer in sorted(layers.get(prefix, set()) - set(have)):
-            extra[f"{prefix}{layer}.self_attn.{kind}"] = template.new_zeros(template.shape)
-    if not extra:
-        return
-    part = folder / "model-gguf-kv-shared-placeholders.safetensors"
-    save_file(extra, str(part), metadata={"format": "pt"})
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():  # the converter reads the index's weight map when there is one
-        data = json.loads(index.read_text(encoding="utf-8"))
-        data["weight_map"].update(dict.fromkeys(extra, part.name))
-        index.write_text(json.dumps(data, indent=2), encoding="utf-8")
-
-
-def _run_converter(args: list[str], what: str) -> None:
-    """Run a llama.cpp converter script in a child process: it imports its own gguf-py copy as `gguf`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("NO_LOCAL_GGUF", None)
-    log.info("%s with %s", what, LLAMA_CPP_VERSION)
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        output = (proc.stderr or "") + (proc.stdout or "")
-        if "No space left on device" in output or "Errno 28" in output:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        lines = [line for line in output.splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise GemmatuneError(f"{what} failed in llama.cpp's converter: {last[:300]}")
+    return gguf_chat_template(template, tokenizer), stops, family
 
 
 def _quantize(src: Path, dst: Path, quant: str) -> None:

@@ -1,7 +1,7 @@
 """The page `gemmatune serve` shows at /: the runs under a folder, their progress, loss curves and eval
 table, and a chat box that talks to the served adapters through the same /v1 API.
 
-The page (gemmatune/web: HTML, JS, CSS and the vendored uPlot library) is static package data: no build
+The page (gemmatune/web: HTML, JS with its own SVG chart, CSS) is static package data: no build
 step. It polls /api/runs/NAME/metrics?since=N, which returns the metrics.jsonl rows after the first N, so
 a run that is training grows its curves without a reload and every point is drawn.
 """

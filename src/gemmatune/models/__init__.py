@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -14,6 +15,29 @@ def language_model_projections(towers: tuple[str, ...], names: tuple[str, ...] =
     """A LoRA target regex (PEFT full-matches it) for the modules called `names` (default: the 7 projections)
     outside every module named in `towers`: the bare names would also wrap a vision or audio tower's q/k/v."""
     return rf"^(?!.*(?:{'|'.join(towers)})).*\.(?:{'|'.join(names)})$"
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """How llama.cpp's loader for this family wants the Hugging Face tensors and config (read by gguf_model.py and
+    gguf_lora.py; the norm offset is `ModelFamily.rms_norm_offset`, the tensors skipped its `tower_modules`). The
+    tokenizer is written as SentencePiece (gguf_vocab.py): every family with a layout has one."""
+
+    arch: str
+    """`gguf.MODEL_ARCH` member: llama.cpp's architecture name, and its map of tensor names."""
+    hparams: Callable[[object], list[tuple[str, object]]]
+    """(GGUFWriter method, value) pairs for the family's keys, from the text config (a transformers config)."""
+    renames: tuple[tuple[str, str], ...] = ()
+    """(regex, replacement) applied to a Hugging Face tensor name before llama.cpp's name map sees it."""
+    stacked: tuple[str, ...] = ()
+    """Module lists (`model.X.0.weight`, `model.X.1.weight`, ...) llama.cpp reads as one 3-D tensor `model.X.weight`."""
+    keep_f32: tuple[str, ...] = ()
+    """GGUF tensor names (without `blk.N.`) written in F32 whatever the requested type."""
+    vocab_sized: tuple[str, ...] = ("token_embd.weight",)
+    """GGUF tensors with one row per token: cut or zero-padded to the GGUF vocabulary's size."""
+    kv_shared_placeholders: tuple[str, ...] = ()
+    """GGUF tensors (without `blk.N.`) of KV-shared layers that transformers builds without (they read an earlier
+    layer's cache) but llama.cpp's loader requires, though its graph never reads them: written as zeros."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +84,8 @@ class ModelFamily:
     input copy kept for backward); None: left as it is."""
     rms_norm_offset: float = 0.0
     """The norm multiplies by (weight + offset): Gemma 3 stores weight - 1 (offset 1.0), Gemma 3n the scale."""
-    sentencepiece_tokenizer: bool = False
-    """The tokenizer is SentencePiece BPE (byte fallback): a GGUF export describes it to llama.cpp as one, also
-    where the folder has only tokenizer.json (see gguf_export.write_sentencepiece_model)."""
-    gguf_kv_shared_placeholders: bool = False
-    """KV-shared layers have no k/v projections in transformers (they reuse an earlier layer's cache), but llama.cpp's
-    loader requires those tensors; its graph never reads them. A GGUF export adds zero ones."""
+    gguf: GgufLayout | None = None
+    """How to write the family as a GGUF for llama.cpp; None: `export --format gguf` refuses it."""
     ollama_chat_template: str | None = None
     """The chat format as an Ollama (Go text/template) TEMPLATE, for `export --ollama` of a chat-template run."""
     expert_parameters: tuple[str, ...] = ()
@@ -96,6 +116,11 @@ def _families() -> tuple[ModelFamily, ...]:
     from gemmatune.models import gemma3, gemma3n, gemma4
 
     return (gemma3.FAMILY, gemma3n.FAMILY, gemma4.FAMILY)
+
+
+def gguf_families() -> tuple[ModelFamily, ...]:
+    """The families a GGUF export writes."""
+    return tuple(f for f in _families() if f.gguf is not None)
 
 
 def family_for(model_type: str) -> ModelFamily:

@@ -14,8 +14,11 @@
   the language model's space.
 """
 
-from gemmatune.models import ModelFamily, language_model_projections
+import math
+
+from gemmatune.models import GgufLayout, ModelFamily, language_model_projections
 from gemmatune.models.gemma3 import CHAT_TEMPLATE, OLLAMA_CHAT_TEMPLATE
+from gemmatune.models.gemma3 import gguf_hparams as gemma3_gguf_hparams
 
 TOWERS = ("audio_tower", "vision_tower", "embed_audio", "embed_vision")
 LANGUAGE_MODEL_PROJECTIONS = language_model_projections(TOWERS)
@@ -23,6 +26,39 @@ AUDIO_TARGETS = (r"^.*\.audio_tower\..*\.(?:q_proj|k_proj|v_proj|post|ffw_layer_
                  r"|linear_end)$|^.*\.embed_audio\.embedding_projection$")
 VISION_TARGETS = (r"^.*\.vision_tower\..*\.(?:attn\.(?:query|key|value|output)\.proj"
                   r"|msfa\.ffn\.(?:pw_exp|pw_proj)\.conv)$|^.*\.embed_vision\.embedding_projection$")
+
+
+
+def gguf_hparams(config) -> list[tuple[str, object]]:
+    """llama.cpp's Gemma 3n keys: Gemma 3's plus AltUp, per-layer inputs, KV sharing and activation sparsity."""
+    import torch
+
+    # The sparsity cutoff is mean + std * (standard normal quantile of the layer's target sparsity), as in
+    # transformers; float32 as there (-inf where the pattern is 0: no sparsity).
+    pattern = torch.tensor(config.activation_sparsity_pattern, dtype=torch.float32)
+    quantiles = torch.erfinv(2 * pattern - 1) * math.sqrt(2)
+    return [
+        *gemma3_gguf_hparams(config),
+        ("add_altup_active_idx", config.altup_active_idx),
+        ("add_altup_num_inputs", config.altup_num_inputs),
+        ("add_embedding_length_per_layer_input", config.hidden_size_per_layer_input),
+        ("add_shared_kv_layers", config.num_kv_shared_layers),
+        ("add_activation_sparsity_scale", quantiles.tolist()),
+        ("add_sliding_window_pattern", [kind == "sliding_attention" for kind in config.layer_types]),
+    ]
+
+
+GGUF = GgufLayout(
+    arch="GEMMA3N",
+    hparams=gguf_hparams,
+    renames=((r"_scale$", "_scale.weight"),),  # LAuReL / AltUp scales are bare parameters in transformers
+    stacked=("altup_projections", "altup_unembed_projections"),
+    # AltUp's coefficients: llama.cpp keeps them in F32 as its quantizer does (tiny, and clamped at run time).
+    keep_f32=("altup_correct_coef.weight", "altup_predict_coef.weight"),
+    # The vision / audio token rows (ids past the per-layer table) are zeros: those tokens come from the towers.
+    vocab_sized=("token_embd.weight", "per_layer_token_embd.weight"),
+    kv_shared_placeholders=("attn_k.weight", "attn_v.weight", "attn_k_norm.weight"),
+)
 
 _E2B = "gemma3n_e2b_text.json"
 _E4B = "gemma3n_e4b_text.json"
@@ -53,7 +89,6 @@ FAMILY = ModelFamily(
     ),
     rms_norm="Gemma3nRMSNorm",
     rms_norm_offset=0.0,  # output * weight (norms built with_scale=False have no weight)
-    sentencepiece_tokenizer=True,
-    gguf_kv_shared_placeholders=True,
+    gguf=GGUF,
     ollama_chat_template=OLLAMA_CHAT_TEMPLATE,
 )

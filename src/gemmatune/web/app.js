@@ -1,10 +1,12 @@
-// The run page of `gemmatune serve`: runs and progress (/api/runs), loss curves drawn with uPlot from every
+// The run page of `gemmatune serve`: runs and progress (/api/runs), loss curves drawn here as SVG from every
 // metrics.jsonl row (polled incrementally with ?since=N), the eval table, and a chat box on /v1/chat/completions.
 "use strict";
 
 const EMA = 0.9;
-const state = { run: null, rows: [], next: 0, plot: null, hasEval: null, history: [] };
-window.gemmatune = state; // read by the browser test: state.plot is the uPlot instance
+// chart: { data: [steps, train, eval, smoothed], smooth } of the curves on screen, null before the first draw;
+// hoverStep: the step under the pointer, kept across redraws (new rows, resizes), null when the pointer is away.
+const state = { run: null, rows: [], next: 0, chart: null, hoverStep: null, hasEval: null, history: [] };
+window.gemmatune = state; // read by the browser test
 
 const $ = (id) => document.getElementById(id);
 
@@ -88,7 +90,9 @@ function selectRun(name) {
   $("run-name").textContent = name;
   $("eval").innerHTML = '<p class="muted">No eval.json yet: run <code>gemmatune eval --adapter RUN</code>.</p>';
   for (const li of $("runs").children) li.className = li.dataset.name === name ? "selected" : "";
-  if (state.plot) { state.plot.destroy(); state.plot = null; }
+  state.chart = null;
+  state.hoverStep = null;
+  $("chart").replaceChildren();
   pollMetrics();
   refreshRuns();
 }
@@ -100,7 +104,7 @@ async function pollMetrics() {
   if (body === null) return;
   if (name !== state.run) return;
   state.next = body.next;
-  if (body.rows.length || !state.plot) {
+  if (body.rows.length || !state.chart) {
     state.rows.push(...body.rows);
     draw();
   }
@@ -118,7 +122,7 @@ function smoothed(values) {
 }
 
 function seriesData() {
-  // One x per step; train and eval losses logged at the same step share it (uPlot wants aligned x values).
+  // One x per step; train and eval losses logged at the same step share it (the hover reads one step's values).
   const byStep = new Map();
   for (const row of state.rows) {
     if (row.loss == null && row.eval_loss == null) continue;
@@ -141,24 +145,122 @@ function draw() {
   $("point-count").textContent = `${trainPoints} train points, ${evalPoints} eval points`;
   $("chart").dataset.trainPoints = trainPoints;
   $("chart").dataset.evalPoints = evalPoints;
-  if (state.plot) {
-    state.plot.setData(data);
-    state.plot.setSeries(3, { show: $("smooth").checked });
-    return;
+  state.chart = { data, smooth: $("smooth").checked };
+  drawChart(state.chart);
+}
+
+// --- the loss chart: SVG, redrawn whole on every change (a few thousand points at most).
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const CHART_HEIGHT = 320;
+const MARGIN = { left: 56, right: 16, top: 12, bottom: 40 };
+const SERIES = [ // [index in data, label, CSS class]
+  [1, "train loss", "train"], [2, "eval loss", "eval"], [3, `train loss, EMA ${EMA}`, "smooth"],
+];
+
+function svg(tag, attrs, parent) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, value);
+  if (parent) parent.append(el);
+  return el;
+}
+
+function ticks(lo, hi, count) {
+  // Round values (1, 2 or 5 times a power of ten) from lo to hi, about `count` of them.
+  const raw = (hi - lo) / count;
+  const magnitude = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= raw);
+  const found = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) found.push(Number(v.toPrecision(12)));
+  return found;
+}
+
+function format(value) {
+  return value == null ? "–" : Math.abs(value) >= 100 ? value.toFixed(0) : value.toPrecision(4);
+}
+
+function drawChart(chart) {
+  const box = $("chart");
+  const [steps, ...series] = chart.data;
+  const shown = SERIES.filter(([i]) => i !== 3 || chart.smooth);
+  const width = Math.max(320, box.clientWidth || 640);
+  const plotWidth = width - MARGIN.left - MARGIN.right, plotHeight = CHART_HEIGHT - MARGIN.top - MARGIN.bottom;
+  const values = shown.flatMap(([i]) => series[i - 1]).filter((v) => v != null);
+  let [x0, x1] = steps.length ? [steps[0], steps.at(-1)] : [0, 1];
+  if (x0 === x1) { x0 -= 1; x1 += 1; }
+  let [y0, y1] = values.length ? [Math.min(...values), Math.max(...values)] : [0, 1];
+  const pad = (y1 - y0) * 0.05 || 0.5; // a flat curve still gets a visible band
+  y0 -= pad; y1 += pad;
+  const x = (step) => MARGIN.left + ((step - x0) / (x1 - x0)) * plotWidth;
+  const y = (v) => MARGIN.top + (1 - (v - y0) / (y1 - y0)) * plotHeight;
+
+  const root = svg("svg", { width, height: CHART_HEIGHT, role: "img", "aria-label": "loss by step" });
+  const axes = svg("g", { class: "axes" }, root);
+  for (const v of ticks(y0, y1, 6)) {
+    svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y(v), y2: y(v), class: "grid" }, axes);
+    svg("text", { x: MARGIN.left - 6, y: y(v), class: "tick y" }, axes).textContent = String(v);
   }
-  const width = Math.max(320, $("chart").clientWidth || 640);
-  state.plot = new uPlot({
-    width, height: 320,
-    scales: { x: { time: false } },
-    axes: [{ label: "step" }, { label: "loss" }],
-    series: [
-      { label: "step" },
-      { label: "train loss", stroke: "#64b5f6", width: 1.5, spanGaps: true, points: { show: false } },
-      { label: "eval loss", stroke: "#e53935", width: 2, spanGaps: true, points: { show: true, size: 6 } },
-      { label: `train loss, EMA ${EMA}`, stroke: "#0d47a1", width: 2, spanGaps: true, points: { show: false },
-        show: $("smooth").checked },
-    ],
-  }, data, $("chart"));
+  for (const v of ticks(x0, x1, Math.max(2, Math.floor(plotWidth / 80))).filter(Number.isInteger)) {
+    svg("line", { x1: x(v), x2: x(v), y1: MARGIN.top, y2: MARGIN.top + plotHeight, class: "grid" }, axes);
+    svg("text", { x: x(v), y: MARGIN.top + plotHeight + 16, class: "tick x" }, axes).textContent = v;
+  }
+  svg("rect", { x: MARGIN.left, y: MARGIN.top, width: plotWidth, height: plotHeight, class: "frame" }, axes);
+  svg("text", { x: MARGIN.left + plotWidth / 2, y: CHART_HEIGHT - 4, class: "label" }, axes).textContent = "step";
+  svg("text", { x: 14, y: MARGIN.top + plotHeight / 2, class: "label y",
+    transform: `rotate(-90 14 ${MARGIN.top + plotHeight / 2})` }, axes).textContent = "loss";
+
+  for (const [i, , name] of shown) {
+    // One vertex per logged value; a missing value (a step with only the other loss) is skipped, not a gap.
+    const points = steps.map((step, k) => [step, series[i - 1][k]]).filter(([, v]) => v != null);
+    if (!points.length) continue;
+    const d = points.map(([step, v], k) => `${k ? "L" : "M"}${x(step).toFixed(1)},${y(v).toFixed(1)}`).join("");
+    svg("path", { d, class: `line ${name}` }, root);
+    if (name !== "eval") continue;
+    for (const [step, v] of points) svg("circle", { cx: x(step), cy: y(v), r: 3.5, class: "eval" }, root);
+  }
+
+  // Hover: the step under the pointer, marked, and its values in the legend.
+  const cursor = svg("line", { y1: MARGIN.top, y2: MARGIN.top + plotHeight, class: "cursor", visibility: "hidden" },
+    root);
+  const legend = document.createElement("div");
+  legend.id = "chart-legend";
+  const hover = document.createElement("span");
+  hover.id = "chart-hover";
+  legend.append(hover, ...shown.map(([i, label, name]) => {
+    const item = document.createElement("span");
+    item.className = `key ${name}`;
+    item.dataset.series = i;
+    item.textContent = label;
+    return item;
+  }));
+  const overlay = svg("rect", { x: MARGIN.left, y: MARGIN.top, width: plotWidth, height: plotHeight,
+    class: "overlay" }, root);
+  const label = (item) => SERIES.find(([i]) => i === Number(item.dataset.series))[1];
+  const showStep = (k) => {
+    cursor.setAttribute("x1", x(steps[k]));
+    cursor.setAttribute("x2", x(steps[k]));
+    cursor.setAttribute("visibility", "visible");
+    hover.textContent = `step ${steps[k]}`;
+    for (const item of legend.querySelectorAll(".key")) {
+      item.textContent = `${label(item)} ${format(series[item.dataset.series - 1][k])}`;
+    }
+  };
+  overlay.onmousemove = (event) => {
+    if (!steps.length) return;
+    const at = x0 + ((event.clientX - root.getBoundingClientRect().left - MARGIN.left) / plotWidth) * (x1 - x0);
+    let k = 0;
+    for (let j = 1; j < steps.length; j++) if (Math.abs(steps[j] - at) < Math.abs(steps[k] - at)) k = j;
+    state.hoverStep = steps[k];
+    showStep(k);
+  };
+  overlay.onmouseleave = () => {
+    state.hoverStep = null;
+    cursor.setAttribute("visibility", "hidden");
+    hover.textContent = "";
+    for (const item of legend.querySelectorAll(".key")) item.textContent = label(item);
+  };
+  if (steps.includes(state.hoverStep)) showStep(steps.indexOf(state.hoverStep));
+  box.replaceChildren(root, legend);
 }
 
 function cell(text, className) {
@@ -283,6 +385,7 @@ $("api-key").onchange = () => {
   loadModels();
 };
 $("smooth").onchange = draw;
+window.onresize = () => { if (state.chart) drawChart(state.chart); };
 $("ema-weight").textContent = EMA;
 $("chat-form").onsubmit = send;
 $("reset").onclick = () => { state.history = []; $("messages").replaceChildren(); };
