@@ -390,20 +390,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(tuned, base_name, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("GEMMATUNE_API_KEY") or None, limits=limits, runs_dir=args.runs)
 
-def _refuse_unsupported_gguf(adapter: Path) -> None:
-    """A run of a family GGUF export cannot write yet fails here in one line, before the merge (minutes on a
-    real model) and the converter's own error."""
-    from gemmatune.models import family_named
-
-    try:
-        family = json.loads((adapter / "run.json").read_text(encoding="utf-8"))["base_model"]["family"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # a bare PEFT folder or an older run: the converter decides
-    known = family_named(family) if isinstance(family, str) else None
-    if known is not None and known.gguf_refusal:
-        raise GemmatuneError(f"{adapter}: {known.gguf_refusal}")
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from gemmatune.gguf_export import (
         GGUF_WRITER,
@@ -415,7 +401,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
 
     check_request(args.format, args.quant, Path(args.out), args.overwrite)
-    _refuse_unsupported_gguf(Path(args.adapter))
     if args.ollama and args.format != "gguf":
         raise GemmatuneError("--ollama goes with --format gguf (a Modelfile for the merged model)")
     if args.format == "gguf-lora":

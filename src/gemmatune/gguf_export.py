@@ -23,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.gguf_model import gguf_family, text_config, write_model_gguf
+from gemmatune.gguf_model import check_family_exports, gguf_family, text_config, write_model_gguf
 from gemmatune.gguf_tensors import TYPES
 from gemmatune.infer import read_adapter
 from gemmatune.models import ModelFamily
@@ -114,6 +114,7 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
     if ollama and (out.with_name("Modelfile").exists() or out.with_name("Modelfile").is_symlink()):
         _check_replaceable_file(out.with_name("Modelfile"), b"FROM ", "an Ollama Modelfile")
     source = read_adapter(adapter)  # a folder that is not a run fails here, before a model is loaded
+    check_family_exports(source.folder.family)  # and a family GGUF export does not write, before the merge
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         merged = merge(adapter, Path(tmp) / "merged", base=base)
@@ -153,6 +154,7 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, quant: str = "f16", b
     from gemmatune.gguf_lora import write_lora_gguf
 
     source = read_adapter(adapter)
+    check_family_exports(source.folder.family)
     base_dir = _local_base_folder(base or source.folder.base.name)
     gguf_family(text_config(base_dir)[0].model_type)
     template = source.folder.template or "chat"

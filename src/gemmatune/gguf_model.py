@@ -16,7 +16,7 @@ from gguf import GGUFWriter, size_label
 from gemmatune.errors import GemmatuneError
 from gemmatune.gguf_tensors import TYPES, PlannedTensor, TensorNames, as_numpy, general_keys, tensor_type, write_gguf
 from gemmatune.gguf_vocab import vocabulary_size, write_vocabulary
-from gemmatune.models import ModelFamily, family_for, gguf_families
+from gemmatune.models import ModelFamily, family_for, family_named, gguf_families
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,21 @@ def gguf_family(model_type: str) -> ModelFamily:
     """The family of `model_type` if a GGUF export writes it; otherwise one line saying which families do."""
     family = family_for(model_type)
     if family.gguf is None:
-        names = ", ".join(f.name for f in gguf_families())
-        raise GemmatuneError(f"GGUF export writes the {names} families (text); this model is {model_type!r}")
+        raise _unsupported(repr(model_type))
     return family
+
+
+def check_family_exports(family_name: str | None) -> None:
+    """Refuse, before any merge, a run whose recorded family GGUF export does not write (None: not recorded, as
+    in a bare PEFT folder; the model's own config decides later)."""
+    family = family_named(family_name) if family_name else None
+    if family is not None and family.gguf is None:
+        raise _unsupported(f"a {family.name} model")
+
+
+def _unsupported(what: str) -> GemmatuneError:
+    names = ", ".join(f.name for f in gguf_families())
+    return GemmatuneError(f"GGUF export writes the {names} families (text); this model is {what}")
 
 
 def text_config(folder: Path):

@@ -62,6 +62,8 @@ class AdapterFolder:
     """The transformers class of the base model at training time (run.json); None for a bare PEFT folder."""
     test_file: str | None
     """The run's data.test_file (the default file of `gemmatune eval`)."""
+    family: str | None = None
+    """The model family gemmatune trained it as (run.json); None for a bare PEFT folder."""
 
 
 def read_adapter_folder(path: str | Path, key: str = "adapter") -> AdapterFolder:
@@ -98,7 +100,8 @@ def read_adapter_folder(path: str | Path, key: str = "adapter") -> AdapterFolder
     else:
         name = peft_config.get("base_model_name_or_path")
         base = ModelConfig(name=name if isinstance(name, str) and name else "embedded")
-    return AdapterFolder(path, base, template, _field(record, "base_model", "class", str), test_file)
+    return AdapterFolder(path, base, template, _field(record, "base_model", "class", str), test_file,
+                         _field(record, "base_model", "family", str))
 
 
 def _field(record: dict[str, Any], section: str, key: str, kind: type) -> Any:

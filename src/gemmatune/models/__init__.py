@@ -94,8 +94,6 @@ class ModelFamily:
     moe_parts: tuple[tuple[str, str], ...] = ()
     """(report name, module-name part) of a mixture-of-experts layer's parts, so the trainable report says which of
     them got LoRA (experts, router, shared MLP) and which did not."""
-    gguf_refusal: str | None = None
-    """Why `gemmatune export` cannot write this family as GGUF yet (one line); None: it can."""
     thinking_markers: tuple[str, str] | None = None
     """The tokens that open and close a reply's thinking (reasoning) span: kept out of the loss unless
     `data.train_on_thinking`."""

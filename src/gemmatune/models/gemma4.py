@@ -90,8 +90,4 @@ FAMILY = ModelFamily(
     expert_parameters=("experts.gate_up_proj", "experts.down_proj"),
     moe_parts=(("experts", "experts"), ("router", "router"), ("shared MLP", "mlp")),
     thinking_markers=THINKING,
-    # Checked with the bundled llama.cpp converter (0c1e57098) on a tiny Gemma 4 run: it fails inside the converter
-    # after the merge. Issue 24 replaces that converter; until Gemma 4 is checked with it, refuse up front.
-    gguf_refusal="GGUF export does not support Gemma 4 yet (the bundled llama.cpp converter is being replaced); "
-                 "`gemmatune merge` writes the tuned model as a Hugging Face folder",
 )
