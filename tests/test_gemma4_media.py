@@ -67,7 +67,8 @@ def test_each_part_gets_the_processors_count_and_the_batch_never_labels_a_soft_t
     assert not torch.isin(labels, MEDIA_IDS).any()
     assert (labels != IGNORE).any()
     # The vision tower's inputs: patches and each patch's position (the per-image counts are the text's, not inputs).
-    assert batch["pixel_values"].shape[0] == 2 and batch["image_position_ids"].shape[:2] == batch["pixel_values"].shape[:2]
+    pixels = batch["pixel_values"]
+    assert pixels.shape[0] == 2 and batch["image_position_ids"].shape[:2] == pixels.shape[:2]
     assert "num_soft_tokens_per_image" not in batch
     assert batch["input_features"].shape[0] == 2 and batch["input_features"].shape[2] == 8
     types = batch["mm_token_type_ids"]  # bidirectional attention over an image's soft tokens reads these

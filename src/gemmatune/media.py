@@ -5,8 +5,9 @@ A row's user turn may hold parts next to its text, in the layout of the Gemma 3n
 chat conventions: `{"type": "text", "text": ...}`, `{"type": "image", "path": ...}`,
 `{"type": "audio", "path": ...}`, paths relative to the data file. The processor decides how many soft tokens a
 part gets (its `replace_image_token` / `replace_audio_token`): Gemma 3n gives every image and every clip the same
-count, Gemma 4 counts them per part from the image's size and the clip's length. data.py checks every file once before the
-model loads (`check_media_file`); the collator reads them again per batch, so no decoded media sits in memory.
+count, Gemma 4 counts them per part from the image's size and the clip's length. data.py checks every file once
+before the model loads (`check_media_file`); the collator reads them again per batch, so no decoded media sits in
+memory.
 
 Audio: WAV (PCM, any channel count, averaged to mono) at the feature extractor's 16 kHz; we do not resample,
 since a quiet linear resampler would change what the model hears. A clip may last at most 30 s: Gemma 3n's
