@@ -84,6 +84,8 @@ FAMILY = ModelFamily(
     # image processor needs Pillow.
     multimodal_requires=("PIL", "torchvision"),
     tower_modules=TOWERS,
+    patch_images=True,
+    audio_mask_marks_frames=True,
     towers=(("audio", ("audio_tower", "embed_audio"), AUDIO_TARGETS),
             ("vision", ("vision_tower", "embed_vision"), VISION_TARGETS)),
     keep_unquantized=("router.proj",),
