@@ -6,6 +6,8 @@ Gemma4Processor needs torchvision (its video processor), which does not import b
 torch: these tests are marked `multimodal` and run in CI's second environment (.ci/run).
 """
 
+import json
+
 import pytest
 import torch
 
@@ -103,6 +105,7 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma4_multimod
     assert not any(t in k for k in _adapter(off.run_dir) for t in TOWER_PARTS)
     trained = {n.removeprefix("base_model.model."): p for n, p in off.model.named_parameters()}
     assert all(torch.equal(trained[n], base[n]) for n in towers)
+    _generates_with_the_parts_marked(off.run_dir, media_file)
 
     # One step is enough to see the towers' adapters move; the towers' own weights still do not.
     on = train(_train_cfg(tiny_gemma4_multimodal, media_file, tmp_path / "on", ["audio", "vision"], max_steps=1))
@@ -115,3 +118,27 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma4_multimod
     trained = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p
                for n, p in on.model.named_parameters() if "lora_" not in n}
     assert all(torch.equal(trained[n], base[n]) for n in towers)
+
+
+def _generates_with_the_parts_marked(run_dir, media_file):
+    """The tuned model answers an image row and an audio row, its prefill given the soft tokens' types as training."""
+    from gemmatune.infer import load
+
+    tuned = load([str(run_dir)], precision="fp32")
+    seen = []
+    generate = tuned.model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs)
+        return generate(**kwargs)
+
+    tuned.model.generate = spy
+    rows = [json.loads(line) for line in media_file.read_text().splitlines()[:2]]  # an image row, an audio row
+    for row in rows:
+        row["messages"] = row["messages"][:1]
+        part = row["messages"][0]["content"][0]
+        part["path"] = str(media_file.parent / part["path"])  # as `generate --image` passes it
+    answers = tuned.generate(rows, greedy=True, max_new_tokens=3)
+    assert [a.new_tokens > 0 for a in answers] == [True, True]
+    ids, types = seen[0]["input_ids"], seen[0]["mm_token_type_ids"]
+    assert torch.equal(types == 1, ids == IMAGE) and torch.equal(types == 3, ids == AUDIO) and (types == 1).any()
