@@ -19,6 +19,12 @@ weights, a processor with the real soft-token counts: 256 per 768x768 image, 188
 the peak GPU memory beside `plan`'s estimate and its per-tower figures.
 
     python benchmarks/gpu_smoke.py --multimodal [--model e2b|e4b] [--steps 10] [--batch 2] [--qlora]
+
+`--family gemma4 --model e4b`: the same for a Gemma 4 E4B-like model (GEMMA4_E4B_TEXT, transformers' default vision
+encoder and audio conformer with clipped linears, whose LoRA goes inside the clamps; up to 280 soft tokens per image,
+counted per image, and 25 per second of audio). Gemma4Processor needs torchvision.
+
+    python benchmarks/gpu_smoke.py --multimodal --family gemma4 --model e4b --qlora
     python benchmarks/gpu_smoke.py --multimodal --cpu --model-dir DIR   # the same path on CPU, for a tiny model
 """
 
@@ -171,45 +177,57 @@ MEDIA_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", 
                 "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>"}
 
 
-def build_random_multimodal_checkpoint(model: str, folder: Path) -> Path:
-    """The full Gemma 3n (bundled text config + the default E2B/E4B towers) with random bf16 weights, and a
-    processor whose tokenizer puts the six media tokens at the model's ids (fillers elsewhere)."""
+GEMMA4_MEDIA_TOKENS = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                       "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"}
+# Gemma 4 E4B-like text model: the layout of E2B/E4B (per-layer embeddings, the last layers reusing earlier layers'
+# keys and values, 5 sliding-window layers to 1 full, wider heads on full layers), at E4B's published size (about
+# 4B parameters besides the embeddings). Its config.json could not be read where this was written and no Gemma 4
+# config is bundled, so widths and layer counts are approximate: close enough for memory and speed, not a checkpoint.
+GEMMA4_E4B_TEXT = dict(
+    hidden_size=2560, intermediate_size=10240, num_hidden_layers=42, num_kv_shared_layers=18, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=256, global_head_dim=512, hidden_size_per_layer_input=256, sliding_window=512,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7, final_logit_softcapping=30.0,
+)
+
+
+def build_random_multimodal_checkpoint(model: str, folder: Path, family: str = "gemma3n") -> Path:
+    """The full model with random bf16 weights and a processor whose tokenizer puts the six media tokens at the
+    model's ids (fillers elsewhere). Gemma 3n: the bundled text config + the default E2B/E4B towers. Gemma 4:
+    GEMMA4_E4B_TEXT + transformers' default vision encoder and audio conformer (both clipped linears)."""
     if (folder / "config.json").is_file():
         return folder
-    from transformers import AutoConfig, Gemma3nForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig
 
-    from gemmatune.models import bundled_config_file
+    if family == "gemma4":
+        config = transformers.Gemma4Config(
+            text_config=transformers.Gemma4TextConfig(**GEMMA4_E4B_TEXT).to_dict(),
+            vision_config=transformers.Gemma4VisionConfig(use_clipped_linears=True).to_dict(),
+            audio_config=transformers.Gemma4AudioConfig(use_clipped_linears=True).to_dict())
+        config.architectures = ["Gemma4ForConditionalGeneration"]
+    else:
+        from gemmatune.models import bundled_config_file
 
-    data = json.loads(bundled_config_file(f"google/gemma-3n-{model.upper()}-it").read_text())
-    text = AutoConfig.for_model(data.pop("model_type"), **data)
-    config = AutoConfig.for_model("gemma3n", text_config=text.to_dict())
-    config.architectures = ["Gemma3nForConditionalGeneration"]
+        data = json.loads(bundled_config_file(f"google/gemma-3n-{model.upper()}-it").read_text())
+        text = AutoConfig.for_model(data.pop("model_type"), **data)
+        config = AutoConfig.for_model("gemma3n", text_config=text.to_dict())
+        config.architectures = ["Gemma3nForConditionalGeneration"]
     torch.manual_seed(0)
     with torch.device("cuda"):
-        net = Gemma3nForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        net = getattr(transformers, config.architectures[0])._from_config(config, dtype=torch.bfloat16)
     net.save_pretrained(folder)
-    _media_processor(config, folder)
+    (_gemma4_processor if family == "gemma4" else _media_processor)(config, folder)
     del net
     torch.cuda.empty_cache()
     return folder
 
 
-def _media_processor(config, folder: Path):
+def _media_tokenizer(folder: Path, specials: list[str], names: dict, at: dict, chat_template: str):
+    """A byte-level tokenizer with `specials` first and the media tokens `names` (attribute -> token) at the ids
+    `at` (id -> token), saved in `folder` and read back with the tokens named, as a processor reads them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        AutoTokenizer,
-        Gemma3nAudioFeatureExtractor,
-        Gemma3nProcessor,
-        PreTrainedTokenizerFast,
-        SiglipImageProcessor,
-    )
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from gemmatune.models.gemma3 import CHAT_TEMPLATE
-
-    ids = {"boi_token": config.boi_token_id, "eoi_token": config.eoi_token_id, "image_token": config.image_token_id,
-           "boa_token": config.boa_token_id, "eoa_token": config.eoa_token_id, "audio_token": config.audio_token_id}
-    at = {ids[k]: MEDIA_TOKENS[k] for k in ids}
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
@@ -219,15 +237,43 @@ def _media_processor(config, folder: Path):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                  unk_token="<unk>",
-                                  additional_special_tokens=specials[4:] + list(MEDIA_TOKENS.values()))
-    tok.chat_template = CHAT_TEMPLATE
+                                  unk_token="<unk>", additional_special_tokens=specials[4:] + list(names.values()))
+    tok.chat_template = chat_template
     tok.save_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(folder, **MEDIA_TOKENS)
+    return AutoTokenizer.from_pretrained(folder, **names)
+
+
+def _media_processor(config, folder: Path):
+    from transformers import Gemma3nAudioFeatureExtractor, Gemma3nProcessor, SiglipImageProcessor
+
+    from gemmatune.models.gemma3 import CHAT_TEMPLATE
+
+    ids = {"boi_token": config.boi_token_id, "eoi_token": config.eoi_token_id, "image_token": config.image_token_id,
+           "boa_token": config.boa_token_id, "eoa_token": config.eoa_token_id, "audio_token": config.audio_token_id}
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tok = _media_tokenizer(folder, specials, MEDIA_TOKENS, {ids[k]: MEDIA_TOKENS[k] for k in ids}, CHAT_TEMPLATE)
     image = SiglipImageProcessor(size={"height": 768, "width": 768}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = Gemma3nProcessor(Gemma3nAudioFeatureExtractor(), image, tok, chat_template=CHAT_TEMPLATE,
                                  audio_seq_length=config.audio_soft_tokens_per_image,
                                  image_seq_length=config.vision_soft_tokens_per_image)
+    processor.save_pretrained(folder)
+    return processor
+
+
+def _gemma4_processor(config, folder: Path):
+    """Gemma4Processor with its default image budget (280 soft tokens, 16-pixel patches pooled 3x3), 128 mel bins
+    and up to 750 soft tokens per clip (30 s), as the real checkpoints; the processor adds `<|video|>` after them."""
+    from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil, Gemma4Processor, Gemma4VideoProcessor
+
+    from gemmatune.models.gemma4 import CHAT_TEMPLATE
+
+    ids = {"boi_token": config.boi_token_id, "eoi_token": config.eoi_token_id, "image_token": config.image_token_id,
+           "boa_token": config.boa_token_id, "eoa_token": config.eoa_token_index, "audio_token": config.audio_token_id}
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
+    names = GEMMA4_MEDIA_TOKENS
+    tok = _media_tokenizer(folder, specials, names, {ids[k]: names[k] for k in ids}, CHAT_TEMPLATE)
+    processor = Gemma4Processor(Gemma4AudioFeatureExtractor(), Gemma4ImageProcessorPil(), tok, Gemma4VideoProcessor(),
+                                chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(folder)
     return processor
 
@@ -328,6 +374,8 @@ def run_multimodal(folder: Path, workdir: Path, args, device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["e2b", "e4b"], default="e2b")
+    parser.add_argument("--family", choices=["gemma3n", "gemma4"], default="gemma3n",
+                        help="--multimodal: Gemma 3n (E2B/E4B) or Gemma 4 (E4B-like, see GEMMA4_E4B_TEXT)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -378,9 +426,12 @@ def _main_multimodal(args) -> int:
     if device == "cpu" and not args.model_dir:
         print("--cpu needs --model-dir: a real-size random model is not built on the CPU", file=sys.stderr)
         return 2
+    if args.family == "gemma4" and args.model != "e4b":
+        print("--family gemma4 builds an E4B-like model only: add --model e4b", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir)
     folder = Path(args.model_dir) if args.model_dir else build_random_multimodal_checkpoint(
-        args.model, workdir / f"gemma3n-{args.model}-multimodal-random")
+        args.model, workdir / f"{args.family}-{args.model}-multimodal-random", args.family)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}; {folder}, "
           f"batch {args.batch}, {args.steps} steps, r={args.rank}")
     print(json.dumps(run_multimodal(folder, workdir, args, device)))

@@ -171,6 +171,53 @@ def gemma4_multimodal_config(vision: bool = True, audio: bool = True):
     return config
 
 
+# Gemma 4's media tokens, named as its chat tokens are (`<|turn>` / `<turn|>`): begin/end markers and a soft token per
+# kind. Ids 265-270 in the order of gemma4_multimodal_config's token ids; the processor adds `<|video|>` as 271.
+GEMMA4_MEDIA_TOKENS = {"image_token": "<|image|>", "audio_token": "<|audio|>", "boi_token": "<|image>",
+                       "eoi_token": "<image|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+GEMMA4_MEL_BINS = 8  # the tiny conformer's subsampling_conv_channels[0]: the real 128 mel bins shrunk with it
+
+
+def needs_gemma4_processor():
+    """Gemma4Processor cannot be built without torchvision: it takes a video processor, and without torchvision
+    transformers' video-processor mapping is a stub that fails the processor's type check. PyPI's torchvision does
+    not import beside the CPU torch of the main environment, so these tests run in CI's multimodal environment."""
+    try:
+        import torchvision  # noqa: F401
+        ok = True
+    except Exception:
+        ok = False
+    if not ok and os.environ.get("GEMMATUNE_MULTIMODAL_CI") == "1":
+        pytest.skip("runs in the multimodal environment of .ci/run")
+    require(ok, "a torchvision that imports beside this torch (pip install 'gemmatune[multimodal]')")
+
+
+def make_gemma4_processor(folder: Path):
+    """Gemma4Processor for the tiny multimodal Gemma 4 (4-pixel patches pooled 2x2, 8 mel bins) around the Gemma 4
+    tokenizer with the media tokens, saved in `folder` as AutoProcessor reads it from a real checkpoint. A 64x64
+    image gets 64 soft tokens (the smallest budget the image processor takes, 70, holds 16x16 patches pooled 2x2)."""
+    from transformers import (
+        AutoTokenizer,
+        Gemma4AudioFeatureExtractor,
+        Gemma4ImageProcessorPil,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    tok = make_gemma4_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(GEMMA4_MEDIA_TOKENS.values())},
+                           replace_extra_special_tokens=False)
+    tok.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, **GEMMA4_MEDIA_TOKENS)
+    assert [tok.convert_tokens_to_ids(t) for t in GEMMA4_MEDIA_TOKENS.values()] == list(range(265, 271))
+    vision = dict(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)
+    processor = Gemma4Processor(Gemma4AudioFeatureExtractor(feature_size=GEMMA4_MEL_BINS),
+                                Gemma4ImageProcessorPil(**vision), tok, Gemma4VideoProcessor(**vision),
+                                chat_template=tok.chat_template)
+    processor.save_pretrained(folder)
+    return processor
+
+
 def save_tiny(config, folder: Path, seed: int = 0, tokenizer=None) -> Path:
     import transformers
 

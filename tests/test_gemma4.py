@@ -324,3 +324,37 @@ def test_gguf_export_of_a_gemma4_run_is_refused_in_one_line(tiny_gemma4, tmp_pat
     assert "GGUF export writes the gemma3, gemma3n families (text); this model is a gemma4 model" in errors[0]
     assert "merged" not in proc.stderr  # refused from the run record, before minutes of merging
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_plan_measures_both_towers_on_the_meta_device_as_on_real_tensors():
+    """`plan`'s tower figures for Gemma 4 (patches with positions, a mask True on real frames), measured on the meta
+    device, against the same measurement with real tensors on the CPU."""
+    from peft import get_peft_model
+    from transformers import Gemma4ForConditionalGeneration
+
+    from gemmatune.loading import build_on_meta
+    from gemmatune.lora import peft_lora_config
+    from gemmatune.tower_memory import measure_towers
+    from tests.conftest import gemma4_multimodal_config
+
+    lora = load_config(None, ["model.multimodal=true", 'lora.towers=["vision"]']).lora
+    figures = {}
+    for device in ("meta", "cpu"):
+        torch.manual_seed(0)
+        if device == "meta":
+            model = build_on_meta(Gemma4ForConditionalGeneration, gemma4_multimodal_config())
+        else:
+            model = Gemma4ForConditionalGeneration(gemma4_multimodal_config())
+        for param in model.parameters():
+            param.requires_grad_(False)
+        peft_model = get_peft_model(model, peft_lora_config(lora, FAMILY))
+        figures[device] = {t.tower: t for t in measure_towers(peft_model, ["vision"], dtype_bytes=4, family=FAMILY,
+                                                               soft_tokens=70, mel_bins=8)}
+    meta, cpu = figures["meta"], figures["cpu"]
+    assert meta["vision"].unit == "image 64x64" and meta["audio"].unit == "30 s clip"
+    # 64 soft tokens an image (16x16 patches pooled 2x2), 750 a 30 s clip, each 64 wide in fp32
+    assert meta["vision"].output_bytes == cpu["vision"].output_bytes == 64 * 64 * 4
+    assert meta["audio"].output_bytes == cpu["audio"].output_bytes == 750 * 64 * 4
+    assert meta["audio"].saved_bytes == cpu["audio"].saved_bytes == 0  # no LoRA there: nothing kept for backward
+    assert cpu["vision"].saved_bytes > 0
+    assert abs(meta["vision"].saved_bytes / cpu["vision"].saved_bytes - 1) < 0.15

@@ -228,3 +228,58 @@ def test_4bit_runs_where_bitsandbytes_does(monkeypatch, tiny_gemma3):
     monkeypatch.setattr(bnb, "__version__", "0.48.2")
     with pytest.raises(GemmatuneError, match=r"4bit on CPU needs bitsandbytes >= 0.49 \(installed: 0.48.2\)"):
         load_model(cfg, "bf16")
+
+
+@pytest.mark.parametrize("kind", ["e", "moe"])
+def test_qlora_on_tiny_gemma4_keeps_4bit_bytes_and_the_router_and_merges(kind, tmp_path):
+    """E2B/E4B-style (PLE, KV sharing) and 26B-A4B-style (experts beside a shared MLP, LoRA on the experts too) in
+    4 bits: the packed bytes never change, the router stays a 16-bit Linear, the loss falls, the merge is W + BA."""
+    from tests.conftest import gemma4_config, make_gemma4_tokenizer, save_tiny
+
+    # Widths the CPU kernel repacks (outputs x32, inputs x64); PLE's 64-wide per-layer input so its gate and
+    # projection are 4-bit too. The MoE's experts are 3-D parameters: 16-bit whatever the quantization.
+    config = gemma4_config(kind, **({"hidden_size_per_layer_input": 64} if kind == "e" else {"num_experts": 32}))
+    model_dir = save_tiny(config, tmp_path / "base", tokenizer=make_gemma4_tokenizer())
+    cfg = _4bit_config(model_dir, tmp_path, max_steps=6)
+    cfg.lora.experts = kind == "moe"
+    fresh = load_model(cfg.model, "bf16").model
+    packed = _packed_bytes(fresh)
+    layer = "model.layers.0."
+    assert {layer + "self_attn.q_proj", layer + "mlp.down_proj"} <= packed.keys()
+    if kind == "e":
+        assert layer + "per_layer_input_gate" in packed
+    else:  # 64 -> 32 scores would fit the kernel: kept 16-bit on purpose (its top-k choice picks the experts)
+        router = fresh.get_submodule(layer + "router.proj")
+        assert type(router) is torch.nn.Linear and router.weight.dtype == torch.bfloat16
+
+    result = train(cfg)
+    losses = [m["loss"] for m in read_metrics(result.run_dir) if "loss" in m]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    trained = {_strip(n): m for n, m in result.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert trained.keys() == packed.keys()
+    assert all(torch.equal(m.weight.data.view(torch.uint8), packed[n]) for n, m in trained.items()), \
+        "4-bit bytes changed"
+    if kind == "moe":
+        router = result.model.get_submodule("base_model.model." + layer + "router.proj")
+        assert type(router) is torch.nn.Linear and router.weight.dtype == torch.bfloat16
+
+    adapter = load_file(str(result.run_dir / "adapter_model.safetensors"))
+    assert any(".experts." in k for k in adapter) == (kind == "moe")
+    out = merge(str(result.run_dir), tmp_path / "merged")
+    merged = load_file(str(out / "model.safetensors"))
+    original = load_file(str(model_dir / "model.safetensors"))
+    scale = cfg.lora.lora_alpha / cfg.lora.r
+    checked = 0
+    for key, a in adapter.items():
+        if not key.endswith("lora_A.weight") or ".experts." in key:
+            continue
+        weight = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        want = original[weight].float() + scale * (adapter[key.replace("lora_A", "lora_B")].float() @ a.float())
+        assert merged[weight].dtype == torch.bfloat16
+        assert torch.allclose(merged[weight].float(), want, atol=1e-2, rtol=1e-2), weight
+        checked += 1
+    assert checked >= 20
+    if kind == "moe":  # the experts' LoRA merged into their 3-D weights
+        key = "model.layers.0.experts.down_proj"
+        assert not torch.equal(merged[key].float(), original[key].bfloat16().float())

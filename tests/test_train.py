@@ -94,3 +94,11 @@ def test_bad_model_path_is_a_clear_error(alpaca_file, tmp_path):
     with pytest.raises(GemmatuneError, match="model.name"):
         train(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_overwrite_on_a_run_folder_that_does_not_exist_yet_starts_it(tiny_gemma3, alpaca_file, tmp_path):
+    # The Trainer's arguments create run/checkpoints during setup: --overwrite took that folder for someone else's.
+    cfg = tiny_config(tiny_gemma3, alpaca_file, tmp_path / "runs", max_steps=1)
+    first = train(cfg, overwrite=True)
+    assert (first.run_dir / "adapter_model.safetensors").is_file()
+    assert (train(cfg, overwrite=True).run_dir / "adapter_model.safetensors").is_file()  # and replaces its own run

@@ -24,7 +24,7 @@ from gemmatune.data import detect_format, normalize, read_rows
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer import BASE, SamplingSettings, TunedModel
 from gemmatune.loss import causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
-from gemmatune.media import media_features
+from gemmatune.media import media_features, token_types
 from gemmatune.packing import PACKED_SDPA, PackCollator
 from gemmatune.runs import write_atomic
 from gemmatune.templates import IGNORE, Tokenized, content_text, tokenize_row
@@ -274,6 +274,7 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
                 inputs = _padded_batch(chosen, tuned.tokenizer.pad_token_id)
             if tuned.processor is not None:  # image/audio parts of these rows, in the order of their soft tokens
                 inputs.update(media_features([p for ex in chosen for p in ex.media], tuned.processor))
+                inputs.update(token_types(inputs["input_ids"], tuned.processor))  # the view training had
             hidden, targets = selected_hidden(parts, {k: v.to(device) for k, v in inputs.items()})
             total += chunked_cross_entropy_sum(hidden, targets, parts).item()
             count += targets.numel()

@@ -239,6 +239,10 @@ class TunedModel:
         if logits_processor is not None:
             kwargs["logits_processor"] = logits_processor
         device = self.device
+        if media:  # the prompt's soft tokens, marked as in training (Gemma 4's prefill attends within an image)
+            from gemmatune.media import token_types
+
+            media = {**media, **token_types(input_ids, self.processor)}
         kwargs.update({k: v.to(device) for k, v in (media or {}).items()})
         with self.adapter_context(names) as extra, torch.no_grad(), self.autocast():
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),

@@ -199,7 +199,11 @@ def load_model(cfg: ModelConfig, precision: str = "auto", packing: bool = False,
         from gemmatune.packing import attention_for_packing
 
         attn = attention_for_packing(attn, allow_flash=flash)
-    if attn:
+    if attn and cfg.multimodal and family.text_config_attr:
+        # The choice (packing's per-example attention included) is the language model's: the towers keep their
+        # own default, since some take no other (Gemma 4's audio conformer refuses sdpa) and never see packed rows.
+        kwargs["attn_implementation"] = {"": attn, family.text_config_attr: attn}
+    elif attn:
         kwargs["attn_implementation"] = attn
     if source.kind == "gguf":
         from transformers import GgufConfig

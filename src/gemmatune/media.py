@@ -3,17 +3,21 @@ tensors a multimodal model takes (the model's own processor computes them).
 
 A row's user turn may hold parts next to its text, in the layout of the Gemma 3n processor and the OpenAI/HF
 chat conventions: `{"type": "text", "text": ...}`, `{"type": "image", "path": ...}`,
-`{"type": "audio", "path": ...}`, paths relative to the data file. data.py checks every file once before the
-model loads (`check_media_file`); the collator reads them again per batch, so no decoded media sits in memory.
+`{"type": "audio", "path": ...}`, paths relative to the data file. The processor decides how many soft tokens a
+part gets (its `replace_image_token` / `replace_audio_token`): Gemma 3n gives every image and every clip the same
+count, Gemma 4 counts them per part from the image's size and the clip's length. data.py checks every file once
+before the model loads (`check_media_file`); the collator reads them again per batch, so no decoded media sits in
+memory.
 
 Audio: WAV (PCM, any channel count, averaged to mono) at the feature extractor's 16 kHz; we do not resample,
 since a quiet linear resampler would change what the model hears. A clip may last at most 30 s: Gemma 3n's
-processor gives every clip 188 soft tokens, which cover 30 s.
+processor gives every clip 188 soft tokens, which cover 30 s (Gemma 4's 750 at most cover the same 30 s).
 """
 
 from __future__ import annotations
 
 import wave
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,22 +36,54 @@ class Part:
     path: str  # absolute
 
 
+class _PartInputs(Mapping):
+    """The processor's inputs for one part, computed on first read: Gemma 3n's processor writes every part the same
+    way and never reads them (no image decoded twice), Gemma 4's counts the part's soft tokens from them."""
+
+    def __init__(self, compute):
+        self._compute, self._value = compute, None
+
+    def _inputs(self) -> Mapping:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
+
+    def __getitem__(self, key):
+        return self._inputs()[key]
+
+    def __iter__(self):
+        return iter(self._inputs())
+
+    def __len__(self):
+        return len(self._inputs())
+
+
 @dataclass(frozen=True)
 class MediaTokens:
     """How a model's processor writes image and audio parts into the token stream."""
 
-    text: dict  # kind -> the text that stands for one part (begin marker, soft tokens, end marker)
-    ids: frozenset  # ids of those markers and soft tokens: never a label
+    processor: object
+    ids: frozenset  # ids of the markers and soft tokens: never a label
+
+    def text_for(self, part: Part) -> str:
+        """The text that stands for `part` (begin marker, its soft tokens, end marker), written by the processor
+        itself, so the count always equals what the model's tower puts there."""
+        proc = self.processor
+        if part.kind == "image":
+            inputs = _PartInputs(lambda: proc.image_processor([read_image(part.path)], return_tensors="np"))
+            return proc.replace_image_token(inputs, 0)
+        # Alone, as the collator computes each clip's features (see _clip_features).
+        inputs = _PartInputs(lambda: proc.feature_extractor([read_audio(part.path)], sampling_rate=SAMPLE_RATE,
+                                                            return_tensors="np"))
+        return proc.replace_audio_token(inputs, 0)
 
 
 def media_tokens(processor) -> MediaTokens:
-    """From a Gemma 3n-style processor: each image is `full_image_sequence` (256 soft tokens in E2B/E4B), each
-    audio clip `full_audio_sequence` (188)."""
+    """The markers and soft tokens of a Gemma 3n- or Gemma 4-style processor: its tokenizer names them."""
     tok = processor.tokenizer
-    text = {"image": processor.full_image_sequence, "audio": processor.full_audio_sequence}
     names = ("image_token", "boi_token", "eoi_token", "audio_token", "boa_token", "eoa_token")
     ids = frozenset(tok.convert_tokens_to_ids(getattr(tok, name)) for name in names)
-    return MediaTokens(text, ids)
+    return MediaTokens(processor, ids)
 
 
 def check_media_file(kind: str, path: Path, where: str) -> None:
@@ -132,13 +168,17 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
 
 
 def media_features(parts: list[Part], processor) -> dict:
-    """The model inputs for `parts` in order: `pixel_values` for the images, `input_features` and
-    `input_features_mask` for the audio clips, computed by the model's own processor."""
+    """The model inputs for `parts` in order, computed by the model's own processor: for the images what its image
+    processor returns and the model takes (`pixel_values`; Gemma 4 adds each patch's `image_position_ids`), for the
+    audio clips `input_features` and `input_features_mask`."""
     out: dict = {}
     images = [read_image(p.path) for p in parts if p.kind == "image"]
     clips = [read_audio(p.path) for p in parts if p.kind == "audio"]
     if images:
-        out["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        # The processor lists what the model takes; Gemma 4's per-image soft-token counts are for the text only.
+        taken = set(processor.model_input_names) - set(getattr(processor, "unused_input_names", ()))
+        computed = processor.image_processor(images, return_tensors="pt")
+        out.update({k: v for k, v in computed.items() if k in taken})
     if clips:
         out["input_features"], out["input_features_mask"] = _clip_features(clips, processor.feature_extractor)
     return out
@@ -176,4 +216,16 @@ class MediaCollator:
         out = self.text(batch)
         parts = [part for b in batch for part in b.get("media", ())]
         out.update(media_features(parts, self.processor))
+        out.update(token_types(out["input_ids"], self.processor))
         return out
+
+
+def token_types(input_ids, processor) -> dict:
+    """`mm_token_type_ids` (0 text, 1 image, 2 video, 3 audio soft token) where the processor says the model takes
+    them: Gemma 4 models with `use_bidirectional_attention: vision` let an image's soft tokens see each other only
+    through them, so a batch without them would train on a causal view the model never runs with."""
+    import torch
+
+    if "mm_token_type_ids" not in processor.model_input_names:
+        return {}
+    return {"mm_token_type_ids": torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist()))}

@@ -301,7 +301,13 @@ def tower_memory(cfg: Config, precision: str) -> list[TowerMemory]:
     from gemmatune.lora import peft_lora_config
     from gemmatune.model_shape import load_architecture
     from gemmatune.models import family_for
-    from gemmatune.tower_memory import image_size, measure_towers
+    from gemmatune.tower_memory import (
+        DEFAULT_MEL_BINS,
+        DEFAULT_SOFT_TOKENS,
+        image_size,
+        measure_towers,
+        processor_setting,
+    )
 
     config, where = load_architecture(cfg)
     family = family_for(config.model_type)
@@ -309,8 +315,12 @@ def tower_memory(cfg: Config, precision: str) -> list[TowerMemory]:
     for param in model.parameters():
         param.requires_grad_(False)  # frozen base, as attach_lora leaves it
     peft_model = get_peft_model(model, peft_lora_config(cfg.lora, family))
-    return measure_towers(peft_model, list(cfg.lora.towers), image_size=image_size(cfg.model.name),
-                          dtype_bytes=_DTYPE_BYTES[precision])
+    name = cfg.model.name
+    soft_tokens = processor_setting(name, "image_processor", "max_soft_tokens", DEFAULT_SOFT_TOKENS)
+    mel_bins = processor_setting(name, "feature_extractor", "feature_size", DEFAULT_MEL_BINS)
+    return measure_towers(peft_model, list(cfg.lora.towers), image_size=image_size(name),
+                          dtype_bytes=_DTYPE_BYTES[precision], family=family, soft_tokens=soft_tokens,
+                          mel_bins=mel_bins)
 
 
 def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1, device: str | None = None,

@@ -51,7 +51,7 @@ def content_text(content) -> str:
 
 def text_messages(messages: list[dict], media=None) -> tuple[list[dict], tuple]:
     """Messages whose content lists (text, image and audio parts) become text: each image/audio part the text
-    `media` (media.MediaTokens) gives for its kind, text parts trimmed and joined as the Gemma 3n chat template
+    `media` (media.MediaTokens) gives for it, text parts trimmed and joined as the Gemma 3n chat template
     joins them. Returns the messages and the parts (media.Part) in order."""
     from gemmatune.media import Part
 
@@ -67,8 +67,8 @@ def text_messages(messages: list[dict], media=None) -> tuple[list[dict], tuple]:
                     if media is None:
                         raise GemmatuneError("rows with image/audio parts need the multimodal model: set "
                                              "model.multimodal: true")
-                    pieces.append(media.text[part["type"]])
                     parts.append(Part(part["type"], part["path"]))
+                    pieces.append(media.text_for(parts[-1]))
             content = "".join(pieces)
         out.append({**m, "content": content})
     return out, tuple(parts)

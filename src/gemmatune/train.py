@@ -51,6 +51,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     # --- setup: everything that can fail on bad input happens before the run folder is touched
     dist = distributed_state()
     run_dir = runs.open_run_dir(cfg, resume, overwrite, force)
+    # Read now: the Trainer's arguments create run_dir/checkpoints before the folder is started, and --overwrite
+    # must then not take that fresh, marker-less folder for someone else's.
+    replaces = overwrite and run_dir.exists()
     rows = check_inputs(cfg)  # every data row read and validated here, before the model loads
     check_lora_targets(cfg)  # a target_modules typo, on the meta device before the weights load
     dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
@@ -78,7 +81,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
 
     # --- train
     if dist.is_main_process:
-        runs.start_run_dir(run_dir, cfg, overwrite, resume)
+        runs.start_run_dir(run_dir, cfg, replaces, resume)
     dist.wait_for_everyone()
     checkpoint = resume_point(run_dir, tidy=dist.is_main_process) if resume else None
     with stop:

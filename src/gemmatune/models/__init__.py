@@ -74,6 +74,11 @@ class ModelFamily:
     """Module-name parts of the non-language towers: frozen, and given adapters only where `lora.towers` asks."""
     towers: tuple[tuple[str, tuple[str, ...], str], ...] = ()
     """(tower name for `lora.towers`, module-name parts that belong to it, LoRA target regex inside it)."""
+    patch_images: bool = False
+    """The vision tower takes an image as patches with their (x, y) positions, at most the processor's soft-token
+    budget of them (Gemma 4), not as a pixel grid: `plan` measures the tower with such an image (tower_memory.py)."""
+    audio_mask_marks_frames: bool = False
+    """The audio tower's mask is True on real frames (Gemma 4), not on padding (Gemma 3n)."""
     keep_unquantized: tuple[str, ...] = ()
     """Linear modules (dotted name suffixes) that 4-bit loading must leave alone because the model code reads
     or rewrites their weights directly; see quantization.py for the rules every family gets."""

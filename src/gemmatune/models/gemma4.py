@@ -79,9 +79,13 @@ FAMILY = ModelFamily(
     # model.language_model in the checkpoint and under model in Gemma4ForCausalLM.
     text_key_mapping=((r"^model\.language_model\.", "model."),),
     multimodal_class="Gemma4ForConditionalGeneration",
-    # The towers are plain torch modules (no timm); the image processor needs Pillow.
-    multimodal_requires=("PIL",),
+    # The towers are plain torch modules (no timm), but AutoProcessor builds Gemma4Processor with its video processor,
+    # which imports torchvision (without it the processor cannot be made: VIDEO_PROCESSOR_MAPPING is a stub); the
+    # image processor needs Pillow.
+    multimodal_requires=("PIL", "torchvision"),
     tower_modules=TOWERS,
+    patch_images=True,
+    audio_mask_marks_frames=True,
     towers=(("audio", ("audio_tower", "embed_audio"), AUDIO_TARGETS),
             ("vision", ("vision_tower", "embed_vision"), VISION_TARGETS)),
     keep_unquantized=("router.proj",),
