@@ -183,3 +183,10 @@ def test_gemma3n_text_norms_are_swapped_in_a_real_model():
         count = sum(type(m).__name__ == "Gemma3nRMSNorm" for m in model.modules())
         assert use_lean_rms_norm(model, "Gemma3nRMSNorm", 0.0) == count > 0
         assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5), _where("transformers")
+
+
+def test_meta_nonzero_can_assume_every_element_true():
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    x = torch.empty(2, 5, 3, device="meta")
+    with compat.meta_nonzero_assumes_all_true():
+        assert x[mask].shape == (10, 3), _where("torch")

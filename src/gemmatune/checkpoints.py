@@ -1,6 +1,6 @@
 """Kill-safe checkpoints: a checkpoint is either complete on disk or absent, never half there.
 
-transformers 5.24's `Trainer._save_checkpoint` writes adapter, optimizer, scheduler, RNG and trainer
+transformers' `Trainer._save_checkpoint` (5.25) writes adapter, optimizer, scheduler, RNG and trainer
 state straight into `checkpoint-N`, without fsync, then deletes old checkpoints by mtime. A kill
 during that save leaves a `checkpoint-N` that `get_last_checkpoint` picks on resume and that fails to
 load (or loads a mix of two steps). `GemmatuneTrainer` (trainer.py) keeps the Trainer's own save code

@@ -151,3 +151,13 @@ def storage_key(t: torch.Tensor) -> int:
     """One key per storage, also on the meta device (where every data pointer is 0): torch has no public
     storage identity."""
     return t.untyped_storage()._cdata
+
+
+def meta_nonzero_assumes_all_true():
+    """A context in which `nonzero()` of a meta tensor (which has no values) assumes every element true, so a boolean
+    index works on the meta device: torch's own switch for that, in a private config module."""
+    from torch.fx.experimental import _config
+
+    if not hasattr(_config, "meta_nonzero_assume_all_nonzero"):
+        raise changed("torch", "torch.fx.experimental._config has no meta_nonzero_assume_all_nonzero switch")
+    return _config.patch(meta_nonzero_assume_all_nonzero=True)

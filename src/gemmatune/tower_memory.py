@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gemmatune.compat import fused_cpu_attention, storage_key
+from gemmatune.compat import fused_cpu_attention, meta_nonzero_assumes_all_true, storage_key
 from gemmatune.media import MAX_AUDIO_SECONDS, SAMPLE_RATE
 
 # Gemma 3n's processors: images are resized to 768x768; the audio feature extractor frames 32 ms windows every
@@ -79,9 +79,7 @@ def _no_padding(device: torch.device):
     torch's meta nonzero() can assume every element true, which is so for a probe without padding."""
     if device.type != "meta":
         return nullcontext()
-    from torch.fx.experimental import _config
-
-    return _config.patch(meta_nonzero_assume_all_nonzero=True)
+    return meta_nonzero_assumes_all_true()
 
 
 def saved_tensor_bytes(model: torch.nn.Module, forward) -> tuple[int, object]:
