@@ -225,6 +225,8 @@ def test_4bit_runs_where_bitsandbytes_does(monkeypatch, tiny_gemma3):
 
     cfg = load_config(None, [f"model.name={tiny_gemma3}", "model.quantization=4bit"]).model
     assert family_for("gemma3_text").name == "gemma3"
+    loaded = load_model(cfg, "bf16")  # the installed bitsandbytes (>= 0.49): 4-bit layers on this CPU
+    assert quantized_layers(loaded.model) and all(p.device.type == "cpu" for p in loaded.model.parameters())
     monkeypatch.setattr(bnb, "__version__", "0.48.2")
     with pytest.raises(GemmatuneError, match=r"4bit on CPU needs bitsandbytes >= 0.49 \(installed: 0.48.2\)"):
         load_model(cfg, "bf16")

@@ -31,11 +31,34 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_gemma3, alpa
     assert a == pytest.approx(b, rel=1e-4)  # same examples, same math: only the layout differs
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tiny_gemma3n, alpaca_file, tmp_path):
+def _count_first_mlp_calls(monkeypatch) -> list[int]:
+    """Calls of the first decoder layer's MLP in each later `train` (the real model, a hook added after setup). The
+    MLP sits inside the layer's checkpointed forward, so a recomputation in backward calls it again."""
+    import gemmatune.train as train_module
+
+    calls: list[int] = []
+    real = train_module.prepare_for_training
+
+    def counting(loaded, cfg):
+        model, report = real(loaded, cfg)
+        mlp = next(m for name, m in model.named_modules() if name.endswith(".layers.0.mlp"))
+        mlp.register_forward_hook(lambda *args: calls.append(1))
+        return model, report
+
+    monkeypatch.setattr(train_module, "prepare_for_training", counting)
+    return calls
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_gemma3n, alpaca_file, tmp_path, monkeypatch):
+    calls = _count_first_mlp_calls(monkeypatch)
     plain = train(tiny_config(tiny_gemma3n, alpaca_file, tmp_path / "p", max_steps=3, **SGD))
+    plain_calls = len(calls)
+    calls.clear()
     ckpt = train(tiny_config(tiny_gemma3n, alpaca_file, tmp_path / "c", max_steps=3, gradient_checkpointing=True,
                              **SGD))
     assert _losses(ckpt.run_dir) == pytest.approx(_losses(plain.run_dir), rel=1e-4)
+    # Checkpointing is on, not ignored: backward runs each layer's forward again, once per training step.
+    assert len(calls) == plain_calls + 3, (plain_calls, len(calls))
 
 
 def test_tcmalloc_restart_happens_once_and_not_when_opted_out(monkeypatch):
