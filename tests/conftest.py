@@ -5,6 +5,7 @@ Saved as ordinary Hugging Face folders, so tests exercise the same loading path 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -182,14 +183,7 @@ def needs_gemma4_processor():
     """Gemma4Processor cannot be built without torchvision: it takes a video processor, and without torchvision
     transformers' video-processor mapping is a stub that fails the processor's type check. PyPI's torchvision does
     not import beside the CPU torch of the main environment, so these tests run in CI's multimodal environment."""
-    try:
-        import torchvision  # noqa: F401
-        ok = True
-    except Exception:
-        ok = False
-    if not ok and os.environ.get("GEMMATUNE_MULTIMODAL_CI") == "1":
-        pytest.skip("runs in the multimodal environment of .ci/run")
-    require(ok, "a torchvision that imports beside this torch (pip install 'gemmatune[multimodal]')")
+    _needs_multimodal_imports(("torchvision",), "a torchvision that imports beside this torch")
 
 
 def make_gemma4_processor(folder: Path):
@@ -364,15 +358,19 @@ def needs_multimodal():
     """The tiny multimodal model needs timm, which needs a torchvision built for this torch. CI runs the
     `multimodal` tests in a second environment that has them and sets GEMMATUNE_MULTIMODAL_CI=1 for the main one,
     which then skips them instead of failing (.ci/run fails the run when the second environment's tests fail)."""
+    _needs_multimodal_imports(("timm", "torchvision"), "timm and a torchvision that imports beside this torch")
+
+
+def _needs_multimodal_imports(modules: tuple[str, ...], what: str) -> None:
     try:
-        import timm  # noqa: F401
-        import torchvision  # noqa: F401
+        for module in modules:
+            importlib.import_module(module)
         ok = True
     except Exception:
         ok = False
     if not ok and os.environ.get("GEMMATUNE_MULTIMODAL_CI") == "1":
         pytest.skip("runs in the multimodal environment of .ci/run")
-    require(ok, "timm and a torchvision that imports beside this torch (pip install 'gemmatune[multimodal]')")
+    require(ok, f"{what} (pip install 'gemmatune[multimodal]')")
 
 
 def gemma3n_multimodal_config():
