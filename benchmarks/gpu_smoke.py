@@ -20,9 +20,9 @@ the peak GPU memory beside `plan`'s estimate and its per-tower figures.
 
     python benchmarks/gpu_smoke.py --multimodal [--model e2b|e4b] [--steps 10] [--batch 2] [--qlora]
 
-`--family gemma4 --model e4b`: the same for a Gemma 4 E4B-like model (GEMMA4_E4B_TEXT, transformers' default vision
-encoder and audio conformer with clipped linears, whose LoRA goes inside the clamps; up to 280 soft tokens per image,
-counted per image, and 25 per second of audio). Gemma4Processor needs torchvision.
+`--family gemma4`: the same for Gemma 4 E2B or E4B (the bundled real config: vision encoder and audio conformer with
+clipped linears, whose LoRA goes inside the clamps; up to 280 soft tokens per image, counted per image, and 25 per
+second of audio). Gemma4Processor needs torchvision.
 
     python benchmarks/gpu_smoke.py --multimodal --family gemma4 --model e4b --qlora
     python benchmarks/gpu_smoke.py --multimodal --cpu --model-dir DIR   # the same path on CPU, for a tiny model
@@ -179,35 +179,23 @@ MEDIA_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", 
 
 GEMMA4_MEDIA_TOKENS = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
                        "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"}
-# Gemma 4 E4B-like text model: the layout of E2B/E4B (per-layer embeddings, the last layers reusing earlier layers'
-# keys and values, 5 sliding-window layers to 1 full, wider heads on full layers), at E4B's published size (about
-# 4B parameters besides the embeddings). Its config.json could not be read where this was written and no Gemma 4
-# config is bundled, so widths and layer counts are approximate: close enough for memory and speed, not a checkpoint.
-GEMMA4_E4B_TEXT = dict(
-    hidden_size=2560, intermediate_size=10240, num_hidden_layers=42, num_kv_shared_layers=18, num_attention_heads=8,
-    num_key_value_heads=2, head_dim=256, global_head_dim=512, hidden_size_per_layer_input=256, sliding_window=512,
-    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7, final_logit_softcapping=30.0,
-)
-
 
 def build_random_multimodal_checkpoint(model: str, folder: Path, family: str = "gemma3n") -> Path:
     """The full model with random bf16 weights and a processor whose tokenizer puts the six media tokens at the
-    model's ids (fillers elsewhere). Gemma 3n: the bundled text config + the default E2B/E4B towers. Gemma 4:
-    GEMMA4_E4B_TEXT + transformers' default vision encoder and audio conformer (both clipped linears)."""
+    model's ids (fillers elsewhere). Gemma 3n: the bundled text config + the default E2B/E4B towers. Gemma 4: the
+    bundled E2B/E4B config, towers included (clipped linears in both)."""
     if (folder / "config.json").is_file():
         return folder
     import transformers
     from transformers import AutoConfig
 
+    from gemmatune.models import bundled_config_file
+
     if family == "gemma4":
-        config = transformers.Gemma4Config(
-            text_config=transformers.Gemma4TextConfig(**GEMMA4_E4B_TEXT).to_dict(),
-            vision_config=transformers.Gemma4VisionConfig(use_clipped_linears=True).to_dict(),
-            audio_config=transformers.Gemma4AudioConfig(use_clipped_linears=True).to_dict())
+        data = json.loads(bundled_config_file(f"google/gemma-4-{model.upper()}-it").read_text())
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
         config.architectures = ["Gemma4ForConditionalGeneration"]
     else:
-        from gemmatune.models import bundled_config_file
-
         data = json.loads(bundled_config_file(f"google/gemma-3n-{model.upper()}-it").read_text())
         text = AutoConfig.for_model(data.pop("model_type"), **data)
         config = AutoConfig.for_model("gemma3n", text_config=text.to_dict())
@@ -375,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["e2b", "e4b"], default="e2b")
     parser.add_argument("--family", choices=["gemma3n", "gemma4"], default="gemma3n",
-                        help="--multimodal: Gemma 3n (E2B/E4B) or Gemma 4 (E4B-like, see GEMMA4_E4B_TEXT)")
+                        help="--multimodal: Gemma 3n or Gemma 4 (E2B/E4B, --model)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -425,9 +413,6 @@ def _main_multimodal(args) -> int:
         return 2
     if device == "cpu" and not args.model_dir:
         print("--cpu needs --model-dir: a real-size random model is not built on the CPU", file=sys.stderr)
-        return 2
-    if args.family == "gemma4" and args.model != "e4b":
-        print("--family gemma4 builds an E4B-like model only: add --model e4b", file=sys.stderr)
         return 2
     workdir = Path(args.workdir)
     folder = Path(args.model_dir) if args.model_dir else build_random_multimodal_checkpoint(

@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from gemmatune.config import load_config
 from gemmatune.errors import GemmatuneError
 from gemmatune.loading import choose_model_class, load_model, resolve_source
 from gemmatune.lora import attach_lora, trainable_report, wrapped_module_names
-from gemmatune.models import family_for
+from gemmatune.models import bundled_config_file, family_for
 from gemmatune.models.gemma4 import FAMILY
 from gemmatune.runs import read_metrics
 from gemmatune.templates import IGNORE, tokenize_row
@@ -248,10 +249,21 @@ def test_towers_get_lora_inside_the_clippable_linears_and_train_only_when_asked(
             assert torch.equal(out, torch.clamp(clip.linear(torch.clamp(x, min=-0.5)), max=0.01))
 
 
-def test_a_tower_asked_for_but_absent_is_an_error():
+def test_a_tower_asked_for_but_absent_or_unmatched_is_an_error():
+    import dataclasses
+
+    from transformers import Gemma4ForConditionalGeneration
+
     from tests.conftest import gemma4_multimodal_config
 
-    with pytest.raises(GemmatuneError, match="lora.towers: vision asked for, but no module of that tower"):
+    # Present, but the family's targets match none of its modules (a renamed layer in a new transformers)
+    renamed = dataclasses.replace(FAMILY, towers=tuple((name, parts, r"^nothing$") for name, parts, _ in FAMILY.towers))
+    cfg = load_config(None, ["model.multimodal=true"])
+    cfg.lora.towers = ["vision"]
+    with pytest.raises(GemmatuneError, match="lora.towers: vision asked for, but no module of that tower matched"):
+        attach_lora(Gemma4ForConditionalGeneration(gemma4_multimodal_config()), cfg.lora, renamed)
+    with pytest.raises(GemmatuneError, match="lora.towers: this model has no vision tower; the gemma4 towers it has: "
+                                             "audio$"):
         _lora_with_towers(["vision"], gemma4_multimodal_config(vision=False))
 
 
@@ -279,13 +291,46 @@ def test_cli_run_on_a_local_gemma4_folder_completes_learns_and_stops(tiny_gemma4
     assert answer["stopped"] and answer["generation"] == "ok"
 
 
-@pytest.mark.parametrize("model_id", FAMILY.known_ids)
-def test_plan_for_a_real_gemma4_id_says_in_one_line_that_no_config_is_bundled(model_id, monkeypatch):
+# What each released name promises, in billions: E2B/E4B count without the per-layer embedding table ("effective"),
+# 26B-A4B totals about 26B with about 4B active per token (shared parts + top-k of the experts), 31B is 31B. A bundled
+# config with a wrong width, depth or expert count lands outside its range.
+NAMED_SIZES = {"E2B": ("effective", 2.0, 2.5), "E4B": ("effective", 4.0, 5.0), "26B-A4B": ("total", 25.0, 26.5),
+               "31B": ("total", 30.5, 31.5)}
+
+
+@pytest.mark.parametrize("size", list(NAMED_SIZES))
+def test_plan_for_each_real_gemma4_id_works_offline_and_counts_what_the_name_says(size, monkeypatch):
+    from gemmatune.model_shape import measure
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model_id in (f"google/gemma-4-{size}", f"google/gemma-4-{size}-it"):
+        shape = measure(load_config(None, [f"model.name={model_id}"]))
+        assert shape.model_class == "Gemma4ForCausalLM" and "bundled config" in shape.source
+    text = AutoConfig.for_model(**json.loads(bundled_config_file(model_id).read_text())).text_config
+    kind, low, high = NAMED_SIZES[size]
+    params = shape.total_params
+    if kind == "effective":
+        params -= text.vocab_size_per_layer_input * text.num_hidden_layers * text.hidden_size_per_layer_input
+    assert low <= params / 1e9 <= high, (size, params)
+    if text.enable_moe_block:
+        expert = 3 * text.hidden_size * text.moe_intermediate_size  # gate, up and down of one expert
+        experts = text.num_hidden_layers * text.num_experts * expert
+        active = shape.total_params - experts + experts * text.top_k_experts // text.num_experts
+        assert 3.5 <= active / 1e9 <= 4.5, active
+    # KV-shared layers (E2B 20 of 35, E4B 18 of 42) and attention_k_eq_v full layers (no v_proj) get no k/v adapters
+    counts = {leaf: sum(n.endswith("." + leaf) for n in shape.wrapped) for leaf in ("q_proj", "k_proj", "v_proj")}
+    shared = text.num_kv_shared_layers
+    full_k_eq_v = sum(t == "full_attention" for t in text.layer_types) if text.attention_k_eq_v else 0
+    assert counts == {"q_proj": text.num_hidden_layers, "k_proj": text.num_hidden_layers - shared,
+                      "v_proj": text.num_hidden_layers - shared - full_k_eq_v}
+
+
+def test_plan_for_a_known_id_without_a_bundled_config_says_so_in_one_line(monkeypatch):
     from gemmatune.model_shape import load_architecture
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(GemmatuneError, match=f"bundles no config for {model_id}") as err:
-        load_architecture(load_config(None, [f"model.name={model_id}"]))
+    with pytest.raises(GemmatuneError, match="bundles no config for google/gemma-3-4b-it") as err:
+        load_architecture(load_config(None, ["model.name=google/gemma-3-4b-it"]))
     assert "\n" not in str(err.value)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from gemmatune.config import load_config
 from gemmatune.data import read_data, tokenize_data
+from gemmatune.errors import GemmatuneError
 from gemmatune.media import MediaCollator, read_audio
 from gemmatune.packing import PackCollator
 from gemmatune.templates import IGNORE
@@ -142,3 +143,28 @@ def _generates_with_the_parts_marked(run_dir, media_file):
     assert [a.new_tokens > 0 for a in answers] == [True, True]
     ids, types = seen[0]["input_ids"], seen[0]["mm_token_type_ids"]
     assert torch.equal(types == 1, ids == IMAGE) and torch.equal(types == 3, ids == AUDIO) and (types == 1).any()
+
+
+@pytest.mark.parametrize("size, towers", [("E2B", ["audio", "vision"]), ("E4B", ["audio", "vision"]),
+                                          ("26B-A4B", ["vision"]), ("31B", ["vision"])])
+def test_plan_of_each_real_gemma4_id_with_its_towers_counts_each_part_offline(size, towers, monkeypatch):
+    from gemmatune.model_shape import measure
+    from gemmatune.plan import make_plan
+
+    needs_gemma4_processor()  # the full model is offered where its processor can be built
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_id = f"google/gemma-4-{size}-it"
+    text = measure(load_config(None, [f"model.name={model_id}"]))
+    full = measure(load_config(None, [f"model.name={model_id}", "model.multimodal=true", f"lora.towers={towers}"]))
+    assert full.model_class == "Gemma4ForConditionalGeneration"
+    assert full.per_tower["language model"] == len(text.wrapped)  # the towers change nothing in the language model
+    assert all(full.per_tower[t] > 0 for t in towers)
+    assert full.total_params > text.total_params
+    plan = make_plan(load_config(None, [f"model.name={model_id}", "model.multimodal=true", f"lora.towers={towers}"]),
+                     device_memory=24 * 2**30, device="cuda")
+    # both towers' activations where the model has both; the large models have vision only
+    assert {t.tower for t in plan.settings.towers} == ({"vision", "audio"} if size.startswith("E") else {"vision"})
+    assert plan.estimate.total > 0 and "\n".join(plan.lines())
+    if towers == ["vision"]:  # the large models have no audio tower: asking for it is refused in one line
+        with pytest.raises(GemmatuneError, match="this model has no audio tower"):
+            measure(load_config(None, [f"model.name={model_id}", "model.multimodal=true", "lora.towers=[audio]"]))

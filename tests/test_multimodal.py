@@ -202,7 +202,8 @@ def test_a_tower_with_no_matching_module_is_refused(tiny_gemma3n, tiny_gemma3):
     # The language model alone (Gemma3nForCausalLM) has no vision tower: asking to train it must not pass silently.
     # (The config refuses lora.towers without model.multimodal; this is the check behind it, for any cause.)
     loaded = load_model(ModelConfig(name=str(tiny_gemma3n)), "fp32")
-    with pytest.raises(GemmatuneError, match=r"lora.towers: vision asked for, but no module of that tower matched"):
+    with pytest.raises(GemmatuneError, match=r"lora.towers: this model has no vision tower; the gemma3n towers it "
+                                             r"has: none"):
         attach_lora(loaded.model, LoraSection(towers=["vision"]), loaded.family)
     # A family without towers
     loaded = load_model(ModelConfig(name=str(tiny_gemma3)), "fp32")

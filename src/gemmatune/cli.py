@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("plan", "config", help="show what a config trains and the memory it needs, without loading weights",
                 description="Count wrapped modules and trainable parameters exactly (model on the meta device) and "
-                            "estimate memory per device; offline for local models and the bundled Gemma 3n E2B/E4B "
-                            "configs.")
+                            "estimate memory per device; offline for local models and the bundled Gemma 3n "
+                            "and Gemma 4 configs.")
     p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 16GiB: says whether it fits")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (default 1)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: this machine's; "

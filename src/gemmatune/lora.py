@@ -133,13 +133,22 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
     if autocast:
         skip_input_casts(peft_model)
     report = trainable_report(peft_model, family)
-    check_towers(cfg, report.per_tower)
+    check_towers(cfg, report.per_tower, peft_model, family)
     return peft_model, report
 
 
-def check_towers(cfg: LoraSection, per_tower: dict[str, int]) -> None:
-    """A tower asked for in `lora.towers` that got no adapter is an error: it would train nothing, silently."""
+def check_towers(cfg: LoraSection, per_tower: dict[str, int], model=None, family: ModelFamily | None = None) -> None:
+    """A tower asked for in `lora.towers` that got no adapter is an error: it would train nothing, silently.
+    Given the model and its family, a tower the model does not have at all (Gemma 4 26B/31B: no audio) is said so."""
     empty = [t for t in cfg.towers if not per_tower.get(t)]
+    if empty and model is not None and family is not None:
+        present = {tower_of(name, family) for name, _ in model.named_modules()}
+        absent = [t for t in empty if t not in present]
+        if absent:
+            raise GemmatuneError(
+                f"config key lora.towers: this model has no {' and no '.join(absent)} tower; "
+                f"the {family.name} towers it has: {', '.join(sorted(present - {LANGUAGE_MODEL})) or 'none'}"
+            )
     if empty:
         raise GemmatuneError(
             f"config key lora.towers: {', '.join(empty)} asked for, but no module of that tower matched the LoRA "

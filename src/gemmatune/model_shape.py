@@ -68,8 +68,13 @@ def load_architecture(cfg: Config):
     bundled = bundled_config_file(name) if "/" in name and not Path(name).exists() else None
     if bundled is not None:
         data = json.loads(bundled.read_text(encoding="utf-8"))
-        text = AutoConfig.for_model(data.pop("model_type"), **data)
-        family = family_for(text.model_type)
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
+        family = family_for(config.model_type)
+        if config.model_type in family.multimodal_model_types:  # the whole checkpoint's config (Gemma 4)
+            if cfg.model.multimodal:
+                return config, f"bundled config {Path(str(bundled)).name}"
+            return config.get_text_config(), f"bundled config {Path(str(bundled)).name} (its language model)"
+        text = config
         if cfg.model.multimodal and family.multimodal_model_types:
             # The full checkpoint: the bundled text config inside the family's multimodal config, whose tower
             # configs default to the real ones (Gemma 3n: the E2B/E4B audio conformer and MobileNetV5).
@@ -77,8 +82,8 @@ def load_architecture(cfg: Config):
             return full, f"bundled config {Path(str(bundled)).name} + the default towers"
         return text, f"bundled config {Path(str(bundled)).name}"
     not_bundled = GemmatuneError(
-        # A real id whose config gemmatune could not bundle (Gemma 4: its config.json was not readable where this
-        # release was made, and transformers' defaults are no checkpoint's): say so in one line, invent nothing.
+        # A known id without a bundled config (a sibling added to a family's ids before its config was known):
+        # say so in one line, invent nothing.
         f"model.name: gemmatune bundles no config for {name} (the real one was not available offline when this "
         "release was made) and none is in the local cache; plan needs the model folder or a cached download"
     )
@@ -159,7 +164,7 @@ def measure(cfg: Config) -> ModelShape:
     per_tower = None
     if cfg.model.multimodal and family.towers:
         per_tower = trainable_report(peft_model, family).per_tower
-        check_towers(cfg.lora, per_tower)
+        check_towers(cfg.lora, per_tower, peft_model, family)
     return ModelShape(
         source=where, model_class=type(model).__name__, family=family, total_params=total,
         quantizable_params=quantizable, linear_params=linear, layers=text.num_hidden_layers, hidden=text.hidden_size,

@@ -126,17 +126,20 @@ def measure_towers(peft_model, trained: list[str], image_size: int = DEFAULT_IMA
         image = (f"image {image_size}x{image_size}",
                  lambda: inner.get_image_features(torch.zeros(1, 3, image_size, image_size, device=device,
                                                               dtype=dtype), return_dict=True).pooler_output)
-    mels = mel_bins if family is not None and family.audio_mask_marks_frames else config.audio_config.input_feat_size
+    marks_frames = family is not None and family.audio_mask_marks_frames
     # A full clip: every frame real, which each family's mask says its own way.
-    full = torch.full((1, frames), family is not None and family.audio_mask_marks_frames, device=device)
+    full = torch.full((1, frames), marks_frames, device=device)
     probes = {
         "vision": image,
         "audio": (f"{clip_seconds:g} s clip",
-                  lambda: inner.get_audio_features(torch.zeros(1, frames, mels, device=device, dtype=dtype), full,
-                                                   return_dict=True).pooler_output),
+                  lambda: inner.get_audio_features(
+                      torch.zeros(1, frames, mel_bins if marks_frames else config.audio_config.input_feat_size,
+                                  device=device, dtype=dtype), full, return_dict=True).pooler_output),
     }
     out = []
     for tower in ("vision", "audio"):
+        if getattr(config, f"{tower}_config", None) is None:  # a model without this tower (Gemma 4 26B/31B: audio)
+            continue
         unit, forward = probes[tower]
         with _FusedAttention() if device.type == "meta" else nullcontext(), _no_padding(device):
             saved, soft = saved_tensor_bytes(peft_model, forward)

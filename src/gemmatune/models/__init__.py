@@ -82,8 +82,9 @@ class ModelFamily:
     keep_unquantized: tuple[str, ...] = ()
     """Linear modules (dotted name suffixes) that 4-bit loading must leave alone because the model code reads
     or rewrites their weights directly; see quantization.py for the rules every family gets."""
-    bundled_text_configs: tuple[tuple[str, str], ...] = ()
-    """(hub id, JSON file in this package) pairs: real text configs, so `plan` works offline."""
+    bundled_configs: tuple[tuple[str, str], ...] = ()
+    """(hub id, JSON file in this package) pairs: the real configs, so `plan` works offline. A file is the text
+    config (Gemma 3n) or the whole multimodal config (Gemma 4), whose text_config stands for text data."""
     rms_norm: str | None = None
     """Class name of the family's RMSNorm, replaced for training by `norms.LeanRMSNorm` (same math, no fp32
     input copy kept for backward); None: left as it is."""
@@ -105,11 +106,11 @@ class ModelFamily:
 
 
 def bundled_config_file(model_id: str):
-    """The bundled text config (a Path) for a known hub id, or None."""
+    """The bundled config (a Path) for a known hub id, or None."""
     from importlib.resources import files
 
     for family in _families():
-        for hub_id, filename in family.bundled_text_configs:
+        for hub_id, filename in family.bundled_configs:
             if hub_id == model_id:
                 return files("gemmatune.models").joinpath(filename)
     return None

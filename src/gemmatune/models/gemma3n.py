@@ -83,7 +83,7 @@ FAMILY = ModelFamily(
     # AltUp clamps prediction_coefs.weight in place and calls F.linear on correction_coefs.weight: with packed
     # 4-bit bytes the clamp corrupts them (bf16 storage) or raises (uint8); the router is 2048 -> 4.
     keep_unquantized=("altup.prediction_coefs", "altup.correction_coefs", "altup.modality_router"),
-    bundled_text_configs=(
+    bundled_configs=(
         ("google/gemma-3n-E2B", _E2B), ("google/gemma-3n-E2B-it", _E2B),
         ("google/gemma-3n-E4B", _E4B), ("google/gemma-3n-E4B-it", _E4B),
     ),

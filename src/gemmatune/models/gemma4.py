@@ -16,8 +16,13 @@
 - fp16 overflows are reported for Gemma 4 (unsloth-zoo#866, #931): fp16 is refused.
 - Chat format `<|turn>role ... <turn|>`; the end-of-turn marker ends a reply (learned, and a stop token). Thinking
   is `<|channel>thought ... <channel|>` inside a model turn: kept out of the loss unless `data.train_on_thinking`.
-- No real Gemma 4 config is bundled: the checkpoints' config.json files cannot be read on this machine, and the
-  transformers defaults are no checkpoint's (`Gemma4TextConfig()` has no KV sharing, which E2B has).
+- The four checkpoints' configs are bundled for `plan` (gemma4_e2b.json, gemma4_e4b.json, gemma4_26b_a4b.json,
+  gemma4_31b.json): the arguments Google's conversion script gives `Gemma4Config` for each variant (transformers'
+  models/gemma4/convert_gemma4_weights.py, `_VARIANTS`, read at commit 0f3f0632), everything else the defaults it
+  relied on. The hub's config.json files cannot be read here; the transformers defaults alone are no checkpoint's
+  (`Gemma4TextConfig()` has no KV sharing, which E2B has). E2B/E4B have both towers, 26B-A4B/31B the larger vision
+  tower and no audio. The media tokens' strings (`<|image|>`, `<|image>`...) are the ones that script gives the
+  tokenizer.
 """
 
 from gemmatune.models import ModelFamily, language_model_projections
@@ -94,4 +99,6 @@ FAMILY = ModelFamily(
     expert_parameters=("experts.gate_up_proj", "experts.down_proj"),
     moe_parts=(("experts", "experts"), ("router", "router"), ("shared MLP", "mlp")),
     thinking_markers=THINKING,
+    bundled_configs=tuple((f"google/gemma-4-{size}{suffix}", f"gemma4_{size.lower().replace('-', '_')}.json")
+                          for size in ("E2B", "E4B", "26B-A4B", "31B") for suffix in ("", "-it")),
 )
