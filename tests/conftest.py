@@ -154,6 +154,30 @@ def gemma4_config(kind: str = "e", **overrides):
     return config
 
 
+def gemma4_unified_config(multimodal: bool = False):
+    """Tiny Gemma 4 12B "unified" (images and audio embedded into the transformer itself): the language model as the
+    12B's, keys = values on full-attention layers with one global key/value head, no PLE, no KV sharing. With
+    `multimodal`, the whole `Gemma4UnifiedConfig` (small embedders) as a checkpoint stores it."""
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedTextConfig
+
+    text = Gemma4UnifiedTextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1, attention_k_eq_v=True,
+        sliding_window=16, max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"] * 2,
+        final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.1,
+    )
+    if not multimodal:
+        text.architectures = ["Gemma4UnifiedForCausalLM"]
+        return text
+    config = Gemma4UnifiedConfig(text_config=text.to_dict(), vision_config={"mm_embed_dim": 32, "output_proj_dims": 32,
+                                                                           "mm_posemb_size": 16},
+                                 audio_config={"audio_embed_dim": 32}, image_token_id=265, audio_token_id=266,
+                                 boi_token_id=267, eoi_token_id=268, boa_token_id=269, eoa_token_index=270,
+                                 video_token_id=264)
+    config.architectures = ["Gemma4UnifiedForConditionalGeneration"]
+    return config
+
+
 def gemma4_multimodal_config(vision: bool = True, audio: bool = True):
     """E4B's layout, tiny: the E-style text model with a 1-layer vision encoder (4x4 patches of 4 pixels, pooled 2x2)
     and a 1-layer audio conformer (8 mel bins here), both with clipped linears (clamps from the checkpoint)."""
@@ -241,6 +265,12 @@ def tiny_gemma3n(tmp_path_factory) -> Path:
 def tiny_gemma4(tmp_path_factory) -> Path:
     """E-style tiny Gemma 4 (PLE, KV sharing) with a tokenizer that has Gemma 4's chat and thinking tokens."""
     return save_tiny(gemma4_config("e"), tmp_path_factory.mktemp("tiny-gemma4"), tokenizer=make_gemma4_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_unified(tmp_path_factory) -> Path:
+    return save_tiny(gemma4_unified_config(), tmp_path_factory.mktemp("tiny-gemma4-unified"),
+                     tokenizer=make_gemma4_tokenizer())
 
 
 @pytest.fixture(scope="session")

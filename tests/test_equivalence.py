@@ -20,6 +20,7 @@ from tests.conftest import (
     gemma3_config,
     gemma3n_config,
     gemma4_config,
+    gemma4_unified_config,
     make_gemma4_tokenizer,
     needs_multimodal,
     save_tiny,
@@ -120,7 +121,8 @@ def _check(model_dir: Path, tmp: Path, model_class: str, multimodal: bool = Fals
             "generates")
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma3n", "generic", "gemma4-e", "gemma4-moe", "gemma4-dense"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma3n", "generic", "gemma4-e", "gemma4-moe", "gemma4-dense",
+                                    "gemma4-unified"])
 def test_training_forward_equals_cached_decoding(family, tmp_path):
     config, model_class = {
         "gemma3": (gemma3_config(), "Gemma3ForCausalLM"),
@@ -130,6 +132,7 @@ def test_training_forward_equals_cached_decoding(family, tmp_path):
         "gemma4-e": (gemma4_config("e"), "Gemma4ForCausalLM"),
         "gemma4-moe": (gemma4_config("moe"), "Gemma4ForCausalLM"),
         "gemma4-dense": (gemma4_config("dense"), "Gemma4ForCausalLM"),
+        "gemma4-unified": (gemma4_unified_config(), "Gemma4UnifiedForCausalLM"),
     }[family]
     config.architectures = [model_class]
     tokenizer = make_gemma4_tokenizer() if family.startswith("gemma4") else None

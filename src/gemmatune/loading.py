@@ -290,9 +290,10 @@ def choose_model_class(cfg: ModelConfig, model_type: str, family: ModelFamily, w
     multimodal_checkpoint = model_type in family.multimodal_model_types
     if cfg.multimodal:
         if family.multimodal_class is None or not multimodal_checkpoint:
+            what = ("gemmatune does not train its image and audio inputs yet" if multimodal_checkpoint
+                    else "has no multimodal model to load")
             raise GemmatuneError(
-                f"config key model.multimodal: {where} ({model_type}) has no multimodal model to load; "
-                "set model.multimodal: false"
+                f"config key model.multimodal: {where} ({model_type}) {what}; set model.multimodal: false"
             )
         missing = [name for name in family.multimodal_requires if not _imports(name)]
         if missing:

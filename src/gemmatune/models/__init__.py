@@ -117,9 +117,9 @@ def bundled_config_file(model_id: str):
 
 
 def _families() -> tuple[ModelFamily, ...]:
-    from gemmatune.models import gemma3, gemma3n, gemma4
+    from gemmatune.models import gemma3, gemma3n, gemma4, gemma4_unified
 
-    return (gemma3.FAMILY, gemma3n.FAMILY, gemma4.FAMILY)
+    return (gemma3.FAMILY, gemma3n.FAMILY, gemma4.FAMILY, gemma4_unified.FAMILY)
 
 
 def gguf_families() -> tuple[ModelFamily, ...]:
