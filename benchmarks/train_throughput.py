@@ -9,13 +9,17 @@ Variants, each in a fresh subprocess (so peak RSS is its own), run alternately (
      RMSNorms that keep no fp32 input copy, tcmalloc preloaded when installed, else glibc malloc tuned in-process
      (gemmatune.allocator.tune_malloc), and oneDNN's primitive cache capped at 128, as `gemmatune train` does
      (--no-tcmalloc: c without tcmalloc; --no-mallopt: c without the malloc tuning)
+  d  (--peft-dropout) c with PEFT's own nn.Dropout in place of gemmatune's LoRA dropout (lora_dropout.py)
 
-All use the embedded Gemma 3 270M, LoRA r=16 / alpha 32 / dropout 0 on the 7 projections, AdamW lr 2e-4,
+All use the embedded Gemma 3 270M, LoRA r=16 / alpha 32 / dropout 0.1 (the config default: what users run;
+--lora-dropout to change it) on the 7 projections, AdamW lr 2e-4,
 4 examples per step, the same tokenized examples (gemmatune's alpaca-en template, max 512 tokens) in the
 same order, and the same number of steps, so the same real (non-padding) tokens. Tokens/s are measured
 from the end of step 1 to the end of the last step. Also measured here: 2048^3 bf16 and fp32 matmuls; the
 roofline c's speed is compared with (`c_share_of_roofline`) is that of the dtype c computes in (FLOPs per token
-from the model's shapes and the data's label share); `c_share_of_bf16_roofline` keeps the bf16 one.
+from the model's shapes and the data's label share); `c_share_of_bf16_roofline` keeps the bf16 one. Then c runs
+a few more steps under torch.profiler: its matmul and non-matmul CPU time per real token and the largest
+non-matmul ops.
 
     flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py            # full, ~21 min here
     flock /tmp/gemmatune-heavy.lock python benchmarks/train_throughput.py --steps 8 --rows 64 --rounds 1
@@ -40,6 +44,10 @@ ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.json"
 BUNDLED = ROOT / "examples" / "data" / "tickets_train.jsonl"
 VARIANTS = ("a", "b", "c")
 BATCH, LR, MAX_LENGTH, SEED = 4, 2e-4, 512, 42
+DROPOUT = 0.1  # set from --lora-dropout in each process
+# Matrix products (forward and backward) in a CPU profile; everything else is "non-matmul" time.
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
+              "aten::_weight_int4pack_mm", "aten::mkldnn_linear"}
 
 
 # ----------------------------------------------------------------------------- child: one variant
@@ -64,7 +72,7 @@ def _examples(data_file: str, tokenizer=None):
 def _lora_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=DROPOUT, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
@@ -93,7 +101,7 @@ def _common_args(out: str, steps: int, bf16: bool) -> dict:
                 include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0)
 
 
-def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
+def run_variant(variant: str, data_file: str, steps: int, threads: int, profile_steps: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -129,15 +137,20 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
                                  f"train.max_steps={steps}", f"train.per_device_train_batch_size={BATCH}",
                                  "train.gradient_accumulation_steps=1", f"train.learning_rate={LR}",
                                  "train.warmup_steps=0", "train.lr_scheduler_type=constant", "train.logging_steps=1",
-                                 "train.save_steps=100000", "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0.0",
-                                 f"train.num_threads={threads}"])
+                                 "train.save_steps=100000", "lora.r=16", "lora.lora_alpha=32",
+                                 f"lora.lora_dropout={DROPOUT}", f"train.num_threads={threads}"])
         loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
         # The tokenizer loaded with the model, as `gemmatune train` uses it (a second one is ~0.3 GiB of RSS).
         tokenizer, data = _examples(data_file, loaded.tokenizer)
         model, _ = prepare_for_training(loaded, cfg)  # what `gemmatune train` does between loading and training
+        if variant == "d":
+            _put_back_peft_dropout(model)
         trainer = build_trainer(cfg, model, tokenizer, data, Path(out), loaded.precision)
         trainer.add_callback(timer)
         stack = f"gemmatune ({loaded.precision}, {attn_implementation(loaded.model.config)}, packed, chunked loss)"
+        stack += ", PEFT's dropout" if variant == "d" else ""
+    if profile_steps:
+        return _profile(trainer, timer, profile_steps)
     trainer.train()
     (t0, n0), (t1, n1) = timer.marks[0], timer.marks[-1]
     import resource
@@ -155,6 +168,44 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
         "allocator": _allocator(),
         "compute_dtype": _compute_dtype(trainer),
     }
+
+
+def _put_back_peft_dropout(model) -> None:
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from gemmatune.lora_dropout import LoraDropout
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter, dropout in list(module.lora_dropout.items()):
+                if isinstance(dropout, LoraDropout):
+                    module.lora_dropout[adapter] = torch.nn.Dropout(dropout.p)
+
+
+def _profile(trainer, timer, steps: int) -> dict:
+    """c's CPU time per real token, matmul and not, over `steps` steps after the first (warm-up) one."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
+
+    prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=steps))
+
+    class Step(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            prof.step()
+
+    trainer.args.max_steps = steps + 1
+    trainer.add_callback(Step())
+    with prof:
+        trainer.train()
+    tokens = timer.marks[-1][1] - timer.marks[0][1]
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}  # microseconds
+    total = sum(ops.values())
+    matmul = sum(t for k, t in ops.items() if k in MATMUL_OPS)
+    top = sorted(((t, k) for k, t in ops.items() if k not in MATMUL_OPS), reverse=True)[:8]
+    return {"profiled_steps": steps, "profiled_tokens": tokens, "matmul_us_per_token": matmul / tokens,
+            "non_matmul_us_per_token": (total - matmul) / tokens, "non_matmul_share": 1 - matmul / total,
+            "top_non_matmul": [(k, round(100 * t / total, 1)) for t, k in top]}
 
 
 def _allocator() -> str:
@@ -257,7 +308,8 @@ def data_file(rows: int) -> tuple[str, str]:
     return str(path), f"{BUNDLED} (first {len(lines)} rows)"
 
 
-def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool, mallopt: bool = True) -> dict:
+def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool, mallopt: bool = True,
+          profile_steps: int = 0) -> dict:
     from gemmatune.allocator import MALLOPT_VARIABLE, ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VARIABLE, find_tcmalloc
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
@@ -269,7 +321,7 @@ def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool, mal
         if not mallopt:
             env[MALLOPT_VARIABLE] = "0"
     cmd = [sys.executable, __file__, "--child", variant, "--data", data, "--steps", str(steps),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--lora-dropout", str(DROPOUT), "--profile-steps", str(profile_steps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -278,6 +330,7 @@ def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool, mal
 
 
 def main() -> None:
+    global DROPOUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=18,
                         help="optimizer steps per variant (4 examples each); 18 keeps the whole run under 20 min here")
@@ -287,16 +340,23 @@ def main() -> None:
     parser.add_argument("--no-tcmalloc", action="store_true", help="run c without tcmalloc preloaded")
     parser.add_argument("--no-mallopt", action="store_true", help="run c with glibc malloc's defaults "
                         "(when tcmalloc is not used)")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--lora-dropout", type=float, default=DROPOUT, help="LoRA dropout of every variant "
+                        "(default: the config's default)")
+    parser.add_argument("--peft-dropout", action="store_true", help="add variant d: c with PEFT's own dropout")
+    parser.add_argument("--profile-steps", type=int, default=4, help="steps of c profiled after the timed runs "
+                        "(0: no profile)")
+    parser.add_argument("--child", choices=(*VARIANTS, "d"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    DROPOUT = args.lora_dropout
     sys.path.insert(0, str(ROOT / "src"))
     from gemmatune.hardware import usable_cores
 
     threads = args.threads or usable_cores()
     if args.child:
-        print(json.dumps(run_variant(args.child, args.data, args.steps, threads)))
+        print(json.dumps(run_variant(args.child, args.data, args.steps, threads, args.profile_steps)))
         return
+    variants = (*VARIANTS, "d") if args.peft_dropout else VARIANTS
 
     started = time.perf_counter()
     path, described = data_file(args.rows)
@@ -304,10 +364,10 @@ def main() -> None:
     report = data.train.report
     label_share = report.label_tokens / report.tokens
     print(f"data: {described}; {report.examples} examples, {report.tokens} tokens ({100 * label_share:.0f}% "
-          f"labels), {args.steps} steps x {BATCH} examples, {threads} threads", flush=True)
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+          f"labels), {args.steps} steps x {BATCH} examples, {threads} threads, LoRA dropout {DROPOUT}", flush=True)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+        for v in variants if r % 2 == 0 else variants[::-1]:
             res = spawn(v, path, args.steps, threads, not args.no_tcmalloc, not args.no_mallopt)
             runs[v].append(res)
             print(f"  round {r + 1} {v}: {res['tokens_per_second']:7.1f} real tok/s, peak RSS "
@@ -325,7 +385,7 @@ def main() -> None:
 
     summary = {v: {"stack": runs[v][0]["stack"], "tokens_per_second": round(med(v, "tokens_per_second"), 1),
                    "peak_rss_gib": round(med(v, "peak_rss_gib"), 2), "final_loss": round(med(v, "final_loss"), 4),
-                   "real_tokens": runs[v][0]["real_tokens"]} for v in VARIANTS}
+                   "real_tokens": runs[v][0]["real_tokens"]} for v in variants}
     a, b, c = (summary[v] for v in VARIANTS)
     result = {
         "data": described, "steps": args.steps, "batch": BATCH, "rounds": args.rounds, "threads": threads,
@@ -344,9 +404,15 @@ def main() -> None:
         "c_share_of_bf16_roofline": round(c["tokens_per_second"] / bf16_roofline, 3),
         "tcmalloc_in_c": runs["c"][0]["tcmalloc"],
         "allocator_in_c": runs["c"][0].get("allocator", "unknown"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "lora_dropout": DROPOUT,
     }
-    for v in VARIANTS:
+    if "d" in summary:
+        result["speed_c_over_d_peft_dropout"] = round(c["tokens_per_second"] / summary["d"]["tokens_per_second"], 3)
+    if args.profile_steps:
+        result["c_profile"] = spawn("c", path, args.steps, threads, not args.no_tcmalloc, not args.no_mallopt,
+                                    args.profile_steps)
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    for v in variants:
         s = summary[v]
         print(f"{v}: {s['tokens_per_second']:7.1f} real tok/s  peak RSS {s['peak_rss_gib']:.2f} GiB  "
               f"loss {s['final_loss']:.4f}  {s['stack']}")
@@ -356,6 +422,13 @@ def main() -> None:
           f"{c_dtype}: {flops / 1e9:.2f} GFLOP per token -> roofline {roofline:.0f} tok/s; c reaches "
           f"{100 * result['c_share_of_roofline']:.0f}% of it ({100 * result['c_share_of_bf16_roofline']:.0f}% of the "
           f"bf16 one); allocator in c: {result['allocator_in_c']}")
+    if "d" in summary:
+        print(f"c / d (gemmatune's LoRA dropout / PEFT's): {result['speed_c_over_d_peft_dropout']}x")
+    if args.profile_steps:
+        p = result["c_profile"]
+        print(f"c profiled over {p['profiled_steps']} steps: matmul {p['matmul_us_per_token']:.0f} us/token, "
+              f"non-matmul {p['non_matmul_us_per_token']:.0f} us/token ({100 * p['non_matmul_share']:.0f}%); "
+              "largest non-matmul ops (% of CPU time): " + ", ".join(f"{k} {v}" for k, v in p["top_non_matmul"]))
     print(json.dumps(result))
 
 

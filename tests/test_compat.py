@@ -138,6 +138,42 @@ def test_peft_lora_layers_have_the_input_cast_switch():
         compat.skip_lora_input_cast(torch.nn.Linear(2, 2))
 
 
+def test_peft_applies_the_lora_dropout_module_to_the_layers_own_input_before_lora_a():
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    class TwoReaders(torch.nn.Module):  # q and k read one tensor, as in attention
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x)
+
+    model = get_peft_model(TwoReaders(), LoraConfig(r=2, lora_dropout=0.5, target_modules=["q", "k"]))
+    seen, fed = [], []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return x * 2
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        dropouts = compat.lora_dropout_modules(layer)
+        assert isinstance(dropouts["default"], torch.nn.Dropout), _where("peft")
+        dropouts["default"] = Recorder()
+        layer.lora_A["default"].register_forward_pre_hook(lambda _, args: fed.append(args[0]))
+    x = torch.randn(3, 8)
+    model.train()(x)
+    assert len(seen) == 2 and all(t is x for t in seen), \
+        f"{_where('peft')}: the LoRA dropout no longer gets the layer's own input; see lora_dropout.py"
+    assert len(fed) == 2 and all(torch.equal(f, x * 2) for f in fed), \
+        f"{_where('peft')}: lora_A no longer takes the dropout's output"
+    with pytest.raises(compat.LibraryChanged, match=r"peft \S+: Linear has no lora_dropout ModuleDict"):
+        compat.lora_dropout_modules(torch.nn.Linear(2, 2))
+
+
 # --- bitsandbytes ---------------------------------------------------------------------------------------------
 
 def test_bitsandbytes_4bit_layers_have_the_cpu_repack_switch():

@@ -124,6 +124,16 @@ def skip_lora_input_cast(lora_layer: torch.nn.Module) -> None:
     lora_layer.cast_input_dtype_enabled = False
 
 
+def lora_dropout_modules(lora_layer: torch.nn.Module) -> torch.nn.ModuleDict:
+    """A PEFT LoRA layer's dropout per adapter, which its forward applies to the layer's own input tensor just
+    before lora_A (`lora_B(lora_A(dropout(x)))`): lora_dropout.py puts a cheaper one with the same distribution
+    in its place."""
+    dropouts = getattr(lora_layer, "lora_dropout", None)
+    if not isinstance(dropouts, torch.nn.ModuleDict):
+        raise changed("peft", f"{type(lora_layer).__name__} has no lora_dropout ModuleDict")
+    return dropouts
+
+
 # --- bitsandbytes ---------------------------------------------------------------------------------------------
 
 def keep_training_layout(layer: torch.nn.Module) -> None:

@@ -122,6 +122,8 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
     """
     from peft import get_peft_model
 
+    from gemmatune.lora_dropout import use_fast_lora_dropout
+
     if quantized:
         freeze_quantized(model)
         keep_4bit_layout(model)
@@ -132,6 +134,7 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
         raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
     if autocast:
         skip_input_casts(peft_model)
+    use_fast_lora_dropout(peft_model)  # PEFT's distribution, a fraction of its cost (lora_dropout.py)
     report = trainable_report(peft_model, family)
     check_towers(cfg, report.per_tower, peft_model, family)
     return peft_model, report
