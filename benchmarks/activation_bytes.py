@@ -28,10 +28,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gemmatune.config import LoraSection
-from gemmatune.lora import attach_lora
 from gemmatune.models import bundled_config_file, family_for
 from gemmatune.models.gemma3n import LANGUAGE_MODEL_PROJECTIONS
-from gemmatune.norms import use_lean_rms_norm
+from gemmatune.models.lora import attach_lora
+from gemmatune.train.norms import use_lean_rms_norm
 
 GEMMA3_270M = {  # the embedded model's architecture (config.json of the converted GGUF)
     "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4,
@@ -81,7 +81,7 @@ def towers() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import Gemma3nForConditionalGeneration
 
-    from gemmatune.tower_memory import clip_frames, measure_towers
+    from gemmatune.plan.towers import clip_frames, measure_towers
 
     data = json.loads(bundled_config_file("google/gemma-3n-E2B-it").read_text())
     text = AutoConfig.for_model(data.pop("model_type"), **data)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gemmatune import runs
-from gemmatune.checkpoints import MARKER, checkpoint_problem, latest_complete, resume_point, retain
-from gemmatune.integrity import safetensors_problem
+from gemmatune.runs import folder as runs
+from gemmatune.runs.checkpoints import MARKER, checkpoint_problem, latest_complete, resume_point, retain
+from gemmatune.runs.weight_files import safetensors_problem
 from tests.cli_subprocess import ENV, train_args
 
 

@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from gemmatune.config import load_config
+from gemmatune.data.templates import IGNORE, tokenize_row
 from gemmatune.errors import GemmatuneError
-from gemmatune.loading import choose_model_class, load_model, resolve_source
-from gemmatune.lora import attach_lora, trainable_report, wrapped_module_names
 from gemmatune.models import family_for
 from gemmatune.models.gemma4 import FAMILY
-from gemmatune.runs import read_metrics
-from gemmatune.templates import IGNORE, tokenize_row
+from gemmatune.models.loading import choose_model_class, load_model, resolve_source
+from gemmatune.models.lora import attach_lora, trainable_report, wrapped_module_names
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from tests.conftest import gemma4_config, make_gemma4_tokenizer, tiny_config, write_jsonl
 
@@ -59,7 +59,7 @@ def test_chat_format_learns_end_of_turn_and_keeps_thinking_out_of_the_loss():
 
 
 def test_thinking_rows_train_with_the_thoughts_masked_unless_asked(tiny_gemma4, tmp_path):
-    from gemmatune.data import read_data, tokenize_data
+    from gemmatune.data.rows import read_data, tokenize_data
 
     rows = [{"messages": [{"role": "user", "content": "2+2?"},
                           {"role": "assistant", "content": "4", "reasoning": "two and two"}]}]
@@ -129,8 +129,8 @@ def test_experts_on_a_dense_model_or_with_dropout_is_an_error(tiny_gemma4, tmp_p
 
 @pytest.mark.parametrize("fixture", ["tiny_gemma4", "tiny_gemma4_moe"])
 def test_train_resume_eval_generate_stops_merge(fixture, request, tmp_path):
-    from gemmatune.export import merge
-    from gemmatune.infer import load
+    from gemmatune.export.merge import merge
+    from gemmatune.infer.model import load
 
     model_dir = request.getfixturevalue(fixture)
     rows = write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS)
@@ -281,7 +281,7 @@ def test_cli_run_on_a_local_gemma4_folder_completes_learns_and_stops(tiny_gemma4
 
 @pytest.mark.parametrize("model_id", FAMILY.known_ids)
 def test_plan_for_a_real_gemma4_id_says_in_one_line_that_no_config_is_bundled(model_id, monkeypatch):
-    from gemmatune.model_shape import load_architecture
+    from gemmatune.plan.shape import load_architecture
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(GemmatuneError, match=f"bundles no config for {model_id}") as err:
@@ -290,7 +290,7 @@ def test_plan_for_a_real_gemma4_id_says_in_one_line_that_no_config_is_bundled(mo
 
 
 def test_plan_of_a_local_moe_folder_counts_what_peft_trains(tiny_gemma4_moe):
-    from gemmatune.model_shape import measure
+    from gemmatune.plan.shape import measure
 
     for experts in (False, True):
         cfg = load_config(None, [f"model.name={tiny_gemma4_moe}", "lora.lora_dropout=0"])
@@ -305,8 +305,8 @@ def test_plan_of_a_local_moe_folder_counts_what_peft_trains(tiny_gemma4_moe):
 def test_qlora_keeps_the_router_unquantized():
     from transformers import Gemma4ForCausalLM
 
-    from gemmatune.loading import build_on_meta
-    from gemmatune.quantization import modules_to_keep_unquantized
+    from gemmatune.models.loading import build_on_meta
+    from gemmatune.models.quantization import modules_to_keep_unquantized
 
     keep = modules_to_keep_unquantized(build_on_meta(Gemma4ForCausalLM, gemma4_config("moe", num_experts=32)), FAMILY)
     assert {f"model.layers.{i}.router.proj" for i in range(4)} <= set(keep)  # 64 -> 32 would fit the kernel
@@ -332,9 +332,9 @@ def test_plan_measures_both_towers_on_the_meta_device_as_on_real_tensors():
     from peft import get_peft_model
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemmatune.loading import build_on_meta
-    from gemmatune.lora import peft_lora_config
-    from gemmatune.tower_memory import measure_towers
+    from gemmatune.models.loading import build_on_meta
+    from gemmatune.models.lora import peft_lora_config
+    from gemmatune.plan.towers import measure_towers
     from tests.conftest import gemma4_multimodal_config
 
     lora = load_config(None, ["model.multimodal=true", 'lora.towers=["vision"]']).lora

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from gemmatune.config import load_config
-from gemmatune.data import read_data, tokenize_data
-from gemmatune.media import MediaCollator, read_audio
-from gemmatune.packing import PackCollator
-from gemmatune.templates import IGNORE
+from gemmatune.data.media import MediaCollator, read_audio
+from gemmatune.data.rows import read_data, tokenize_data
+from gemmatune.data.templates import IGNORE
+from gemmatune.models.packing import PackCollator
 from tests.conftest import (
     GEMMA4_MEDIA_TOKENS,
     gemma4_multimodal_config,
@@ -122,7 +122,7 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma4_multimod
 
 def _generates_with_the_parts_marked(run_dir, media_file):
     """The tuned model answers an image row and an audio row, its prefill given the soft tokens' types as training."""
-    from gemmatune.infer import load
+    from gemmatune.infer.model import load
 
     tuned = load([str(run_dir)], precision="fp32")
     seen = []

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from gemmatune.config import LoraSection, ModelConfig
-from gemmatune.loading import load_model
-from gemmatune.lora import attach_lora
-from gemmatune.norms import LeanRMSNorm, use_lean_rms_norm
-from gemmatune.packing import PackCollator
-from gemmatune.train import disable_cache
+from gemmatune.models.loading import load_model
+from gemmatune.models.lora import attach_lora
+from gemmatune.models.packing import PackCollator
+from gemmatune.train.norms import LeanRMSNorm, use_lean_rms_norm
+from gemmatune.train.recipe import disable_cache
 from tests.test_packing import _examples
 
 

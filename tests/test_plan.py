@@ -5,7 +5,7 @@ import pytest
 from gemmatune.cli import main
 from gemmatune.config import load_config
 from gemmatune.errors import GemmatuneError
-from gemmatune.plan import GIB, NF4_BYTES, estimate, make_plan, parse_size
+from gemmatune.plan.memory import GIB, NF4_BYTES, estimate, make_plan, parse_size
 from tests.conftest import EXAMPLES_DIR, record_lm_head_calls
 
 E4B_EXAMPLE = str(EXAMPLES_DIR / "gemma3n-e4b-qlora.yaml")
@@ -18,8 +18,8 @@ def _lora_params_gemma3n(r, layers, kv_layers, hidden=2048, q=2048, kv=512, inte
 
 
 def test_plan_counts_match_a_real_peft_model_on_the_tiny_gemma3n(tiny_gemma3n):
-    from gemmatune.loading import load_model
-    from gemmatune.lora import attach_lora, wrapped_module_names
+    from gemmatune.models.loading import load_model
+    from gemmatune.models.lora import attach_lora, wrapped_module_names
 
     cfg = load_config(None, [f"model.name={tiny_gemma3n}", "train.precision=fp32"])
     plan = make_plan(cfg)
@@ -75,7 +75,7 @@ def test_nf4_weights_and_suggestion_fit(e2b_plan):
                                         ("google/gemma-3n-e2b-it", "google/gemma-3n-E2B-it"),
                                         ("google/gemma-3-270M-it", "google/gemma-3-270m-it")])
 def test_near_miss_id_says_did_you_mean(typo, meant):
-    from gemmatune.loading import resolve_source
+    from gemmatune.models.loading import resolve_source
 
     cfg = load_config(None, [f"model.name={typo}"])
     with pytest.raises(GemmatuneError, match=f"did you mean {meant}\\?"):
@@ -111,7 +111,7 @@ QUICKSTART_FULL_LOGITS_PEAK_RSS = 4_886_408 * 1024
 
 @pytest.mark.slow
 def test_quickstart_full_logits_estimate_is_within_25_percent_of_its_measured_peak_rss():
-    from gemmatune.plan import CPU_FULL_LOGITS
+    from gemmatune.plan.memory import CPU_FULL_LOGITS
 
     measured_run = ["train.precision=bf16", "train.packing=false", "model.dtype=fp32"]
     plan = make_plan(load_config(EXAMPLES_DIR / "quickstart.yaml", measured_run), device="cpu")
@@ -124,10 +124,10 @@ def test_plan_without_packing_takes_the_path_the_trainer_takes(tiny_gemma3, alpa
     """train.packing=false on one process: padded batches, and still the label-only chunked loss."""
     from transformers import TrainingArguments
 
-    from gemmatune.data import ExampleDataset, PadCollator, prepare
-    from gemmatune.loading import load_model
-    from gemmatune.train import prepare_for_training
-    from gemmatune.trainer import GemmatuneTrainer, TrainingPath
+    from gemmatune.data.rows import ExampleDataset, PadCollator, prepare
+    from gemmatune.models.loading import load_model
+    from gemmatune.train.recipe import prepare_for_training
+    from gemmatune.train.trainer import GemmatuneTrainer, TrainingPath
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_gemma3, alpaca_file, tmp_path / "runs", packing=False)

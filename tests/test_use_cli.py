@@ -1,9 +1,9 @@
 import io
 import json
 
-from gemmatune.chat import chat_loop
 from gemmatune.cli import main
-from gemmatune.infer import SamplingSettings, load
+from gemmatune.infer.chat import chat_loop
+from gemmatune.infer.model import SamplingSettings, load
 from tests.conftest import ALPACA_ROWS, write_jsonl
 
 

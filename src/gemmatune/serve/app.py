@@ -1,0 +1,574 @@
+"""`gemmatune serve`: an OpenAI-compatible HTTP API over a base model and its adapters, plus the run page.
+
+The request's `model` names the adapter (or `base`); concurrent requests are answered in mixed-adapter
+batches (gemmatune.serve.batching). Routes: /v1/models, /v1/chat/completions, /v1/completions (streamed as
+server-sent events when `stream` is true), /health, and the page of gemmatune.serve.page under /.
+
+A completion prompt is answered like `gemmatune generate --prompt`: as an instruction in the adapter's
+template, so both give the same text. Chat messages go through the chat template; an adapter trained on
+an Alpaca template answers the last user message alone (its template has no turns), as `gemmatune chat` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gemmatune.data.templates import prompt_ids
+from gemmatune.errors import GemmatuneError
+from gemmatune.infer.model import BASE, TunedModel
+from gemmatune.serve.batching import Batcher, Job, Result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20  # a request body larger than this gets 413
+    max_tokens: int = 2048  # the largest max_tokens a request may ask for (also the default)
+    max_prompt_tokens: int = 8192
+    max_batch: int = 16  # rows per forward pass
+    max_messages: int = 256  # a chat's messages: rendering them is quadratic in their number (turn-by-turn split)
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+INTERNAL = APIError(500, "internal error; the server log has the details", "server_error")
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which no tokenizer can encode: a 400, not a 500 later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds {exc.object[exc.start:exc.end]!a}, which is not valid Unicode text "
+                         "(a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+# The request bodies. Unknown fields are ignored, as many clients send defaults (user, presence_penalty=0, ...).
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ImageURL(BaseModel):
+    url: Text
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(BaseModel):
+    data: Text
+    format: Literal["wav"]
+
+
+class AudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart | ImagePart | AudioPart] | None = None
+
+    def parts(self, index: int, media_dir: Path) -> str | list[dict]:
+        """The content as gemmatune's chat rows hold it: text, or text/image/audio parts whose data are written
+        into `media_dir` (OpenAI's image_url data: URLs and input_audio parts) and checked as training checks
+        files."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        if all(isinstance(p, TextPart) for p in self.content):
+            return "".join(p.text for p in self.content)
+        return [_media_part(p, f"messages[{index}].content[{k}]", media_dir) for k, p in enumerate(self.content)]
+
+
+def _media_part(part: TextPart | ImagePart | AudioPart, where: str, media_dir: Path) -> dict:
+    import base64
+    import binascii
+
+    from gemmatune.data.media import check_media_file
+
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, ImagePart):
+        kind, url = "image", part.image_url.url
+        if not url.startswith("data:") or ";base64," not in url:
+            raise APIError(400, f"{where}: image_url must be a data: URL with base64 data (this server fetches "
+                           "nothing)", param="messages")
+        data = url.split(";base64,", 1)[1]
+    else:
+        kind, data = "audio", part.input_audio.data
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where}: the {kind} data is not valid base64", param="messages") from None
+    path = media_dir / (re.sub(r"\W+", "-", where).strip("-") + (".wav" if kind == "audio" else ".img"))
+    path.write_bytes(raw)
+    try:
+        check_media_file(kind, path, where)
+    except GemmatuneError as exc:
+        # The checks name the file (and PIL quotes it): the client sent data, not a file, and must not learn the
+        # server's temporary paths.
+        message = str(exc).replace(f" {path}", "").replace(str(path), "the data").replace(str(media_dir), "")
+        raise APIError(400, message, param="messages") from None
+    return {"type": kind, "path": str(path)}
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Text
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch.Generator takes
+    n: int = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    logprobs: bool | int | None = None
+    # Not supported: refused rather than ignored, since a client relying on them would get a plain answer.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v):
+        if v:
+            raise ValueError("tool and function calling are not supported by this server")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        if v is not None and v != "none":
+            raise ValueError("tool and function calling are not supported by this server")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop: at most 4 non-empty strings")
+        return stops
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: Text | list[Text]
+
+    @field_validator("prompt")
+    @classmethod
+    def _single(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("prompt: give one string (batches of prompts are not supported)")
+            return v[0]
+        return v
+
+
+
+def check_conversation(messages: list[Message], limit: int) -> None:
+    """The turns a chat template can render, checked before it runs (Gemma's raises "roles must alternate"):
+    system/developer messages first, then user and assistant alternating, starting and ending with the user."""
+    if len(messages) > limit:
+        raise APIError(400, f"messages: {len(messages)} messages; this server takes at most {limit}",
+                       param="messages")
+    turns = [m.role for m in messages]
+    system = 0
+    while system < len(turns) and turns[system] in ("system", "developer"):
+        system += 1
+    if system > 1:
+        raise APIError(400, "messages: give at most one system (or developer) message", param="messages")
+    rest = turns[system:]
+    for i, role in enumerate(rest):
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            where = system + i
+            raise APIError(400, f"messages[{where}]: expected a {want} message, got {role}: after an optional "
+                           "system message, user and assistant messages alternate, starting with the user",
+                           param="messages")
+    if not rest or rest[-1] != "user":
+        raise APIError(400, "messages: the last message must be the user's (the reply to it is generated)",
+                       param="messages")
+
+
+def chat_row(messages: list[dict], template: str) -> dict:
+    """The prompt row for `generate`: the conversation for the chat template, else the last user message."""
+    if template == "chat":
+        return {"messages": messages}
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise APIError(400, "messages: no user message", param="messages")
+    if not isinstance(users[-1], str):
+        raise APIError(400, f"images and audio need an adapter trained on the chat template (this one: {template})",
+                       param="messages")
+    return {"instruction": users[-1], "input": ""}
+
+
+class Service:
+    """What the routes share: the model, its batcher, the names and the limits."""
+
+    def __init__(self, tuned: TunedModel, base_name: str, limits: Limits, api_key: str | None):
+        self.tuned = tuned
+        self.base_name = base_name
+        self.limits = limits
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.batcher: Batcher | None = None
+        # Prompts are checked here, in the event loop, while the worker thread encodes and decodes with the
+        # model's tokenizer: a copy of its own keeps the two from sharing one Rust tokenizer across threads.
+        self.tokenizer = copy.deepcopy(tuned.tokenizer)
+
+    def start(self) -> None:
+        self.batcher = Batcher(self.tuned, self.limits.max_batch)
+        self.batcher.start()
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close(timeout=60)
+
+    def model_list(self) -> dict:
+        base = {"id": BASE, "object": "model", "created": self.created, "owned_by": "gemmatune",
+                "root": self.base_name, "parent": None}
+        adapters = [{"id": name, "object": "model", "created": self.created, "owned_by": "gemmatune",
+                     "root": name, "parent": BASE} for name in self.tuned.adapters]
+        return {"object": "list", "data": [base, *adapters]}
+
+    def adapter(self, model: str) -> str:
+        if model == BASE or model in self.tuned.adapters:
+            return model
+        raise APIError(404, f"The model '{model}' does not exist; served: {', '.join([BASE, *self.tuned.adapters])}",
+                       param="model", code="model_not_found")
+
+    def job(self, req, row: dict, emit, media_dir: Path | None = None) -> tuple[Job, asyncio.Future]:
+        """Queue a request; `media_dir` (its image/audio files) belongs to the job from here on."""
+        try:
+            return self._job(req, row, emit, media_dir)
+        except BaseException:
+            if media_dir is not None:
+                shutil.rmtree(media_dir, ignore_errors=True)
+            raise
+
+    def _job(self, req, row: dict, emit, media_dir: Path | None) -> tuple[Job, asyncio.Future]:
+        adapter = self.adapter(req.model)
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.limits.max_tokens
+        if max_tokens > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}",
+                           param="max_tokens")
+        from jinja2 import TemplateError
+
+        try:
+            prompt_tokens = len(prompt_ids(row, self.tuned.template_for(adapter), self.tokenizer,
+                                           self.tuned.media_tokens_for(row)))
+        except GemmatuneError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        except TemplateError as exc:  # the tokenizer's own template refused the conversation
+            raise APIError(400, f"messages: the chat template cannot render them ({str(exc)[:200]})",
+                           param="messages") from None
+        if prompt_tokens > self.limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {prompt_tokens} tokens; this server allows at most "
+                           f"{self.limits.max_prompt_tokens}", param="messages")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def done(result: Result | BaseException) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+            loop.call_soon_threadsafe(settle)
+
+        threadsafe_emit = None
+        if emit is not None:
+            def threadsafe_emit(text: str) -> None:
+                loop.call_soon_threadsafe(emit, text)
+
+        job = Job(row=row, adapter=adapter, max_tokens=max_tokens, greedy=req.temperature == 0,
+                  temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed, stop=list(req.stop or []),
+                  emit=threadsafe_emit, done=done, prompt_tokens=prompt_tokens, media_dir=media_dir)
+        assert self.batcher is not None
+        self.batcher.submit(job)
+        return job, future
+
+
+def _usage(result: Result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None = None, api_key: str | None = None,
+               runs_dir: str | Path | None = None):
+    """The ASGI app: FastAPI routes inside a guard that checks the API key and the body size first."""
+    service = Service(tuned, base_name, limits or Limits(), api_key)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        service.start()
+        yield
+        service.stop()  # uvicorn has let in-flight requests finish before this
+        log.info("stopped; every request in flight was answered")
+
+    app = FastAPI(title="gemmatune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        # A union field (text or parts) reports one error per member: our own checks (value_error) say most.
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON (at character {first.get('loc', ('', '?'))[-1]})"
+            return JSONResponse(APIError(400, message).body(), status_code=400)
+        # pydantic's location names union members too ("str", "function-after[...]"): not fields a client sent
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p))
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        # Unknown routes (404), wrong methods (405) and bodies FastAPI cannot parse (400): OpenAI's error object
+        # too, not FastAPI's {"detail": ...}.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code,
+                                                                                     str(exc.detail)[:200])
+        body = APIError(exc.status_code, message, code=code).body()
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception):
+        log.exception("request failed")
+        # The exception's text stays in the server log: it may name server paths.
+        return JSONResponse(INTERNAL.body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **(service.batcher.status() if service.batcher else {})}
+
+    @app.get("/v1/models")
+    async def models():
+        return service.model_list()
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        service.adapter(name)
+        return next(m for m in service.model_list()["data"] if m["id"] == name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        adapter = service.adapter(req.model)
+        check_conversation(req.messages, service.limits.max_messages)
+        has_media = any(isinstance(p, (ImagePart, AudioPart)) for m in req.messages if isinstance(m.content, list)
+                        for p in m.content)
+        media_dir = Path(tempfile.mkdtemp(prefix="gemmatune-serve-")) if has_media else None
+        try:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.parts(i, media_dir)}
+                        for i, m in enumerate(req.messages)]
+            row = chat_row(messages, tuned.template_for(adapter))
+        except BaseException:
+            if media_dir is not None:
+                shutil.rmtree(media_dir, ignore_errors=True)
+            raise
+        return await _answer(req, row, request, "chat.completion", media_dir)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        row = {"instruction": req.prompt, "input": ""}
+        return await _answer(req, row, request, "text_completion")
+
+    async def _answer(req, row: dict, request: Request, kind: str, media_dir: Path | None = None):
+        rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if not req.stream:
+            job, future = service.job(req, row, None, media_dir)
+            while not future.done():
+                await asyncio.wait({future}, timeout=0.5)
+                if not future.done() and await request.is_disconnected():
+                    job.cancelled = True  # its row stops taking part in the batch
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+            result: Result = future.result()
+            if kind == "chat.completion":
+                choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                          "finish_reason": result.finish_reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+            return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": [choice],
+                    "usage": _usage(result)}
+
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        job, future = service.job(req, row, pieces.put_nowait, media_dir)
+        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+            if kind == "chat.completion":
+                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                if delta is not None:
+                    d["content"] = delta
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": chunk_kind, "created": created, "model": req.model, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                if kind == "chat.completion":
+                    yield chunk(None, None, first=True)
+                while True:
+                    getter = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield chunk(getter.result(), None)
+                        continue
+                    getter.cancel()
+                    break
+                while not pieces.empty():
+                    yield chunk(pieces.get_nowait(), None)
+                exc = future.exception()
+                if exc is not None:
+                    yield f"data: {json.dumps(INTERNAL.body())}\n\n"  # the text is in the server log
+                    return
+                result: Result = future.result()
+                yield chunk(None if kind == "chat.completion" else "", result.finish_reason)
+                if include_usage:
+                    body = {"id": rid, "object": chunk_kind, "created": created, "model": req.model, "choices": [],
+                            "usage": _usage(result)}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = not future.done()  # the client left: its row's output is dropped
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    if runs_dir is not None:
+        from gemmatune.serve.page import add_run_page
+
+        add_run_page(app, Path(runs_dir))
+    return Guard(app, service)
+
+
+class Guard:
+    """Pure ASGI, outside FastAPI: the API key (every route but the page's static files, which hold no data)
+    and the body size, checked before a byte of the body is read."""
+
+    def __init__(self, app, service: Service):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        key = self.service.api_key
+        if key and not _is_page_asset(path):
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return await _send_error(send, APIError(401, "Incorrect or missing API key: send 'Authorization: "
+                                                        "Bearer KEY'", code="invalid_api_key"))
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length")
+            if length is None or not length.isdigit():
+                return await _send_error(send, APIError(411, "send the body with a Content-Length header"))
+            limit = self.service.limits.max_body_bytes
+            if int(length) > limit:
+                return await _send_error(send, APIError(413, f"the body is {length} bytes; this server allows at "
+                                                        f"most {limit}"))
+        return await self.app(scope, receive, send)
+
+
+def _union_member(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+
+
+def _is_page_asset(path: str) -> bool:
+    return path == "/" or path.startswith("/static/")
+
+
+async def _send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve(tuned: TunedModel, base_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: Limits | None = None, runs_dir: str | Path | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; uvicorn lets in-flight requests finish before it stops."""
+    import uvicorn
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without --api-key: anyone who reaches this address can use the model", host)
+    app = create_app(tuned, base_name, limits, api_key, runs_dir)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=120,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    log.info("serving %s on http://%s:%d (models: %s)", base_name, host, port,
+             ", ".join([BASE, *tuned.adapters]))
+    server.run()
