@@ -78,7 +78,7 @@ def test_missing_or_pickled_adapter_is_a_clear_error(tmp_path):
 def test_user_adapters_must_be_whole_safetensors(tmp_path):
     from safetensors.torch import save_file
 
-    from gemmatune.runs.folder import read_adapter_folder
+    from gemmatune.runs.adapter_folder import read_adapter_folder
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")

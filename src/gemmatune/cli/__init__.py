@@ -316,7 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lines = [json.dumps({**row, "generation": g.text, "adapter": g.adapter, "stopped": g.stopped},
                         ensure_ascii=False) for (row, _), g in zip(jobs, gens, strict=True)]
     if args.output:
-        from gemmatune.runs.folder import write_atomic
+        from gemmatune.runs.files import write_atomic
 
         write_atomic(Path(args.output), "".join(line + "\n" for line in lines))
         print(f"wrote {len(lines)} generations to {args.output}", file=sys.stderr)

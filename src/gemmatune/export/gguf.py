@@ -27,7 +27,8 @@ from gemmatune.export.gguf_model import check_family_exports, gguf_family, text_
 from gemmatune.export.gguf_tensors import TYPES
 from gemmatune.infer.model import read_adapter
 from gemmatune.models import ModelFamily
-from gemmatune.runs.folder import ordinary_modes
+from gemmatune.runs.files import ordinary_modes
+from gemmatune.runs.folder import read_merged_info
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,7 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         merged = merge(adapter, Path(tmp) / "merged", base=base)
-        info = json.loads((merged / "gemmatune.json").read_text(encoding="utf-8"))
-        template = info["template"]
+        template = read_merged_info(merged).template
         jinja, stop_tokens, family = _chat_format(merged, template)
         modelfile_text = ollama_modelfile(out, template, stop_tokens, family) if ollama else ""
         direct = quant if quant in WRITER_TYPES else "bf16"

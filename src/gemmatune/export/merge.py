@@ -7,7 +7,6 @@ A combined adapter is an ordinary PEFT adapter folder that gemmatune (or PEFT) l
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -16,8 +15,11 @@ import torch
 
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPES
-from gemmatune.infer.model import MERGED_INFO, TunedModel, load, read_adapter
-from gemmatune.runs.folder import check_output_folder, describe_adapter, now, publish_folder, write_atomic
+from gemmatune.infer.model import TunedModel, load, read_adapter
+from gemmatune.runs.adapter_folder import describe_adapter
+from gemmatune.runs.files import now
+from gemmatune.runs.folder import BaseModelRecord, MergedInfo, RunRecord, write_merged_info
+from gemmatune.runs.publish import check_output_folder, publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,12 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
         tuned.tokenizer.save_pretrained(folder)
         if tuned.processor is not None:  # a multimodal model keeps its towers, and needs its processor with them
             tuned.processor.save_pretrained(folder)
-        info = {"merged_from": str(source.path.resolve()), "base_model": source.folder.base.name,
-                "template": tuned.template_for(source.name), "dtype": str(save_dtype).removeprefix("torch."),
-                "stop_token_ids": tuned.stop_ids, "created": now()}
-        write_atomic(folder / MERGED_INFO, json.dumps(info, indent=2) + "\n")
+        info = MergedInfo(merged_from=str(source.path.resolve()), base_model=source.folder.base.name,
+                          template=tuned.template_for(source.name), dtype=str(save_dtype).removeprefix("torch."),
+                          stop_token_ids=tuned.stop_ids)
+        write_merged_info(folder, info)
         publish_folder(folder, out_dir, "merge", inputs)
-    log.info("merged %s into %s (%s)", source.path, out_dir, info["dtype"])
+    log.info("merged %s into %s (%s)", source.path, out_dir, info.dtype)
     return out_dir
 
 
@@ -122,11 +124,11 @@ def combine(weighted: list[tuple[str, float]], out_dir: str | Path, combination:
         folder = Path(tmp) / new_name  # PEFT saves a non-default adapter in a subfolder of its name
         tuned.tokenizer.save_pretrained(folder)
         first = sources[0].folder
-        describe_adapter(folder, first.base, template, {
-            "finished": now(), "combined_from": [{"adapter": str(s.path.resolve()), "weight": w}
-                                                 for s, (_, w) in zip(sources, weighted, strict=True)],
-            "combination": combination, "base_model": {"source": first.base.name, "class": first.base_class},
-        })
+        describe_adapter(folder, first.base, template, RunRecord(
+            finished=now(), combined_from=[{"adapter": str(s.path.resolve()), "weight": w}
+                                           for s, (_, w) in zip(sources, weighted, strict=True)],
+            combination=combination, base_model=BaseModelRecord(source=first.base.name, model_class=first.base_class),
+        ))
         publish_folder(folder, out_dir, "combine", inputs)
     log.info("combined %s into %s (%s)", ", ".join(f"{n}:{w}" for n, (_, w) in zip(names, weighted, strict=True)),
              out_dir, combination)

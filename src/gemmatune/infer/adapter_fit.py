@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.runs.folder import ADAPTER_WEIGHTS, AdapterFolder, read_adapter_folder
+from gemmatune.runs.adapter_folder import AdapterFolder, read_adapter_folder
+from gemmatune.runs.folder import ADAPTER_WEIGHTS
 
 _PEFT_PREFIX = "base_model.model."
 # Parameter names PEFT stores per adapted module: <module path>.<marker>.weight (or without .weight).

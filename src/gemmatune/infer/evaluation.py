@@ -8,7 +8,6 @@ and eval.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -27,12 +26,10 @@ from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
 from gemmatune.models.loss import causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
 from gemmatune.models.packing import PACKED_SDPA, PackCollator
-from gemmatune.runs.folder import write_atomic
+from gemmatune.runs.folder import write_eval
 
 log = logging.getLogger(__name__)
 
-EVAL_JSON = "eval.json"
-EVAL_MD = "eval.md"
 
 
 @dataclass
@@ -89,10 +86,7 @@ class EvalReport:
         return "\n".join(parts).rstrip() + "\n"
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        write_atomic(folder / EVAL_JSON, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        write_atomic(folder / EVAL_MD, self.markdown())
-        return folder / EVAL_MD
+        return write_eval(Path(folder), self.to_dict(), self.markdown())
 
 
 def _cell(text: str) -> str:
@@ -363,8 +357,8 @@ def evaluate_after_training(peft_model, tokenizer, family, template: str, test_f
     tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision,
                        processor=processor)
     report = evaluate(tuned, test_file, labels={"default": Path(run_dir).name})
-    report.save(run_dir)
+    written = report.save(run_dir)
     print(report.table(), flush=True)
-    log.info("evaluation on %s written to %s (%.0f s)", Path(test_file).name, Path(run_dir) / EVAL_MD,
+    log.info("evaluation on %s written to %s (%.0f s)", Path(test_file).name, written,
              report.wall_seconds)
     return report

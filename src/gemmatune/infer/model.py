@@ -8,7 +8,6 @@ padding, stops on EOS and the family's end-of-turn token, and decodes only the n
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,13 +24,13 @@ from gemmatune.infer.adapter_fit import check_adapter_fits
 from gemmatune.models.loading import load_model, stop_token_ids
 from gemmatune.models.lora import skip_input_casts
 from gemmatune.models.quantization import bitsandbytes_usable, cast_unquantized_
-from gemmatune.runs.folder import AdapterFolder, read_adapter_folder
+from gemmatune.runs.adapter_folder import AdapterFolder, read_adapter_folder
+from gemmatune.runs.folder import read_merged_info
 
 log = logging.getLogger(__name__)
 
 BASE = "base"  # the adapter name that means "no adapter"
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in mixed-batch inference
-MERGED_INFO = "gemmatune.json"  # written by `gemmatune merge` beside a merged model
 
 
 @dataclass(frozen=True)
@@ -403,7 +402,5 @@ def _base_config(sources: list[AdapterSource], base: str | None, cache_dir: str 
 
 def _merged_template(base: str) -> str | None:
     """The template recorded by `gemmatune merge` in a merged model folder."""
-    info = Path(base) / MERGED_INFO
-    if info.is_file():
-        return json.loads(info.read_text(encoding="utf-8")).get("template")
-    return None
+    info = read_merged_info(Path(base))
+    return info.template if info else None

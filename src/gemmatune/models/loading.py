@@ -18,7 +18,7 @@ from gemmatune.hardware import DTYPES, device_kind, resolve_precision, weight_dt
 from gemmatune.hub import use_cache_only
 from gemmatune.models import ModelFamily, all_known_ids, family_for
 from gemmatune.models.quantization import bnb_4bit_config, modules_to_keep_unquantized, require_bitsandbytes
-from gemmatune.runs.folder import ordinary_modes
+from gemmatune.runs.files import ordinary_modes
 from gemmatune.runs.weight_files import check_weight_folder
 
 log = logging.getLogger(__name__)

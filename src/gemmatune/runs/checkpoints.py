@@ -24,12 +24,12 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
-from gemmatune.runs import folder as runs
 from gemmatune.errors import GemmatuneError
+from gemmatune.runs.files import ordinary_modes
+from gemmatune.runs.folder import ADAPTER_WEIGHTS, CHECKPOINTS, checkpoint_step, keep_metrics_through
 from gemmatune.runs.weight_files import safetensors_problem
 
 log = logging.getLogger("gemmatune")
@@ -37,13 +37,7 @@ log = logging.getLogger("gemmatune")
 MARKER = "checkpoint_complete.json"
 STAGING = ".staging"
 _TRASH = ".trash-"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def step_of(path: Path) -> int | None:
-    m = _NAME.match(path.name)
-    return int(m.group(1)) if m else None
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -55,8 +49,8 @@ def checkpoint_problem(path: Path) -> str | None:
         files = json.loads(marker.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"its {MARKER} is damaged"
-    if "adapter_model.safetensors" not in files:
-        return "it holds no adapter_model.safetensors"
+    if ADAPTER_WEIGHTS not in files:
+        return f"it holds no {ADAPTER_WEIGHTS}"
     for name, size in files.items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
@@ -70,7 +64,7 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints in `folder`, oldest step first (damaged ones are left out)."""
     if not folder.is_dir():
         return []
-    found = sorted((p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
     return [p for p in found if checkpoint_problem(p) is None]
 
 
@@ -78,7 +72,7 @@ def latest_complete(folder: Path) -> Path | None:
     """The newest checkpoint that can be resumed from, warning about newer ones that cannot."""
     if not folder.is_dir():
         return None
-    found = sorted((p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of, reverse=True)
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
     for path in found:
         problem = checkpoint_problem(path)
         if problem is None:
@@ -102,20 +96,17 @@ def resume_point(run_dir: Path, tidy: bool = True) -> Path | None:
     run again) and the closing-evaluation rows of an earlier finish. `tidy=False` (ranks other than 0)
     only looks.
     """
-    folder = run_dir / runs.CHECKPOINTS
+    folder = run_dir / CHECKPOINTS
     if not tidy:
         return latest_complete(folder)
     remove_leftovers(folder)
     latest = latest_complete(folder)
-    step = step_of(latest) if latest else 0
+    step = checkpoint_step(latest) if latest else 0
     if latest:
         log.info("resuming from %s", latest)
     else:
         log.warning("no complete checkpoint in %s: training starts again from step 0", folder)
-    rows = runs.read_metrics(run_dir)
-    kept = [r for r in rows if r.get("step", 0) <= step and not r.get("final")]
-    if len(kept) != len(rows):
-        runs.write_atomic(run_dir / runs.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+    keep_metrics_through(run_dir, step)
     return latest
 
 
@@ -162,7 +153,7 @@ def discard_staging(folder: Path) -> None:
 
 def seal(staged: Path, step: int) -> None:
     """Make a staged checkpoint complete: every file on disk first, then the marker that lists them, last."""
-    runs.ordinary_modes(staged)  # safetensors writes 0600; the checkpoint is the user's like any file
+    ordinary_modes(staged)  # safetensors writes 0600; the checkpoint is the user's like any file
     sizes = _fsync_tree(staged)
     marker = staged / MARKER
     marker.write_text(json.dumps({"step": step, "files": sizes}, indent=1) + "\n")
@@ -186,7 +177,7 @@ def retain(folder: Path, limit: int | None, best: Path | None) -> None:
         return  # never delete when nothing complete would remain
     newest = complete[-1]
     for p in folder.iterdir():
-        if p.is_dir() and step_of(p) is not None and p not in complete and step_of(p) < step_of(newest):
+        if p.is_dir() and checkpoint_step(p) is not None and p not in complete and checkpoint_step(p) < checkpoint_step(newest):
             _delete(p)
     if limit is None:
         return

@@ -27,15 +27,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmatune.data.templates import prompt_ids
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, TunedModel
 from gemmatune.serve.batching import Batcher, Job, Result
+from gemmatune.serve.errors import INTERNAL, APIError, add_error_handlers, send_error
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +46,6 @@ class Limits:
     max_prompt_tokens: int = 8192
     max_batch: int = 16  # rows per forward pass
     max_messages: int = 256  # a chat's messages: rendering them is quadratic in their number (turn-by-turn split)
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-INTERNAL = APIError(500, "internal error; the server log has the details", "server_error")
 
 
 def _encodable(text: str) -> str:
@@ -370,38 +354,7 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
     app = FastAPI(title="gemmatune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
-    @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_body(_request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        # A union field (text or parts) reports one error per member: our own checks (value_error) say most.
-        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
-        if first.get("type") == "json_invalid":
-            message = f"the body is not valid JSON (at character {first.get('loc', ('', '?'))[-1]})"
-            return JSONResponse(APIError(400, message).body(), status_code=400)
-        # pydantic's location names union members too ("str", "function-after[...]"): not fields a client sent
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p))
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException):
-        # Unknown routes (404), wrong methods (405) and bodies FastAPI cannot parse (400): OpenAI's error object
-        # too, not FastAPI's {"detail": ...}.
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code,
-                                                                                     str(exc.detail)[:200])
-        body = APIError(exc.status_code, message, code=code).body()
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal(_request: Request, exc: Exception):
-        log.exception("request failed")
-        # The exception's text stays in the server log: it may name server paths.
-        return JSONResponse(INTERNAL.body(), status_code=500)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -531,32 +484,21 @@ class Guard:
             given = headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), key.encode()):
-                return await _send_error(send, APIError(401, "Incorrect or missing API key: send 'Authorization: "
+                return await send_error(send, APIError(401, "Incorrect or missing API key: send 'Authorization: "
                                                         "Bearer KEY'", code="invalid_api_key"))
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             length = headers.get("content-length")
             if length is None or not length.isdigit():
-                return await _send_error(send, APIError(411, "send the body with a Content-Length header"))
+                return await send_error(send, APIError(411, "send the body with a Content-Length header"))
             limit = self.service.limits.max_body_bytes
             if int(length) > limit:
-                return await _send_error(send, APIError(413, f"the body is {length} bytes; this server allows at "
+                return await send_error(send, APIError(413, f"the body is {length} bytes; this server allows at "
                                                         f"most {limit}"))
         return await self.app(scope, receive, send)
 
 
-def _union_member(part) -> bool:
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
-
-
 def _is_page_asset(path: str) -> bool:
     return path == "/" or path.startswith("/static/")
-
-
-async def _send_error(send, error: APIError) -> None:
-    body = json.dumps(error.body()).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def serve(tuned: TunedModel, base_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

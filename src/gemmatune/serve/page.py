@@ -1,7 +1,7 @@
 """The page `gemmatune serve` shows at /: the runs under a folder, their progress, loss curves and eval
 table, and a chat box that talks to the served adapters through the same /v1 API.
 
-The page (gemmatune/web: HTML, JS with its own SVG chart, CSS) is static package data: no build
+The page (gemmatune/serve/web: HTML, JS with its own SVG chart, CSS) is static package data: no build
 step. It polls /api/runs/NAME/metrics?since=N, which returns the metrics.jsonl rows after the first N, so
 a run that is training grows its curves without a reload and every point is drawn.
 """
@@ -17,31 +17,23 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.infer.evaluation import EVAL_JSON
-from gemmatune.runs import folder as runs
-from gemmatune.serve.app import APIError
+from gemmatune.runs.files import read_json_file, readable, safe_dir
+from gemmatune.runs.folder import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RunRecord,
+    checkpoint_states,
+    eval_path,
+    is_run_folder,
+    metrics_rows,
+    read_eval,
+    read_record,
+    read_run_config,
+)
+from gemmatune.serve.errors import APIError
 
 WEB = Path(__file__).resolve().parent / "web"
-CHECKPOINT_STATE = "trainer_state.json"  # written by transformers' Trainer into each checkpoint
 ACTIVE_SECONDS = 120  # a run without run.json whose metrics changed this recently counts as training
-
-
-def metrics_rows(run_dir: Path, since: int = 0, root: Path | None = None) -> tuple[list[dict], int]:
-    """metrics.jsonl rows after the first `since`, and how many complete lines there are. A line still being
-    written (no newline yet) is left for the next call; a line that is not JSON is skipped, not fatal. The file is
-    read line by line within runs.py's caps, never whole."""
-    rows, count = [], 0
-    for line in runs.metrics_lines(run_dir, root):
-        count += 1
-        if count <= since or line is None:
-            continue
-        try:
-            row = runs.parse_json(line, runs.METRICS_FILE)
-        except GemmatuneError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows, count
 
 
 def _count(value) -> int | None:
@@ -54,23 +46,20 @@ def _count(value) -> int | None:
     return value if isinstance(value, int) and 0 <= value < 2**53 else None
 
 
-def _total_steps(run_dir: Path, record: dict, root: Path) -> int | None:
+def _total_steps(run_dir: Path, record: RunRecord | None, root: Path) -> int | None:
     """Steps the run will take: its max_steps, else what the Trainer computed (latest checkpoint or run.json)."""
-    training = record.get("training")
-    steps = _count(training.get("global_steps")) if isinstance(training, dict) else None
+    steps = _count(record.training.global_steps) if record and record.training else None
     if steps:
         return steps
     try:
-        cfg = runs.read_run_config(run_dir, root)
+        cfg = read_run_config(run_dir, root)
     except GemmatuneError:  # a broken config.yaml: the run is still listed, without a total
         cfg = None
     if cfg is not None and cfg.train.max_steps and cfg.train.max_steps > 0:
         return int(cfg.train.max_steps)
-    states = sorted((run_dir / runs.CHECKPOINTS).glob(f"checkpoint-*/{CHECKPOINT_STATE}"),
-                    key=lambda p: p.stat().st_mtime)
-    for state in reversed(states[-8:]):
+    for state in reversed(checkpoint_states(run_dir)[-8:]):
         try:
-            data = runs.read_json_file(state, root)
+            data = read_json_file(state, root)
         except GemmatuneError:
             continue
         total = _count(data.get("max_steps")) if isinstance(data, dict) else None
@@ -83,18 +72,18 @@ def run_summary(run_dir: Path, root: Path | None = None) -> dict:
     """Name, state and progress of one run folder: step / total, tokens/s and ETA. Raises GemmatuneError for a
     folder whose files lead outside `root` or are malformed (list_summaries marks that run, not the list)."""
     root = root or run_dir
-    if not runs.safe_dir(run_dir, root):
+    if not safe_dir(run_dir, root):
         raise GemmatuneError(f"{run_dir.name} leads outside {root.name}/ (a link); not read")
     rows, _ = metrics_rows(run_dir, root=root)
-    record = runs.read_record(run_dir, root)
-    metrics = run_dir / runs.METRICS_FILE
+    record = read_record(run_dir, root)
+    metrics = run_dir / METRICS_FILE
     step = max((s for s in (_count(r.get("step")) for r in rows) if s is not None), default=0)
     tps = next((r["tokens_per_second"] for r in reversed(rows)
                 if isinstance(r.get("tokens_per_second"), (int, float)) and not isinstance(r["tokens_per_second"], bool)
                 and math.isfinite(r["tokens_per_second"])), None)
     total = _total_steps(run_dir, record, root)
-    finished = bool(record.get("finished"))
-    started = run_dir / runs.CONFIG_FILE  # written when the run starts
+    finished = bool(record and record.finished)
+    started = run_dir / CONFIG_FILE  # written when the run starts
     changed = max((p.stat().st_mtime for p in (metrics, started) if p.is_file()), default=None)
     training = not finished and changed is not None and time.time() - changed < ACTIVE_SECONDS
     eta = None
@@ -103,14 +92,7 @@ def run_summary(run_dir: Path, root: Path | None = None) -> dict:
         eta = round(per_step * max(total - step, 0))
     return {"name": run_dir.name, "state": "finished" if finished else "training" if training else "stopped",
             "step": step, "total": total, "tokens_per_second": tps, "eta_seconds": eta,
-            "has_eval": _readable(run_dir / EVAL_JSON, root)}
-
-
-def _readable(path: Path, root: Path) -> bool:
-    try:
-        return runs.safe_file(path, root) is not None
-    except GemmatuneError:
-        return False
+            "has_eval": readable(eval_path(run_dir), root)}
 
 
 def list_summaries(runs_dir: Path) -> list[dict]:
@@ -129,9 +111,8 @@ def list_summaries(runs_dir: Path) -> list[dict]:
 def list_runs(runs_dir: Path) -> list[Path]:
     if not runs_dir.is_dir():
         return []
-    # exists(), not is_file(): a run whose metrics.jsonl is a link or a device is listed (and marked), not hidden
-    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and any((p / f).exists() or (p / f).is_symlink() for f in (runs.METRICS_FILE, runs.CONFIG_FILE)))
+    # A run whose metrics.jsonl is a link or a device is listed (and marked), not hidden.
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and is_run_folder(p))
 
 
 def add_run_page(app: FastAPI, runs_dir: Path) -> None:
@@ -145,7 +126,7 @@ def add_run_page(app: FastAPI, runs_dir: Path) -> None:
         raise APIError(404, f"no run '{name}'", param="name", code="run_not_found")
 
     def inside(path: Path) -> Path:
-        if not runs.safe_dir(path, runs_dir):
+        if not safe_dir(path, runs_dir):
             raise APIError(422, f"run '{path.name}' leads outside the runs folder (a link); not read",
                            code="run_unreadable")
         return path
@@ -173,10 +154,10 @@ def add_run_page(app: FastAPI, runs_dir: Path) -> None:
     @app.get("/api/runs/{name}/eval")
     async def evaluation(name: str):
         try:
-            report = runs.read_json_file(inside(run_dir(name)) / EVAL_JSON, runs_dir)
+            report = read_eval(inside(run_dir(name)), runs_dir)
         except GemmatuneError as exc:
             raise APIError(422, f"run '{name}': {exc}", code="run_unreadable") from None
         if report is None:
-            raise APIError(404, f"run '{name}' has no {EVAL_JSON} yet (gemmatune eval --adapter RUN)",
+            raise APIError(404, f"run '{name}' has no {eval_path(Path(name)).name} yet (gemmatune eval --adapter RUN)",
                            code="eval_not_found")
         return report

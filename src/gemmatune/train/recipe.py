@@ -22,8 +22,22 @@ from gemmatune.models.loading import Loaded, load_model
 from gemmatune.models.lora import attach_lora
 from gemmatune.models.quantization import describe_weights, quantized_layers
 from gemmatune.plan.shape import check_lora_targets
-from gemmatune.runs import folder as runs
+from gemmatune.runs.adapter_folder import save_adapter
 from gemmatune.runs.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
+from gemmatune.runs.files import now
+from gemmatune.runs.folder import (
+    CHECKPOINTS,
+    BaseModelRecord,
+    DataRecord,
+    LoraRecord,
+    RunRecord,
+    TrainingRecord,
+    loss_points,
+    read_metrics,
+    write_record,
+)
+from gemmatune.runs.plot import plot_losses
+from gemmatune.runs.publish import open_run_dir, run_dir_for, start_run_dir
 from gemmatune.train.allocator import allocator_note
 from gemmatune.train.norms import use_lean_rms_norm
 from gemmatune.train.preflight import check_inputs
@@ -39,7 +53,7 @@ class TrainResult:
     run_dir: Path
     model: object  # the PeftModel, adapters in memory
     tokenizer: object
-    record: dict
+    record: dict  # run.json as written (RunRecord.to_dict())
     is_main_process: bool = True
     stopped: str | None = None  # set when a signal stopped the run early: what happened and where it was saved
 
@@ -50,7 +64,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
 
     # --- setup: everything that can fail on bad input happens before the run folder is touched
     dist = distributed_state()
-    run_dir = runs.open_run_dir(cfg, resume, overwrite, force)
+    run_dir = open_run_dir(cfg, resume, overwrite, force)
     # Read now: the Trainer's arguments create run_dir/checkpoints before the folder is started, and --overwrite
     # must then not take that fresh, marker-less folder for someone else's.
     replaces = overwrite and run_dir.exists()
@@ -81,7 +95,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
 
     # --- train
     if dist.is_main_process:
-        runs.start_run_dir(run_dir, cfg, replaces, resume)
+        start_run_dir(run_dir, cfg, replaces, resume)
     dist.wait_for_everyone()
     checkpoint = resume_point(run_dir, tidy=dist.is_main_process) if resume else None
     with stop:
@@ -91,9 +105,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
             trainer.progress.close()
             raise
     if guard.stopped_at is not None:
-        raise guard.error(latest_complete(run_dir / runs.CHECKPOINTS))
+        raise guard.error(latest_complete(run_dir / CHECKPOINTS))
     if stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
-        saved = latest_complete(run_dir / runs.CHECKPOINTS)
+        saved = latest_complete(run_dir / CHECKPOINTS)
         return TrainResult(run_dir, model, tokenizer, {}, dist.is_main_process,
                            stopped=f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in "
                                    f"{saved}")
@@ -103,14 +117,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     # --- save (rank 0 only; the others wait so no process exits while files are being written)
     record = run_record(cfg, loaded, data, report, result, final_eval, trainer.metrics.tokens_per_second,
                         threads, time.perf_counter() - started, dist.num_processes)
-    record["training"]["nonfinite_steps_skipped"] = guard.skipped_steps
+    record.training.nonfinite_steps_skipped = guard.skipped_steps
     # Under FSDP the weights are sharded: gathering them is collective, so every rank takes part.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if dist.is_main_process:
         try:
-            runs.save_adapter(model, tokenizer, run_dir, state_dict)
-            runs.plot_losses(run_dir)
-            runs.write_record(run_dir, record)
+            save_adapter(model, tokenizer, run_dir, state_dict)
+            plot_losses(run_dir)
+            write_record(run_dir, record)
         except Exception as exc:
             if is_out_of_space(exc):
                 raise out_of_space_error("the adapter", run_dir, exc) from exc
@@ -121,7 +135,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     if cfg.data.test_file and dist.is_main_process:
         evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision,
                                 loaded.processor)
-    return TrainResult(run_dir, model, tokenizer, record, dist.is_main_process)
+    return TrainResult(run_dir, model, tokenizer, record.to_dict(), dist.is_main_process)
 
 
 def distributed_state():
@@ -175,7 +189,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
             "config key train.early_stopping_patience: needs an eval set (data.eval_file or data.eval_ratio)"
         )
     args = TrainingArguments(
-        output_dir=str(run_dir / runs.CHECKPOINTS),
+        output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -235,53 +249,36 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     )
 
 
-def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall, processes) -> dict:
+def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall,
+               processes) -> RunRecord:
     import peft
     import transformers
 
-    metrics = runs.read_metrics(runs.run_dir_for(cfg))
-    train_losses = [m["loss"] for m in metrics if "loss" in m]
-    eval_losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    train_losses, eval_losses = loss_points(read_metrics(run_dir_for(cfg)))
     tps = sorted(tokens_per_second)
-    return {
-        "finished": runs.now(),
-        "base_model": {
-            "source": cfg.model.name,
-            "resolved": loaded.source.describe(),
-            "kind": loaded.source.kind,
-            "class": type(loaded.model).__name__,
-            "model_type": loaded.model.config.model_type,
-            "family": loaded.family.name,
-            "quantization": cfg.model.quantization,
-            "quantized_layers": len(quantized_layers(loaded.model)),
-        },
-        "data": {
-            "format": data.fmt,
-            "template": data.template,
-            "files": data.files,
-            "train": vars(data.train.report),
-            "eval": vars(data.eval.report) if data.eval else None,
-        },
-        "lora": {"trainable_params": report.trainable, "total_params": report.total,
-                 "wrapped_modules": report.wrapped_modules, "wrapped_per_tower": report.per_tower},
-        "training": {
-            "precision": loaded.precision,
-            "device": device_kind(),
-            "threads": threads,
-            "processes": processes,
-            "global_batch": cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * processes,
-            "global_steps": result.global_step,
-            "train_loss_first": train_losses[0] if train_losses else None,
-            "train_loss_last": train_losses[-1] if train_losses else None,
-            "eval_loss_first": eval_losses[0] if eval_losses else None,
-            "eval_loss_final": final_eval.get("eval_loss"),
-            "tokens_per_second_median": round(tps[len(tps) // 2], 1) if tps else None,
-            "wall_seconds": round(wall, 1),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
-    }
+    return RunRecord(
+        finished=now(),
+        base_model=BaseModelRecord(
+            source=cfg.model.name, resolved=loaded.source.describe(), kind=loaded.source.kind,
+            model_class=type(loaded.model).__name__, model_type=loaded.model.config.model_type,
+            family=loaded.family.name, quantization=cfg.model.quantization,
+            quantized_layers=len(quantized_layers(loaded.model)),
+        ),
+        data=DataRecord(format=data.fmt, template=data.template, files=data.files, train=vars(data.train.report),
+                        eval=vars(data.eval.report) if data.eval else None),
+        lora=LoraRecord(trainable_params=report.trainable, total_params=report.total,
+                        wrapped_modules=report.wrapped_modules, wrapped_per_tower=report.per_tower),
+        training=TrainingRecord(
+            precision=loaded.precision, device=device_kind(), threads=threads, processes=processes,
+            global_batch=cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * processes,
+            global_steps=result.global_step,
+            train_loss_first=train_losses[0][1] if train_losses else None,
+            train_loss_last=train_losses[-1][1] if train_losses else None,
+            eval_loss_first=eval_losses[0][1] if eval_losses else None,
+            eval_loss_final=final_eval.get("eval_loss"),
+            tokens_per_second_median=round(tps[len(tps) // 2], 1) if tps else None,
+            wall_seconds=round(wall, 1),
+        ),
+        versions={"python": platform.python_version(), "torch": torch.__version__,
+                  "transformers": transformers.__version__, "peft": peft.__version__},
+    )
