@@ -90,8 +90,9 @@ def run_plain(adapter: str, rows: list[dict], gen_rows: int, max_new_tokens: int
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gemmatune.data.templates import IGNORE, prompt_ids, tokenize_row
+    from gemmatune.data.templates import prompt_ids, tokenize_row
     from gemmatune.models.loading import embedded_model_dir, family_for, stop_token_ids
+    from gemmatune.models.loss import IGNORE
 
     model_dir = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -4,8 +4,9 @@ import pytest
 
 from gemmatune.config import load_config
 from gemmatune.data.rows import prepare, read_rows
-from gemmatune.data.templates import IGNORE, prompt_text, tokenize_row
+from gemmatune.data.templates import prompt_text, tokenize_row
 from gemmatune.errors import GemmatuneError
+from gemmatune.models.loss import IGNORE
 from tests.conftest import write_jsonl
 
 

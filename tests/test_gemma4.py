@@ -8,12 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from gemmatune.config import load_config
-from gemmatune.data.templates import IGNORE, tokenize_row
+from gemmatune.data.templates import tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.models import family_for
 from gemmatune.models.gemma4 import FAMILY
 from gemmatune.models.loading import choose_model_class, load_model, resolve_source
 from gemmatune.models.lora import attach_lora, trainable_report, wrapped_module_names
+from gemmatune.models.loss import IGNORE
 from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from tests.conftest import gemma4_config, make_gemma4_tokenizer, tiny_config, write_jsonl
@@ -281,7 +282,7 @@ def test_cli_run_on_a_local_gemma4_folder_completes_learns_and_stops(tiny_gemma4
 
 @pytest.mark.parametrize("model_id", FAMILY.known_ids)
 def test_plan_for_a_real_gemma4_id_says_in_one_line_that_no_config_is_bundled(model_id, monkeypatch):
-    from gemmatune.plan.shape import load_architecture
+    from gemmatune.models.meta import load_architecture
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(GemmatuneError, match=f"bundles no config for {model_id}") as err:

@@ -14,7 +14,7 @@ import torch
 from gemmatune.config import load_config
 from gemmatune.data.media import MediaCollator, read_audio
 from gemmatune.data.rows import read_data, tokenize_data
-from gemmatune.data.templates import IGNORE
+from gemmatune.models.loss import IGNORE
 from gemmatune.models.packing import PackCollator
 from tests.conftest import (
     GEMMA4_MEDIA_TOKENS,

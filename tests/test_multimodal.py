@@ -16,8 +16,8 @@ import torch
 from gemmatune.config import load_config
 from gemmatune.data.media import MediaCollator, write_wav
 from gemmatune.data.rows import read_data, tokenize_data
-from gemmatune.data.templates import IGNORE
 from gemmatune.errors import GemmatuneError
+from gemmatune.models.loss import IGNORE
 from gemmatune.models.packing import PackCollator
 from gemmatune.train.preflight import check_inputs
 from tests.conftest import (

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from gemmatune.config import DataConfig
 from gemmatune.data.media import MediaTokens, media_tokens
-from gemmatune.data.templates import IGNORE, Tokenized, check_template, default_template, tokenize_row
+from gemmatune.data.templates import Tokenized, check_template, default_template, tokenize_row
 from gemmatune.errors import GemmatuneError
+from gemmatune.models.loss import IGNORE
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")

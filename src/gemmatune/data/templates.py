@@ -12,8 +12,7 @@ import json
 from dataclasses import dataclass
 
 from gemmatune.errors import GemmatuneError
-
-IGNORE = -100
+from gemmatune.models.loss import IGNORE
 
 ALPACA_ZH = ("### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n", "### 指令:\n{instruction}\n\n### 回答:\n")
 ALPACA_EN = (

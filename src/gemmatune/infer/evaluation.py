@@ -21,10 +21,10 @@ import torch
 from gemmatune.compat import attn_implementation
 from gemmatune.data.media import media_features, token_types
 from gemmatune.data.rows import detect_format, normalize, read_rows
-from gemmatune.data.templates import IGNORE, Tokenized, content_text, tokenize_row
+from gemmatune.data.templates import Tokenized, content_text, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
-from gemmatune.models.loss import causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
+from gemmatune.models.loss import IGNORE, causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
 from gemmatune.models.packing import PACKED_SDPA, PackCollator
 from gemmatune.runs.folder import write_eval
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gemmatune.data.templates import IGNORE
+IGNORE = -100  # the label of a position outside the loss (cross-entropy's ignore_index)
+
 
 # Rows per LM-head matmul: about 2**26 logits (128 MiB in bf16) whatever the vocabulary size. Fewer rows make
 # the matmul slower per row on a CPU (128 rows: 335 GFLOP/s, 256: 375, bf16 on 2 cores), more cost memory.

@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from gemmatune.data.templates import IGNORE
+from gemmatune.models.loss import IGNORE
 
 log = logging.getLogger(__name__)
 

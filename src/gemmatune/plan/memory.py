@@ -300,7 +300,7 @@ def tower_memory(cfg: Config, precision: str) -> list[TowerMemory]:
     from gemmatune.models import family_for
     from gemmatune.models.loading import build_on_meta, choose_model_class
     from gemmatune.models.lora import peft_lora_config
-    from gemmatune.plan.shape import load_architecture
+    from gemmatune.models.meta import load_architecture
     from gemmatune.plan.towers import (
         DEFAULT_MEL_BINS,
         DEFAULT_SOFT_TOKENS,

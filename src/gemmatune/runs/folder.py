@@ -258,6 +258,11 @@ def keep_metrics_through(run_dir: Path, step: int) -> None:
 # --- checkpoints/checkpoint-N
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder the Trainer saves step `step` into (transformers' PREFIX_CHECKPOINT_DIR)."""
+    return f"checkpoint-{step}"
+
+
 def checkpoint_step(path: Path) -> int | None:
     """N of a `checkpoint-N` folder name; None for any other name."""
     match = _CHECKPOINT_NAME.match(Path(path).name)

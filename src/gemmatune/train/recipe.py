@@ -20,8 +20,8 @@ from gemmatune.hardware import device_kind, set_threads
 from gemmatune.infer.evaluation import evaluate_after_training
 from gemmatune.models.loading import Loaded, load_model
 from gemmatune.models.lora import attach_lora
+from gemmatune.models.meta import check_lora_targets
 from gemmatune.models.quantization import describe_weights, quantized_layers
-from gemmatune.plan.shape import check_lora_targets
 from gemmatune.runs.adapter_folder import save_adapter
 from gemmatune.runs.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
 from gemmatune.runs.files import now

@@ -31,13 +31,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gemmatune.compat import TrainerHooks
 from gemmatune.errors import GemmatuneError
 from gemmatune.models.loss import causal_lm_loss, causal_lm_parts
 from gemmatune.runs import checkpoints
-from gemmatune.runs.folder import append_metrics
+from gemmatune.runs.folder import CHECKPOINT_STATE, append_metrics, checkpoint_name
 
 log = logging.getLogger("gemmatune")
 
@@ -114,7 +113,7 @@ class GemmatuneTrainer(TrainerHooks):
         return self._staging
 
     def save_checkpoint(self, folder: Path, stock_save) -> None:
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        name = checkpoint_name(self.state.global_step)
         # Under torchrun every rank writes its RNG state into the checkpoint: rank 0 prepares the staging
         # folder, all write, and only when all have written does rank 0 seal and publish it.
         main, multi = self.args.should_save, self.args.world_size > 1
@@ -131,7 +130,7 @@ class GemmatuneTrainer(TrainerHooks):
                 # The Trainer recorded the staging path as best (on every rank); record where it will live.
                 self.state.best_model_checkpoint = str(target)
                 if main:
-                    self.state.save_to_json(str(staged / "trainer_state.json"))
+                    self.state.save_to_json(str(staged / CHECKPOINT_STATE))
             if main:
                 checkpoints.seal(staged, self.state.global_step)
                 checkpoints.publish(staged, target)
