@@ -37,12 +37,16 @@ from gemmatune.runs.folder import (
     write_record,
 )
 from gemmatune.runs.plot import plot_losses
-from gemmatune.runs.publish import open_run_dir, run_dir_for, start_run_dir
+from gemmatune.runs.publish import open_run_dir, start_run_dir
 from gemmatune.train.allocator import allocator_note
 from gemmatune.train.norms import use_lean_rms_norm
 from gemmatune.train.preflight import check_inputs
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from gemmatune.data.rows import Prepared
+    from gemmatune.models.lora import TrainableReport
     from gemmatune.train.trainer import GemmatuneTrainer
 
 log = logging.getLogger("gemmatune")
@@ -61,8 +65,51 @@ class TrainResult:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: bool = False) -> TrainResult:
     """Fine-tune per `cfg` into its run folder. Raises GemmatuneError for anything the user can fix."""
     started = time.perf_counter()
+    run = set_up(cfg, resume, overwrite, force)
+    dist, run_dir, trainer, tokenizer = run.dist, run.run_dir, run.trainer, run.loaded.tokenizer
 
-    # --- setup: everything that can fail on bad input happens before the run folder is touched
+    # --- train
+    if dist.is_main_process:
+        start_run_dir(run_dir, cfg, run.replaces, resume)
+    dist.wait_for_everyone()
+    result = run_trainer(trainer, run_dir, resume, dist.is_main_process)
+    if trainer.stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
+        saved = latest_complete(run_dir / CHECKPOINTS)
+        return TrainResult(run_dir, run.model, tokenizer, {}, dist.is_main_process,
+                           stopped=f"stopped by {trainer.stop.received} at step {result.global_step}, checkpoint "
+                                   f"saved in {saved}")
+    trainer.metrics.final = True
+    final_eval = trainer.evaluate() if run.data.eval else {}
+
+    # --- save (rank 0 only; the others wait so no process exits while files are being written)
+    record = run_record(cfg, run, result, final_eval, time.perf_counter() - started)
+    save_run(run, record)
+    log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
+             f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
+    if cfg.data.test_file and dist.is_main_process:
+        evaluate_after_training(run.model, tokenizer, run.loaded.family, run.data.template, cfg.data.test_file,
+                                run_dir, run.loaded.precision, run.loaded.processor)
+    return TrainResult(run_dir, run.model, tokenizer, record.to_dict(), dist.is_main_process)
+
+
+@dataclass
+class Setup:
+    """What the setup hands the training step: inputs checked, model loaded with LoRA, the Trainer built; the
+    run folder not yet touched."""
+
+    dist: PartialState
+    run_dir: Path
+    replaces: bool  # --overwrite of an existing folder
+    loaded: Loaded
+    data: Prepared
+    model: object  # the PeftModel
+    report: TrainableReport
+    trainer: GemmatuneTrainer
+    threads: int
+
+
+def set_up(cfg: Config, resume: bool, overwrite: bool, force: bool) -> Setup:
+    """Everything that can fail on bad input, before the run folder is touched."""
     dist = distributed_state()
     run_dir = open_run_dir(cfg, resume, overwrite, force)
     # Read now: the Trainer's arguments create run_dir/checkpoints before the folder is started, and --overwrite
@@ -73,8 +120,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
     threads = set_threads(cfg.train.num_threads)
     loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
-    tokenizer, family = loaded.tokenizer, loaded.family
-    data = tokenize_data(rows, tokenizer, cfg.data, loaded.processor, family.thinking_markers)
+    data = tokenize_data(rows, loaded.tokenizer, cfg.data, loaded.processor, loaded.family.thinking_markers)
+    _log_inputs(cfg, loaded, data, threads)
+    model, report = prepare_for_training(loaded, cfg)
+    log.info(report.line())
+    trainer = build_trainer(cfg, model, loaded.tokenizer, data, run_dir, loaded.precision, loaded.processor)
+    t = cfg.train
+    log.info("global batch: %d examples per optimizer step (%d per device x %d accumulation x %d processes); %s",
+             t.per_device_train_batch_size * t.gradient_accumulation_steps * dist.num_processes,
+             t.per_device_train_batch_size, t.gradient_accumulation_steps, dist.num_processes,
+             trainer.path.describe())
+    return Setup(dist, run_dir, replaces, loaded, data, model, report, trainer, threads)
+
+
+def _log_inputs(cfg: Config, loaded: Loaded, data: Prepared, threads: int) -> None:
     log.info("model: %s (%s), precision %s (weights %s), attention %s, %d threads on %s%s",
              loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
              describe_weights(loaded.model), attn_implementation(loaded.model.config), threads, device_kind(),
@@ -83,59 +142,37 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     log.info(data.train.report.line("train", cfg.data.max_length))
     if data.eval:
         log.info(data.eval.report.line("eval", cfg.data.max_length))
-    model, report = prepare_for_training(loaded, cfg)
-    log.info(report.line())
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, loaded.precision, loaded.processor)
-    guard, stop = trainer.guard, trainer.stop
-    t = cfg.train
-    log.info("global batch: %d examples per optimizer step (%d per device x %d accumulation x %d processes); %s",
-             t.per_device_train_batch_size * t.gradient_accumulation_steps * dist.num_processes,
-             t.per_device_train_batch_size, t.gradient_accumulation_steps, dist.num_processes,
-             trainer.path.describe())
 
-    # --- train
-    if dist.is_main_process:
-        start_run_dir(run_dir, cfg, replaces, resume)
-    dist.wait_for_everyone()
-    checkpoint = resume_point(run_dir, tidy=dist.is_main_process) if resume else None
-    with stop:
+
+def run_trainer(trainer: GemmatuneTrainer, run_dir: Path, resume: bool, is_main: bool):
+    """The Trainer's run (from the last complete checkpoint with `resume`); its TrainOutput. A run the NaN/inf
+    guard stopped raises its error, naming the checkpoint to resume from."""
+    checkpoint = resume_point(run_dir, tidy=is_main) if resume else None
+    with trainer.stop:
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except BaseException:
             trainer.progress.close()
             raise
-    if guard.stopped_at is not None:
-        raise guard.error(latest_complete(run_dir / CHECKPOINTS))
-    if stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
-        saved = latest_complete(run_dir / CHECKPOINTS)
-        return TrainResult(run_dir, model, tokenizer, {}, dist.is_main_process,
-                           stopped=f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in "
-                                   f"{saved}")
-    trainer.metrics.final = True
-    final_eval = trainer.evaluate() if data.eval else {}
+    if trainer.guard.stopped_at is not None:
+        raise trainer.guard.error(latest_complete(run_dir / CHECKPOINTS))
+    return result
 
-    # --- save (rank 0 only; the others wait so no process exits while files are being written)
-    record = run_record(cfg, loaded, data, report, result, final_eval, trainer.metrics.tokens_per_second,
-                        threads, time.perf_counter() - started, dist.num_processes)
-    record.training.nonfinite_steps_skipped = guard.skipped_steps
+
+def save_run(run: Setup, record: RunRecord) -> None:
+    """Adapter, tokenizer, loss plot and run.json into the run folder (rank 0; every rank gathers the weights)."""
     # Under FSDP the weights are sharded: gathering them is collective, so every rank takes part.
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    if dist.is_main_process:
+    state_dict = run.trainer.accelerator.get_state_dict(run.trainer.model)
+    if run.dist.is_main_process:
         try:
-            save_adapter(model, tokenizer, run_dir, state_dict)
-            plot_losses(run_dir)
-            write_record(run_dir, record)
+            save_adapter(run.model, run.loaded.tokenizer, run.run_dir, state_dict)
+            plot_losses(run.run_dir)
+            write_record(run.run_dir, record)
         except Exception as exc:
             if is_out_of_space(exc):
-                raise out_of_space_error("the adapter", run_dir, exc) from exc
+                raise out_of_space_error("the adapter", run.run_dir, exc) from exc
             raise
-    dist.wait_for_everyone()
-    log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
-             f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
-    if cfg.data.test_file and dist.is_main_process:
-        evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision,
-                                loaded.processor)
-    return TrainResult(run_dir, model, tokenizer, record.to_dict(), dist.is_main_process)
+    run.dist.wait_for_everyone()
 
 
 def distributed_state():
@@ -166,17 +203,45 @@ def disable_cache(model, family) -> None:
         text_config.use_cache = False
 
 
-def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision: str,
+def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, precision: str,
                   processor=None) -> GemmatuneTrainer:
     """The Trainer for `cfg`, writing checkpoints and metrics.jsonl into `run_dir`; with a multimodal
     `processor`, batches also carry the image and audio tensors of their examples (media.MediaCollator)."""
-    from transformers import EarlyStoppingCallback, TrainingArguments
+    from transformers import EarlyStoppingCallback
 
     from gemmatune.models.packing import PackCollator
     from gemmatune.train.trainer import GemmatuneTrainer
 
     t = cfg.train
     has_eval = data.eval is not None
+    args = training_arguments(cfg, run_dir, precision, has_eval)
+    early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
+                      if t.early_stopping_patience else [])
+    collator = PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id)
+    if processor is not None:
+        from gemmatune.data.media import MediaCollator
+
+        collator = MediaCollator(collator, processor)
+    return GemmatuneTrainer(
+        run_dir=run_dir,
+        packing=t.packing,
+        on_nonfinite=t.on_nonfinite,
+        keep_checkpoints=t.save_total_limit,
+        model=model,
+        args=args,
+        train_dataset=ExampleDataset(data.train.examples),
+        eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=early_stopping,
+    )
+
+
+def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: bool):
+    """transformers' TrainingArguments for `cfg`; eval and best-model settings checked against each other."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
     eval_steps = t.eval_steps or t.save_steps
     best_at_end = has_eval and t.load_best_model_at_end
     if best_at_end and t.save_steps % eval_steps:
@@ -188,7 +253,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         raise GemmatuneError(
             "config key train.early_stopping_patience: needs an eval set (data.eval_file or data.eval_ratio)"
         )
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -227,35 +292,15 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         use_cpu=device_kind() == "cpu",
         disable_tqdm=False,
     )
-    early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
-                      if t.early_stopping_patience else [])
-    collator = PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id)
-    if processor is not None:
-        from gemmatune.data.media import MediaCollator
 
-        collator = MediaCollator(collator, processor)
-    return GemmatuneTrainer(
-        run_dir=run_dir,
-        packing=t.packing,
-        on_nonfinite=t.on_nonfinite,
-        keep_checkpoints=t.save_total_limit,
-        model=model,
-        args=args,
-        train_dataset=ExampleDataset(data.train.examples),
-        eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=early_stopping,
-    )
-
-
-def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall,
-               processes) -> RunRecord:
+def run_record(cfg: Config, run: Setup, result, final_eval: dict, wall: float) -> RunRecord:
+    """run.json of a finished run."""
     import peft
     import transformers
 
-    train_losses, eval_losses = loss_points(read_metrics(run_dir_for(cfg)))
-    tps = sorted(tokens_per_second)
+    train_losses, eval_losses = loss_points(read_metrics(run.run_dir))
+    tps = sorted(run.trainer.metrics.tokens_per_second)
+    loaded, data, report, processes = run.loaded, run.data, run.report, run.dist.num_processes
     return RunRecord(
         finished=now(),
         base_model=BaseModelRecord(
@@ -269,9 +314,9 @@ def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second,
         lora=LoraRecord(trainable_params=report.trainable, total_params=report.total,
                         wrapped_modules=report.wrapped_modules, wrapped_per_tower=report.per_tower),
         training=TrainingRecord(
-            precision=loaded.precision, device=device_kind(), threads=threads, processes=processes,
+            precision=loaded.precision, device=device_kind(), threads=run.threads, processes=processes,
             global_batch=cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * processes,
-            global_steps=result.global_step,
+            global_steps=result.global_step, nonfinite_steps_skipped=run.trainer.guard.skipped_steps,
             train_loss_first=train_losses[0][1] if train_losses else None,
             train_loss_last=train_losses[-1][1] if train_losses else None,
             eval_loss_first=eval_losses[0][1] if eval_losses else None,
