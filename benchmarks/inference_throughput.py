@@ -159,7 +159,7 @@ def run_plain(adapter: str, rows: list[dict], gen_rows: int, max_new_tokens: int
 def run_gemmatune(stack: str, adapter: str, rows: list[dict], gen_rows: int, max_new_tokens: int,
                   batch_size: int) -> dict:
     from gemmatune.data.templates import tokenize_row
-    from gemmatune.infer.evaluation import Progress, _generate_with_progress, response_loss
+    from gemmatune.infer.evaluation import Progress, response_loss
     from gemmatune.infer.model import SamplingSettings, TunedModel, load
 
     if stack == "qlora":
@@ -182,8 +182,9 @@ def run_gemmatune(stack: str, adapter: str, rows: list[dict], gen_rows: int, max
 
         (loss, _), t_loss = _timed(loss_pass)  # the first pass of a fresh process: what one `eval` pass costs
         _, t_again = _timed(loss_pass)  # warm, as training's tokens/s are (they start after its first step)
-        gens, t_gen = _timed(lambda: _generate_with_progress(tuned, rows[:gen_rows], "a", settings, batch_size,
-                                                             Progress("", gen_rows, quiet, every=1e9)))
+        progress = Progress("", gen_rows, quiet, every=1e9)
+        gens, t_gen = _timed(lambda: tuned.generate(rows[:gen_rows], adapter="a", settings=settings,
+                                                    batch_size=batch_size, on_batch=progress.update))
     return {"stack": stack, "precision": tuned.precision, "merged": merged, "loss": loss,
             "loss_tokens_per_second": tokens / t_loss, "loss_again_tokens_per_second": tokens / t_again,
             "gen_tokens_per_second": sum(g.new_tokens for g in gens) / t_gen, "gen_first_ids": gens[0].token_ids[:8],

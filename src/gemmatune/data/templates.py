@@ -171,6 +171,20 @@ def _tokenize_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> To
     return Tokenized(ids, labels)
 
 
+def conversation_row(messages: list[dict], template: str) -> dict:
+    """The prompt row that answers the last user message of a conversation: the conversation itself for the chat
+    template; for an Alpaca template, which has no turns, the last user message alone (`gemmatune chat` and
+    `gemmatune serve` answer alike)."""
+    if template == "chat":
+        return {"messages": messages}
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise GemmatuneError("messages: no user message")
+    if not isinstance(users[-1], str):
+        raise GemmatuneError(f"images and audio need an adapter trained on the chat template (this one: {template})")
+    return {"instruction": users[-1], "input": ""}
+
+
 def prompt_ids(row: dict, template: str, tokenizer, media=None) -> list[int]:
     """Token ids the model continues to answer `row`, split exactly as `tokenize_row` splits them in training.
 

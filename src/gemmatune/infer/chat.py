@@ -8,6 +8,7 @@ from typing import TextIO
 
 from transformers import TextStreamer
 
+from gemmatune.data.templates import conversation_row
 from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
 
 HELP = ("/reset starts a new conversation, /exit quits (Ctrl-D too), Ctrl-C stops a reply; with a multimodal model, "
@@ -65,7 +66,7 @@ def chat_loop(tuned: TunedModel, adapter: str, settings: SamplingSettings, syste
             continue
         content = [*attached, {"type": "text", "text": line}] if attached else line
         turn = history + [{"role": "user", "content": content}]
-        row = {"messages": turn} if multi_turn else {"instruction": line, "input": ""}
+        row = conversation_row(turn, template)
         out.write("model> ")
         out.flush()
         try:

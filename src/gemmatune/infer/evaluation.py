@@ -20,8 +20,8 @@ import torch
 
 from gemmatune.compat import attn_implementation
 from gemmatune.data.media import media_features, token_types
-from gemmatune.data.rows import detect_format, normalize, read_rows
-from gemmatune.data.templates import Tokenized, content_text, tokenize_row
+from gemmatune.data.rows import detect_format, normalize, pad_rows, read_rows
+from gemmatune.data.templates import content_text, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
 from gemmatune.models.loss import IGNORE, causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
@@ -219,20 +219,6 @@ def token_batches(lengths: list[int], max_tokens: int, padded: bool, max_rows: i
     return batches
 
 
-def _padded_batch(examples: list[Tokenized], pad_id: int) -> dict:
-    """Right-padded rows with an attention mask: causal attention means no real token sees the padding."""
-    width = max(len(ex.input_ids) for ex in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        ids[i, :n] = torch.tensor(ex.input_ids)
-        labels[i, :n] = torch.tensor(ex.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size: int | None = None,
                   max_tokens: int = EVAL_TOKENS_PER_BATCH, progress: Progress | None = None) -> tuple[float, int]:
     """Mean cross-entropy over the response tokens training puts in the loss, and their count.
@@ -265,7 +251,9 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
             if packed:
                 inputs = collate([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in chosen])
             else:
-                inputs = _padded_batch(chosen, tuned.tokenizer.pad_token_id)
+                ids, mask = pad_rows([ex.input_ids for ex in chosen], tuned.tokenizer.pad_token_id)
+                inputs = {"input_ids": ids, "attention_mask": mask,
+                          "labels": pad_rows([ex.labels for ex in chosen], IGNORE)[0]}
             if tuned.processor is not None:  # image/audio parts of these rows, in the order of their soft tokens
                 inputs.update(media_features([p for ex in chosen for p in ex.media], tuned.processor))
                 inputs.update(token_types(inputs["input_ids"], tuned.processor))  # the view training had
@@ -313,8 +301,10 @@ def evaluate(
             progress = Progress(f"eval {label} loss", len(rows), progress_stream)
             loss, tokens = response_loss(tuned, rows, name, progress=progress)  # batches bounded by tokens
             progress.close()
-            gens = _generate_with_progress(tuned, rows, name, settings, batch_size,
-                                           Progress(f"eval {label} generate", len(rows), progress_stream))
+            progress = Progress(f"eval {label} generate", len(rows), progress_stream)
+            gens = tuned.generate(rows, adapter=name, settings=settings, batch_size=batch_size,
+                                  on_batch=progress.update)
+            progress.close()
         outputs[label] = [g.text for g in gens]
         variants.append(VariantScores(
             name=label,
@@ -332,23 +322,6 @@ def evaluate(
     template = tuned.template_for(names[-1])
     return EvalReport(str(data), len(rows), template, max_new_tokens, variants, shown,
                       round(time.perf_counter() - started, 1))
-
-
-def _generate_with_progress(tuned: TunedModel, rows: list[dict], adapter: str, settings: SamplingSettings,
-                            batch_size: int, progress: Progress) -> list:
-    """`tuned.generate` over all rows, one batch per call so progress can be told: the same batches, since
-    generate groups prompts shortest first in slices of `batch_size` exactly as done here."""
-    lengths = [len(tuned.prompt_ids(row, adapter)) for row in rows]
-    order = sorted(range(len(rows)), key=lambda i: lengths[i])
-    gens: list = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        out = tuned.generate([rows[i] for i in chunk], adapter=adapter, settings=settings, batch_size=batch_size)
-        for i, gen in zip(chunk, out, strict=True):
-            gens[i] = gen
-        progress.update(len(chunk), sum(g.new_tokens for g in out))
-    progress.close()
-    return gens
 
 
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,12 @@ class SamplingSettings:
             raise GemmatuneError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
             raise GemmatuneError("sampling needs temperature > 0, top_p in (0, 1] and top_k >= 0; or use greedy")
+
+
+def generation_order(lengths: Sequence[int]) -> list[int]:
+    """The order `TunedModel.generate` runs its rows in: shortest prompt first (similar lengths together, less
+    padding), ties in the given order. The serve batcher streams by row position, so it orders its jobs by this."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
 
 
 def _contiguous_first_input(module: torch.nn.Module, args: tuple):
@@ -188,6 +194,8 @@ class TunedModel:
         streamer=None,
         stopping_criteria=None,
         logits_processor=None,
+        prompt_ids: Sequence[list[int]] | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
         **sampling,
     ) -> list[Generation]:
         """Generate for one prompt or many; `adapter` is one name for all rows, or one per row.
@@ -196,19 +204,21 @@ class TunedModel:
         first loaded adapter; `"base"` the base model alone. Sampling keywords (max_new_tokens, greedy,
         temperature, top_p, top_k, seed) override `settings`. `streamer`, `stopping_criteria` and `logits_processor`
         go to transformers' generate as they are (gemmatune serve uses them to end rows on its own rules and to
-        sample each row with its own generator).
+        sample each row with its own generator). `prompt_ids`: the prompts already tokenized (by `prompt_ids`).
+        `on_batch(rows, new_tokens)` is called after each batch (evaluation's progress). Rows run in
+        `generation_order`, `batch_size` at a time.
         """
         rows = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
         if len(names) != len(rows):
             raise GemmatuneError(f"got {len(names)} adapter names for {len(rows)} prompts; give one per prompt")
         names = [self.check_adapter(n) for n in names]
-        ids = [self.prompt_ids(row, name) for row, name in zip(rows, names, strict=True)]
+        ids = list(prompt_ids) if prompt_ids is not None else [
+            self.prompt_ids(row, name) for row, name in zip(rows, names, strict=True)]
         settings = SamplingSettings(**{**vars(settings or SamplingSettings()), **sampling})
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        # Similar lengths together: less padding. Results go back in the caller's order.
-        order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
+        order = generation_order([len(x) for x in ids])  # results go back in the caller's order
         results: list[Generation | None] = [None] * len(rows)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -217,6 +227,8 @@ class TunedModel:
                                        stopping_criteria, logits_processor)
             for i, gen in zip(chunk, out, strict=True):
                 results[i] = gen
+            if on_batch is not None:
+                on_batch(len(chunk), sum(g.new_tokens for g in out))
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[list[int]], names: list[str], settings: SamplingSettings,

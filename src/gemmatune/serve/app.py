@@ -16,7 +16,6 @@ import copy
 import hmac
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
@@ -24,17 +23,17 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from gemmatune.data.templates import prompt_ids
+from gemmatune.data.templates import conversation_row, prompt_ids
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, TunedModel
 from gemmatune.serve.batching import Batcher, Job, Result
 from gemmatune.serve.errors import INTERNAL, APIError, add_error_handlers, send_error
+from gemmatune.serve.requests import AudioPart, ChatRequest, CompletionRequest, ImagePart, check_conversation
 
 log = logging.getLogger(__name__)
 
@@ -46,202 +45,6 @@ class Limits:
     max_prompt_tokens: int = 8192
     max_batch: int = 16  # rows per forward pass
     max_messages: int = 256  # a chat's messages: rendering them is quadratic in their number (turn-by-turn split)
-
-
-def _encodable(text: str) -> str:
-    """JSON may carry a lone surrogate ("\\ud800"), which no tokenizer can encode: a 400, not a 500 later."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"the text holds {exc.object[exc.start:exc.end]!a}, which is not valid Unicode text "
-                         "(a lone surrogate)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_encodable)]
-
-# The request bodies. Unknown fields are ignored, as many clients send defaults (user, presence_penalty=0, ...).
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: Text
-
-
-class ImageURL(BaseModel):
-    url: Text
-
-
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class InputAudio(BaseModel):
-    data: Text
-    format: Literal["wav"]
-
-
-class AudioPart(BaseModel):
-    type: Literal["input_audio"]
-    input_audio: InputAudio
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart | ImagePart | AudioPart] | None = None
-
-    def parts(self, index: int, media_dir: Path) -> str | list[dict]:
-        """The content as gemmatune's chat rows hold it: text, or text/image/audio parts whose data are written
-        into `media_dir` (OpenAI's image_url data: URLs and input_audio parts) and checked as training checks
-        files."""
-        if not isinstance(self.content, list):
-            return self.content or ""
-        if all(isinstance(p, TextPart) for p in self.content):
-            return "".join(p.text for p in self.content)
-        return [_media_part(p, f"messages[{index}].content[{k}]", media_dir) for k, p in enumerate(self.content)]
-
-
-def _media_part(part: TextPart | ImagePart | AudioPart, where: str, media_dir: Path) -> dict:
-    import base64
-    import binascii
-
-    from gemmatune.data.media import check_media_file
-
-    if isinstance(part, TextPart):
-        return {"type": "text", "text": part.text}
-    if isinstance(part, ImagePart):
-        kind, url = "image", part.image_url.url
-        if not url.startswith("data:") or ";base64," not in url:
-            raise APIError(400, f"{where}: image_url must be a data: URL with base64 data (this server fetches "
-                           "nothing)", param="messages")
-        data = url.split(";base64,", 1)[1]
-    else:
-        kind, data = "audio", part.input_audio.data
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"{where}: the {kind} data is not valid base64", param="messages") from None
-    path = media_dir / (re.sub(r"\W+", "-", where).strip("-") + (".wav" if kind == "audio" else ".img"))
-    path.write_bytes(raw)
-    try:
-        check_media_file(kind, path, where)
-    except GemmatuneError as exc:
-        # The checks name the file (and PIL quotes it): the client sent data, not a file, and must not learn the
-        # server's temporary paths.
-        message = str(exc).replace(f" {path}", "").replace(str(path), "the data").replace(str(media_dir), "")
-        raise APIError(400, message, param="messages") from None
-    return {"type": kind, "path": str(path)}
-
-
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: Text
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch.Generator takes
-    n: int = 1
-    stream: bool = False
-    stream_options: dict | None = None
-    logprobs: bool | int | None = None
-    # Not supported: refused rather than ignored, since a client relying on them would get a plain answer.
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tool and function calling are not supported by this server")
-        return v
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, v):
-        if v is not None and v != "none":
-            raise ValueError("tool and function calling are not supported by this server")
-        return v
-
-    @field_validator("n")
-    @classmethod
-    def _one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: at most 4 non-empty strings")
-        return stops
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(Sampling):
-    prompt: Text | list[Text]
-
-    @field_validator("prompt")
-    @classmethod
-    def _single(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("prompt: give one string (batches of prompts are not supported)")
-            return v[0]
-        return v
-
-
-
-def check_conversation(messages: list[Message], limit: int) -> None:
-    """The turns a chat template can render, checked before it runs (Gemma's raises "roles must alternate"):
-    system/developer messages first, then user and assistant alternating, starting and ending with the user."""
-    if len(messages) > limit:
-        raise APIError(400, f"messages: {len(messages)} messages; this server takes at most {limit}",
-                       param="messages")
-    turns = [m.role for m in messages]
-    system = 0
-    while system < len(turns) and turns[system] in ("system", "developer"):
-        system += 1
-    if system > 1:
-        raise APIError(400, "messages: give at most one system (or developer) message", param="messages")
-    rest = turns[system:]
-    for i, role in enumerate(rest):
-        want = "user" if i % 2 == 0 else "assistant"
-        if role != want:
-            where = system + i
-            raise APIError(400, f"messages[{where}]: expected a {want} message, got {role}: after an optional "
-                           "system message, user and assistant messages alternate, starting with the user",
-                           param="messages")
-    if not rest or rest[-1] != "user":
-        raise APIError(400, "messages: the last message must be the user's (the reply to it is generated)",
-                       param="messages")
-
-
-def chat_row(messages: list[dict], template: str) -> dict:
-    """The prompt row for `generate`: the conversation for the chat template, else the last user message."""
-    if template == "chat":
-        return {"messages": messages}
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    if not users:
-        raise APIError(400, "messages: no user message", param="messages")
-    if not isinstance(users[-1], str):
-        raise APIError(400, f"images and audio need an adapter trained on the chat template (this one: {template})",
-                       param="messages")
-    return {"instruction": users[-1], "input": ""}
 
 
 class Service:
@@ -297,15 +100,14 @@ class Service:
         from jinja2 import TemplateError
 
         try:
-            prompt_tokens = len(prompt_ids(row, self.tuned.template_for(adapter), self.tokenizer,
-                                           self.tuned.media_tokens_for(row)))
+            ids = prompt_ids(row, self.tuned.template_for(adapter), self.tokenizer, self.tuned.media_tokens_for(row))
         except GemmatuneError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         except TemplateError as exc:  # the tokenizer's own template refused the conversation
             raise APIError(400, f"messages: the chat template cannot render them ({str(exc)[:200]})",
                            param="messages") from None
-        if prompt_tokens > self.limits.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {prompt_tokens} tokens; this server allows at most "
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
                            f"{self.limits.max_prompt_tokens}", param="messages")
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -328,7 +130,7 @@ class Service:
 
         job = Job(row=row, adapter=adapter, max_tokens=max_tokens, greedy=req.temperature == 0,
                   temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed, stop=list(req.stop or []),
-                  emit=threadsafe_emit, done=done, prompt_tokens=prompt_tokens, media_dir=media_dir)
+                  emit=threadsafe_emit, done=done, prompt_ids=ids, media_dir=media_dir)
         assert self.batcher is not None
         self.batcher.submit(job)
         return job, future
@@ -353,9 +155,16 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
 
     app = FastAPI(title="gemmatune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
-
     add_error_handlers(app)
+    _add_routes(app, service)
+    if runs_dir is not None:
+        from gemmatune.serve.page import add_run_page
 
+        add_run_page(app, Path(runs_dir))
+    return Guard(app, service)
+
+
+def _add_routes(app: FastAPI, service: Service) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok", **(service.batcher.status() if service.batcher else {})}
@@ -379,91 +188,95 @@ def create_app(tuned: TunedModel, base_name: str = "base", limits: Limits | None
         try:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.parts(i, media_dir)}
                         for i, m in enumerate(req.messages)]
-            row = chat_row(messages, tuned.template_for(adapter))
-        except BaseException:
+            row = conversation_row(messages, service.tuned.template_for(adapter))
+        except BaseException as exc:
             if media_dir is not None:
                 shutil.rmtree(media_dir, ignore_errors=True)
+            if isinstance(exc, GemmatuneError):
+                raise APIError(400, str(exc), param="messages") from None
             raise
-        return await _answer(req, row, request, "chat.completion", media_dir)
+        return await _answer(service, req, row, request, "chat.completion", media_dir)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         row = {"instruction": req.prompt, "input": ""}
-        return await _answer(req, row, request, "text_completion")
+        return await _answer(service, req, row, request, "text_completion")
 
-    async def _answer(req, row: dict, request: Request, kind: str, media_dir: Path | None = None):
-        rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        if not req.stream:
-            job, future = service.job(req, row, None, media_dir)
-            while not future.done():
-                await asyncio.wait({future}, timeout=0.5)
-                if not future.done() and await request.is_disconnected():
-                    job.cancelled = True  # its row stops taking part in the batch
-                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-            result: Result = future.result()
-            if kind == "chat.completion":
-                choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                          "finish_reason": result.finish_reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
-            return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": [choice],
-                    "usage": _usage(result)}
 
+async def _answer(service: Service, req, row: dict, request: Request, kind: str, media_dir: Path | None = None):
+    """The reply to one request: one JSON body, or server-sent events as the text is generated (`req.stream`)."""
+    rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if req.stream:
         pieces: asyncio.Queue[str] = asyncio.Queue()
         job, future = service.job(req, row, pieces.put_nowait, media_dir)
-        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
-            if kind == "chat.completion":
-                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-                if delta is not None:
-                    d["content"] = delta
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            body = {"id": rid, "object": chunk_kind, "created": created, "model": req.model, "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def events():
-            try:
-                if kind == "chat.completion":
-                    yield chunk(None, None, first=True)
-                while True:
-                    getter = asyncio.ensure_future(pieces.get())
-                    await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield chunk(getter.result(), None)
-                        continue
-                    getter.cancel()
-                    break
-                while not pieces.empty():
-                    yield chunk(pieces.get_nowait(), None)
-                exc = future.exception()
-                if exc is not None:
-                    yield f"data: {json.dumps(INTERNAL.body())}\n\n"  # the text is in the server log
-                    return
-                result: Result = future.result()
-                yield chunk(None if kind == "chat.completion" else "", result.finish_reason)
-                if include_usage:
-                    body = {"id": rid, "object": chunk_kind, "created": created, "model": req.model, "choices": [],
-                            "usage": _usage(result)}
-                    yield f"data: {json.dumps(body)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled = not future.done()  # the client left: its row's output is dropped
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        events = _Events(req, rid, created, kind)
+        return StreamingResponse(events.stream(job, future, pieces), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    job, future = service.job(req, row, None, media_dir)
+    while not future.done():
+        await asyncio.wait({future}, timeout=0.5)
+        if not future.done() and await request.is_disconnected():
+            job.cancelled = True  # its row stops taking part in the batch
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+    result: Result = future.result()
+    if kind == "chat.completion":
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "finish_reason": result.finish_reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+    return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": [choice],
+            "usage": _usage(result)}
 
-    if runs_dir is not None:
-        from gemmatune.serve.page import add_run_page
 
-        add_run_page(app, Path(runs_dir))
-    return Guard(app, service)
+class _Events:
+    """A streamed reply as OpenAI's server-sent chunks."""
+
+    def __init__(self, req, rid: str, created: int, kind: str):
+        self.req, self.rid, self.created, self.kind = req, rid, created, kind
+        self.chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+        self.include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+    def chunk(self, delta: str | None, finish: str | None, first: bool = False) -> str:
+        if self.kind == "chat.completion":
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if delta is not None:
+                d["content"] = delta
+            choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        body = {"id": self.rid, "object": self.chunk_kind, "created": self.created, "model": self.req.model,
+                "choices": [choice]}
+        if self.include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def stream(self, job: Job, future: asyncio.Future, pieces: asyncio.Queue):
+        try:
+            if self.kind == "chat.completion":
+                yield self.chunk(None, None, first=True)
+            while True:
+                getter = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield self.chunk(getter.result(), None)
+                    continue
+                getter.cancel()
+                break
+            while not pieces.empty():
+                yield self.chunk(pieces.get_nowait(), None)
+            if future.exception() is not None:
+                yield f"data: {json.dumps(INTERNAL.body())}\n\n"  # the text is in the server log
+                return
+            result: Result = future.result()
+            yield self.chunk(None if self.kind == "chat.completion" else "", result.finish_reason)
+            if self.include_usage:
+                body = {"id": self.rid, "object": self.chunk_kind, "created": self.created, "model": self.req.model,
+                        "choices": [], "usage": _usage(result)}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = not future.done()  # the client left: its row's output is dropped
 
 
 class Guard:

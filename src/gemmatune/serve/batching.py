@@ -24,7 +24,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from gemmatune.infer.model import TunedModel
+from gemmatune.infer.model import TunedModel, generation_order
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Job:
     stop: list[str]
     emit: Callable[[str], None] | None  # streamed text pieces (None: not streamed)
     done: Callable[[Result | BaseException], None]  # called once, from the worker thread
-    prompt_tokens: int = 0
+    prompt_ids: list[int] = field(default_factory=list)  # tokenized once, where the request was checked
     cancelled: bool = False  # the client went away: its row's output is dropped
     media_dir: Path | None = None  # the request's image/audio files: removed once the job leaves the worker
     _tokens: list[int] = field(default_factory=list)
@@ -203,8 +203,8 @@ class Batcher:
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        if not job.prompt_tokens:
-            job.prompt_tokens = len(self.model.prompt_ids(job.row, job.adapter))
+        if not job.prompt_ids:
+            job.prompt_ids = self.model.prompt_ids(job.row, job.adapter)
         self.queue.put(job)
 
     def close(self, timeout: float | None = None) -> None:
@@ -250,12 +250,13 @@ class Batcher:
                     job.release()
 
     def _run(self, jobs: list[Job]) -> None:
-        # generate() sorts rows by prompt length (stable); sorting here first keeps streamer row i == jobs[i].
-        jobs = sorted(jobs, key=lambda j: j.prompt_tokens)
+        # In generate's own order, so the streamer's row i is jobs[i].
+        jobs = [jobs[i] for i in generation_order([len(j.prompt_ids) for j in jobs])]
         self.busy = len(jobs)
         try:
             self.model.generate(
                 [j.row for j in jobs], adapter=[j.adapter for j in jobs], batch_size=len(jobs),
+                prompt_ids=[j.prompt_ids for j in jobs],
                 streamer=_RowStreamer(self.model, jobs), stopping_criteria=StoppingCriteriaList([_RowsOver(jobs)]),
                 max_new_tokens=max(j.max_tokens for j in jobs), greedy=True,
                 logits_processor=LogitsProcessorList([_RowSampler(jobs)]))
@@ -283,4 +284,4 @@ def _finish(model: TunedModel, job: Job, tokens: list[int], stopped: bool) -> Re
         if text.startswith(job._sent) and len(text) > len(job._sent):
             job.emit(text[len(job._sent):])
         job._sent = text
-    return Result(text, finish, job.prompt_tokens, len(tokens) + (1 if stopped and not hit else 0))
+    return Result(text, finish, len(job.prompt_ids), len(tokens) + (1 if stopped and not hit else 0))
