@@ -105,7 +105,7 @@ def towers() -> None:
                         tensor.data.normal_(0, 0.02)
         return model
 
-    planned = {t.tower: t for t in measure_towers(with_lora("meta"), lora.towers, dtype_bytes=4)}
+    planned = {t.tower: t for t in measure_towers(with_lora("meta"), lora.towers, family, dtype_bytes=4)}
     model = with_lora("cpu")
     model.train()
     inner = model.get_base_model().model

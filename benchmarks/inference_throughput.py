@@ -71,7 +71,7 @@ def make_adapter(folder: Path, seed: int = 0) -> Path:
 
 
 def read_bench_rows(data_file: str) -> list[dict]:
-    from gemmatune.infer.evaluation import read_eval_rows
+    from gemmatune.data.rows import read_eval_rows
 
     return read_eval_rows(data_file)
 
@@ -160,7 +160,8 @@ def run_gemmatune(stack: str, adapter: str, rows: list[dict], gen_rows: int, max
                   batch_size: int) -> dict:
     from gemmatune.data.templates import tokenize_row
     from gemmatune.infer.evaluation import Progress, response_loss
-    from gemmatune.infer.model import SamplingSettings, TunedModel, load
+    from gemmatune.infer.load import load
+    from gemmatune.infer.model import SamplingSettings, TunedModel
 
     if stack == "qlora":
         from peft import PeftModel

@@ -54,7 +54,7 @@ def _data_config(data_file: str):
 
 def _examples(data_file: str, tokenizer=None):
     from gemmatune.config import ModelConfig
-    from gemmatune.data.rows import prepare
+    from gemmatune.data.examples import prepare
     from gemmatune.models.loading import load_tokenizer, resolve_source
 
     tokenizer = tokenizer or load_tokenizer(resolve_source(ModelConfig()))
@@ -107,7 +107,7 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int) -> dict:
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-        from gemmatune.data.rows import ExampleDataset
+        from gemmatune.data.examples import ExampleDataset
 
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _lora_config())
         trainer = Trainer(model=model, args=TrainingArguments(**_common_args(out, steps, bf16=False)),
@@ -181,7 +181,7 @@ def _variant_b(tokenizer, examples, model_dir, out, steps, timer):
         from peft import get_peft_model
         from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-        from gemmatune.data.rows import ExampleDataset
+        from gemmatune.data.examples import ExampleDataset
 
         model.config.use_cache = False
         trainer = Trainer(model=get_peft_model(model, _lora_config()), callbacks=[timer],

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from gemmatune.infer.model import load
+from gemmatune.infer.load import load
 from gemmatune.serve.batching import Batcher, Job
 
 PROMPTS = ["Route the ticket: my parcel is late", "hi", "x" * 30]

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from gemmatune.config import load_config
-from gemmatune.data.rows import prepare, read_rows
+from gemmatune.data.examples import prepare
+from gemmatune.data.rows import read_rows
 from gemmatune.data.templates import prompt_text, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.models.loss import IGNORE
@@ -148,7 +149,8 @@ def test_json_lines_in_a_json_file_are_read(tmp_path):
 
 
 def test_rows_are_read_and_validated_once_then_tokenized_without_reading_again(tmp_path, tokenizer):
-    from gemmatune.data.rows import read_data, tokenize_data
+    from gemmatune.data.examples import tokenize_data
+    from gemmatune.data.rows import read_data
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}] * 4)
     cfg = load_config(None, [f"data.train_file={path}", "data.eval_ratio=0.25"])

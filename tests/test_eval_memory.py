@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from gemmatune.config import ModelConfig
 from gemmatune.data.templates import tokenize_row
 from gemmatune.infer.evaluation import packs_natively, response_loss, token_batches
-from gemmatune.infer.model import BASE, TunedModel, load
+from gemmatune.infer.load import load
+from gemmatune.infer.model import BASE, TunedModel
 from gemmatune.models import loss
 from gemmatune.models.loading import load_model
 from gemmatune.models.loss import IGNORE, CausalLMParts, causal_lm_parts, chunked_cross_entropy_sum

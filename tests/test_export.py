@@ -7,7 +7,7 @@ import torch
 
 from gemmatune.errors import GemmatuneError
 from gemmatune.export.merge import combine, merge, parse_weighted
-from gemmatune.infer.model import load
+from gemmatune.infer.load import load
 from tests.cli_subprocess import run_cli
 
 IDS = torch.tensor([[2, 40, 50, 60, 70, 80, 90, 100]])

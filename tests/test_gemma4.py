@@ -60,7 +60,8 @@ def test_chat_format_learns_end_of_turn_and_keeps_thinking_out_of_the_loss():
 
 
 def test_thinking_rows_train_with_the_thoughts_masked_unless_asked(tiny_gemma4, tmp_path):
-    from gemmatune.data.rows import read_data, tokenize_data
+    from gemmatune.data.examples import tokenize_data
+    from gemmatune.data.rows import read_data
 
     rows = [{"messages": [{"role": "user", "content": "2+2?"},
                           {"role": "assistant", "content": "4", "reasoning": "two and two"}]}]
@@ -131,7 +132,7 @@ def test_experts_on_a_dense_model_or_with_dropout_is_an_error(tiny_gemma4, tmp_p
 @pytest.mark.parametrize("fixture", ["tiny_gemma4", "tiny_gemma4_moe"])
 def test_train_resume_eval_generate_stops_merge(fixture, request, tmp_path):
     from gemmatune.export.merge import merge
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     model_dir = request.getfixturevalue(fixture)
     rows = write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS)

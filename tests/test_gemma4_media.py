@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from gemmatune.config import load_config
+from gemmatune.data.examples import tokenize_data
 from gemmatune.data.media import MediaCollator, read_audio
-from gemmatune.data.rows import read_data, tokenize_data
+from gemmatune.data.rows import read_data
 from gemmatune.models.loss import IGNORE
 from gemmatune.models.packing import PackCollator
 from tests.conftest import (
@@ -122,7 +123,7 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma4_multimod
 
 def _generates_with_the_parts_marked(run_dir, media_file):
     """The tuned model answers an image row and an audio row, its prefill given the soft tokens' types as training."""
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     tuned = load([str(run_dir)], precision="fp32")
     seen = []

@@ -119,7 +119,7 @@ def llama_greedy(gguf: Path, prompts: list[list[int]], max_new_tokens: int, lora
 def _reference(run: Path, tmp: Path):
     """transformers' greedy generations on the merged model, and the prompt ids they started from."""
     from gemmatune.export.merge import merge
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     tuned = load(base=str(merge(run, tmp / "merged")), precision="fp32")
     return tuned, [tuned.prompt_ids(p) for p in PROMPTS], tuned.generate(PROMPTS, greedy=True, max_new_tokens=12)
@@ -170,7 +170,7 @@ def test_llama_cpp_tokenizes_the_prompt_text_as_transformers(tiny_run, tmp_path)
     and its chat template renders the training prompt."""
     require(HAS_LLAMA_CPP, NEEDS)
     from gemmatune.export.gguf import export_gguf
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     done = export_gguf(tiny_run, tmp_path / "tuned.gguf", quant="bf16")
     tuned = load([tiny_run], precision="fp32")
@@ -202,7 +202,7 @@ def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run, tmp_path):
 
     fields = GGUFReader(str(lora.path)).fields
     assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     ids = [load([tiny_run], precision="fp32").prompt_ids(p) for p in PROMPTS]
     wants = llama_greedy(merged.path, ids, 12)
@@ -425,7 +425,7 @@ def test_embedded_270m_run_in_llama_cpp_answers_as_in_transformers(tmp_path):
 
 def _reference_rows(run: Path, tmp: Path, rows: list[dict]):
     from gemmatune.export.merge import merge
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     tuned = load(base=str(merge(run, tmp / "merged")), precision="fp32")
     return tuned, [tuned.prompt_ids(r) for r in rows], tuned.generate(rows, greedy=True, max_new_tokens=40)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gemmatune.infer.evaluation import Progress, evaluate, response_loss
-from gemmatune.infer.model import BASE, load
+from gemmatune.infer.load import load
+from gemmatune.infer.model import BASE
 from tests.conftest import ALPACA_ROWS, write_jsonl
 
 PROMPTS = [{"instruction": r["instruction"], "input": r["input"] * (i % 3 + 1)} for i, r in enumerate(ALPACA_ROWS[:6])]

@@ -62,7 +62,7 @@ def test_loss_divides_by_num_items_in_batch(tiny_gemma3):
 def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny_gemma3, tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
-    from gemmatune.data.rows import ExampleDataset
+    from gemmatune.data.examples import ExampleDataset
     from gemmatune.data.templates import Tokenized
     from gemmatune.train.trainer import GemmatuneTrainer
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from gemmatune.config import load_config
+from gemmatune.data.examples import tokenize_data
 from gemmatune.data.media import MediaCollator, write_wav
-from gemmatune.data.rows import read_data, tokenize_data
+from gemmatune.data.rows import read_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.models.loss import IGNORE
 from gemmatune.models.packing import PackCollator
@@ -250,7 +251,7 @@ def test_cli_trains_on_image_and_audio_rows_then_generates_and_evaluates_them(ti
     (--image, --audio, and rows with parts) and eval the same rows."""
     from gemmatune.cli import main
     from gemmatune.data.media import media_features
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     needs_multimodal()
     rows = media_rows(tmp_path, 8)
@@ -347,7 +348,8 @@ def test_chat_attaches_images_and_audio_to_the_next_message(mm_run):
     import io
 
     from gemmatune.infer.chat import chat_loop
-    from gemmatune.infer.model import SamplingSettings, load
+    from gemmatune.infer.load import load
+    from gemmatune.infer.model import SamplingSettings
 
     run, folder = mm_run
     tuned = load([str(run)], precision="fp32")
@@ -369,7 +371,7 @@ def test_serve_answers_openai_image_and_audio_parts_as_generate_does(mm_run, tmp
 
     import openai
 
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
     from tests.serve_process import API_KEY, ServerProcess
 
     run, folder = mm_run

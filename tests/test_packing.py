@@ -80,7 +80,7 @@ def test_generation_loads_never_pick_flash_attention(tiny_gemma3, monkeypatch):
     """`load` (generate, eval, serve, merge) takes per-example sdpa even where FlashAttention-2 would be chosen
     for training: FA2 fails on fp32 weights (merge, --precision fp32) and on pre-Ampere GPUs."""
     import gemmatune.models.packing as packing
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     monkeypatch.setattr(packing, "flash_attention_available", lambda: True)
     assert attention_for_packing(None) == "flash_attention_2"  # training's choice where flash-attn runs

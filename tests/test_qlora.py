@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from gemmatune.config import load_config
 from gemmatune.export.merge import merge
-from gemmatune.infer.model import load
+from gemmatune.infer.load import load
 from gemmatune.models import family_for
 from gemmatune.models.loading import load_model
 from gemmatune.models.lora import attach_lora

@@ -3,7 +3,8 @@ import json
 
 from gemmatune.cli import main
 from gemmatune.infer.chat import chat_loop
-from gemmatune.infer.model import SamplingSettings, load
+from gemmatune.infer.load import load
+from gemmatune.infer.model import SamplingSettings
 from tests.conftest import ALPACA_ROWS, write_jsonl
 
 

@@ -19,7 +19,7 @@ __all__ = ["Config", "GemmatuneError", "evaluate", "load", "load_config", "__ver
 def __getattr__(name: str):
     # `load` and `evaluate` pull in torch and transformers: imported on first use, not with the package.
     if name == "load":
-        from gemmatune.infer.model import load
+        from gemmatune.infer.load import load
 
         return load
     if name == "evaluate":

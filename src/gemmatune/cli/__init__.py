@@ -60,19 +60,20 @@ def _quiet_libraries() -> None:
 # gemmatune.evaluate and gemmatune.export.merge
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, sources=None):
+    """The model `args` name; `sources`: its adapters, already read."""
     import warnings
 
     from transformers.utils import logging as hf_logging
 
-    from gemmatune.infer.model import load
+    from gemmatune.infer.load import load
 
     # A terminal user needs neither the weight-loading bar nor PEFT's use of a deprecated transformers name.
     hf_logging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return load(args.adapters, base=args.base, template=args.template, precision=args.precision,
-                    cache_dir=args.cache_dir)
+        return load(args.adapters if sources is None else sources, base=args.base, template=args.template,
+                    precision=args.precision, cache_dir=args.cache_dir)
 
 
 def _settings(args: argparse.Namespace):
@@ -125,15 +126,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gemmatune.infer.evaluation import evaluate
-    from gemmatune.infer.model import read_adapter
+    from gemmatune.infer.load import adapter_source
 
     if args.limit is not None and args.limit < 1:
         raise GemmatuneError(f"--limit must be >= 1, got {args.limit}")
-    first = read_adapter(args.adapters[0]) if args.adapters else None
+    sources = [adapter_source(a) for a in args.adapters]
+    first = sources[0] if sources else None
     file = args.file or (first.folder.test_file if first is not None else None)
     if not file:
         raise GemmatuneError("eval: give a FILE of held-out rows (the first adapter's run names no data.test_file)")
-    tuned = _load(args)
+    tuned = _load(args, sources)
     report = evaluate(tuned, file, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       samples=args.samples)
     out = Path(args.out) if args.out else (first.path if first is not None else Path.cwd())
@@ -173,38 +175,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise GemmatuneError(f"--{name.replace('_', '-')} must be >= 1")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_batch=args.max_batch)
-    from gemmatune.infer.model import read_adapter
+    from gemmatune.infer.load import adapter_source
 
-    base_name = args.base or (read_adapter(args.adapters[0]).folder.base.name if args.adapters else "embedded")
-    tuned = _load(args)
+    sources = [adapter_source(a) for a in args.adapters]
+    base_name = args.base or (sources[0].folder.base.name if sources else "embedded")
+    tuned = _load(args, sources)
     serve(tuned, base_name, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("GEMMATUNE_API_KEY") or None, limits=limits, runs_dir=args.runs)
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gemmatune.export.gguf import (
-        GGUF_WRITER,
-        base_gguf,
-        check_request,
-        export_gguf,
-        export_gguf_lora,
-        run_base,
-    )
+    from gemmatune.export.gguf import GGUF_WRITER, export
 
-    check_request(args.format, args.quant, Path(args.out), args.overwrite)
-    if args.ollama and args.format != "gguf":
-        raise GemmatuneError("--ollama goes with --format gguf (a Modelfile for the merged model)")
+    done = export(args.format, args.adapter, args.out, args.quant, base=args.base, ollama=args.ollama,
+                  overwrite=args.overwrite)
     if args.format == "gguf-lora":
-        done = export_gguf_lora(args.adapter, args.out, args.quant, base=args.base, overwrite=args.overwrite)
         print(f"GGUF LoRA: {done.path} ({done.quant}, {GGUF_WRITER}); use it on a GGUF of the same base: "
               f"llama-server -m BASE.gguf --lora {done.path}")
         return 0
     if args.format == "gguf-base":
-        base, template = run_base(args.adapter, args.base)
-        done = base_gguf(base, args.out, args.quant, template=template, overwrite=args.overwrite)
         print(f"GGUF base model: {done.path} ({done.quant}, {GGUF_WRITER})")
         return 0
-    done = export_gguf(args.adapter, args.out, args.quant, base=args.base, ollama=args.ollama,
-                       overwrite=args.overwrite)
     print(f"GGUF: {done.path} ({done.quant}, {GGUF_WRITER}; template {done.template}, stops on "
           f"{', '.join(done.stop_tokens)})")
     if done.modelfile:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gemmatune.errors import GemmatuneError
+from gemmatune.models import MEDIA_TOKEN_ATTRS
 
 KINDS = ("image", "audio")
 SAMPLE_RATE = 16_000
@@ -81,8 +82,7 @@ class MediaTokens:
 def media_tokens(processor) -> MediaTokens:
     """The markers and soft tokens of a Gemma 3n- or Gemma 4-style processor: its tokenizer names them."""
     tok = processor.tokenizer
-    names = ("image_token", "boi_token", "eoi_token", "audio_token", "boa_token", "eoa_token")
-    ids = frozenset(tok.convert_tokens_to_ids(getattr(tok, name)) for name in names)
+    ids = frozenset(tok.convert_tokens_to_ids(getattr(tok, name)) for name in MEDIA_TOKEN_ATTRS)
     return MediaTokens(processor, ids)
 
 

@@ -1,4 +1,5 @@
-"""Read rows from files or the hub, check them, and turn them into token ids + labels.
+"""Read rows from files or the hub and check them, before any model loads (examples.py turns them into token
+ids + labels).
 
 Two steps, so bad data costs seconds, not a model load: `read_data` reads and validates every row
 once, before the model loads, and keeps the clean rows; `tokenize_data` turns those same rows into
@@ -14,14 +15,12 @@ import hashlib
 import io
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from gemmatune.config import DataConfig
-from gemmatune.data.media import MediaTokens, media_tokens
-from gemmatune.data.templates import Tokenized, check_template, default_template, tokenize_row
+from gemmatune.data.templates import default_template
 from gemmatune.errors import GemmatuneError
-from gemmatune.models.loss import IGNORE
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
@@ -32,30 +31,6 @@ class Row:
     where: str  # "file.jsonl line 12": what an error message names
     data: dict
     folder: Path | None = None  # the data file's folder: image/audio paths in the row are relative to it
-
-
-@dataclass
-class DataReport:
-    rows: int = 0
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    tokens: int = 0
-    label_tokens: int = 0
-    longest: int = 0
-
-    def line(self, split: str, max_length: int) -> str:
-        text = f"{split}: {self.examples} examples, {self.tokens} tokens ({self.label_tokens} trained)"
-        if self.truncated or self.dropped:
-            text += f"; longer than max_length={max_length}: {self.truncated} truncated, {self.dropped} dropped"
-        return text
-
-
-@dataclass
-class Split:
-    examples: list[Tokenized]
-    report: DataReport
-    rows: list[Row] = field(default_factory=list)
 
 
 def is_local(spec: str) -> bool:
@@ -294,37 +269,19 @@ def read_prompt_rows(spec: str) -> list[dict]:
     return out
 
 
-def _tokenize_split(rows: list[Row], template: str, tokenizer, cfg: DataConfig, split: str,
-                    media: MediaTokens | None = None, thinking: tuple[int, int] | None = None) -> Split:
-    """Token ids + labels for rows that `read_data` validated; overlong ones truncated or dropped, and counted.
-
-    An example with image or audio parts is never cut inside its soft tokens: if truncation would cut into them,
-    it is dropped (the model needs every soft token of each part)."""
-    report = DataReport(rows=len(rows))
-    examples = []
-    kept = []
-    for row in rows:
-        ex = tokenize_row(row.data, template, tokenizer, cfg.train_on_prompt, media, thinking)
-        if len(ex.input_ids) > cfg.max_length:
-            cut = Tokenized(ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length], ex.media)
-            cuts_media = media is not None and any(i in media.ids for i in ex.input_ids[cfg.max_length:])
-            ex = cut
-            if cfg.overlong == "drop" or cuts_media or all(label == IGNORE for label in ex.labels):
-                report.dropped += 1  # a truncation that cut every trained token teaches nothing
-                continue
-            report.truncated += 1
-        examples.append(ex)
-        kept.append(row)
-        report.tokens += len(ex.input_ids)
-        report.label_tokens += sum(label != IGNORE for label in ex.labels)
-        report.longest = max(report.longest, len(ex.input_ids))
-    report.examples = len(examples)
-    if not examples:
-        raise GemmatuneError(
-            f"{split}: all {len(rows)} examples are longer than data.max_length={cfg.max_length} tokens "
-            "(or lose every response token); raise data.max_length"
-        )
-    return Split(examples, report, kept)
+def read_eval_rows(spec: str | Path, limit: int | None = None) -> list[dict]:
+    """Rows with a prompt and a reference answer: Alpaca rows, or chat rows ending in an assistant message."""
+    rows = read_rows(str(spec))
+    fmt = detect_format(rows, "auto")
+    if fmt == "text":
+        raise GemmatuneError(f"{spec}: text rows have no reference answer; eval needs alpaca or chat rows")
+    clean = []
+    for row in rows[:limit] if limit else rows:
+        item = normalize(row, fmt)
+        if fmt == "messages" and item["messages"][-1]["role"] != "assistant":
+            raise GemmatuneError(f"{row.where}: the last message must be the assistant's reference answer")
+        clean.append(item)
+    return clean
 
 
 @dataclass
@@ -336,15 +293,14 @@ class CheckedRows:
     train: list[Row]
     eval: list[Row]  # empty without a validation set
     files: dict[str, str]  # file -> sha256 of the bytes read (or hub:NAME), for the run record
+    media_at: str | None = None  # where the first row with image/audio parts is, if any
 
 
-@dataclass
-class Prepared:
-    fmt: str
-    template: str
-    train: Split
-    eval: Split | None
-    files: dict[str, str]  # as in CheckedRows
+def require_multimodal(rows: CheckedRows, multimodal: bool) -> None:
+    """Rows with image/audio parts need the full multimodal model: one line naming the first such row."""
+    if rows.media_at and not multimodal:
+        raise GemmatuneError(f"{rows.media_at}: has image/audio parts, which need the full multimodal model: set "
+                             "model.multimodal: true (and pip install 'gemmatune[multimodal]')")
 
 
 def read_data(cfg: DataConfig, seed: int) -> CheckedRows:
@@ -373,89 +329,10 @@ def read_data(cfg: DataConfig, seed: int) -> CheckedRows:
         rows = [rows[i] for i in sorted(order[n_eval:])]
     if cfg.max_rows is not None and cfg.max_rows < len(rows):
         rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), cfg.max_rows))]
-    return CheckedRows(fmt, template, rows, eval_rows, files)
+    return CheckedRows(fmt, template, rows, eval_rows, files, has_media(rows + eval_rows))
 
 
 def _normalized(rows: list[Row], fmt: str) -> list[Row]:
     return [Row(r.where, normalize(r, fmt)) for r in rows]
 
 
-def tokenize_data(rows: CheckedRows, tokenizer, cfg: DataConfig, processor=None,
-                  thinking_markers: tuple[str, str] | None = None) -> Prepared:
-    """Tokenize the rows `read_data` checked, once the tokenizer is loaded; reads no file.
-
-    `processor`: the multimodal model's processor, for rows with image/audio parts (their soft tokens).
-    `thinking_markers`: the family's thinking-span tokens (ModelFamily.thinking_markers), kept out of the loss
-    unless `cfg.train_on_thinking`."""
-    check_template(rows.template, rows.fmt, tokenizer)
-    media = media_tokens(processor) if processor is not None else None
-    where = has_media(rows.train + rows.eval)
-    if where and media is None:
-        raise GemmatuneError(f"{where}: has image/audio parts, which need the multimodal model: set "
-                             "model.multimodal: true")
-    thinking = None if cfg.train_on_thinking else marker_ids(tokenizer, thinking_markers)
-    train = _tokenize_split(rows.train, rows.template, tokenizer, cfg, "train", media, thinking)
-    evaluation = (_tokenize_split(rows.eval, rows.template, tokenizer, cfg, "eval", media, thinking)
-                  if rows.eval else None)
-    return Prepared(rows.fmt, rows.template, train, evaluation, rows.files)
-
-
-def marker_ids(tokenizer, markers: tuple[str, str] | None) -> tuple[int, int] | None:
-    """The ids of a pair of special tokens, or None where the tokenizer lacks either (nothing to mask then)."""
-    if markers is None:
-        return None
-    vocab = tokenizer.get_vocab()
-    if not all(m in vocab for m in markers):
-        return None
-    return vocab[markers[0]], vocab[markers[1]]
-
-
-def prepare(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
-    """`read_data` then `tokenize_data`, for callers that have the tokenizer at hand (plan, benchmarks)."""
-    return tokenize_data(read_data(cfg, seed), tokenizer, cfg)
-
-
-class ExampleDataset:
-    """A list of tokenized examples as the map-style dataset the Trainer expects."""
-
-    def __init__(self, examples: list[Tokenized]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        ex = self.examples[i]
-        item = {"input_ids": ex.input_ids, "labels": ex.labels}
-        if ex.media:
-            item["media"] = ex.media
-        return item
-
-
-def pad_rows(rows: list[list[int]], fill: int, left: bool = False):
-    """[batch, longest] tensor of `rows` padded with `fill`, and the attention mask (1 on real tokens).
-
-    Right padding for training batches; left padding for generation, so every row's next token is in the same
-    column."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        out[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return out, mask
-
-
-class PadCollator:
-    """Right-pads a batch; padded positions get label -100 and attention mask 0."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-
-    def __call__(self, batch: list[dict]) -> dict:
-        ids, mask = pad_rows([b["input_ids"] for b in batch], self.pad)
-        labels, _ = pad_rows([b["labels"] for b in batch], IGNORE)
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -13,7 +13,6 @@ full disk) leaves nothing behind.
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import logging
 import os
@@ -25,9 +24,9 @@ from pathlib import Path
 from gemmatune.errors import GemmatuneError
 from gemmatune.export.gguf_model import check_family_exports, gguf_family, text_config, write_model_gguf
 from gemmatune.export.gguf_tensors import TYPES
-from gemmatune.infer.model import read_adapter
+from gemmatune.infer.load import adapter_source
 from gemmatune.models import ModelFamily
-from gemmatune.runs.files import ordinary_modes
+from gemmatune.runs.files import is_out_of_space, ordinary_modes
 from gemmatune.runs.folder import read_merged_info
 
 log = logging.getLogger(__name__)
@@ -54,10 +53,29 @@ class GgufExport:
     modelfile: Path | None = None
 
 
-def check_request(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
-    """Refuse bad options before any model is loaded."""
+def export(fmt: str, adapter: str | Path, out: str | Path, quant: str = "f16", base: str | None = None,
+           ollama: bool = False, overwrite: bool = False) -> GgufExport:
+    """`gemmatune export`: the run as a GGUF (`fmt` gguf), its adapter alone (gguf-lora) or its base model alone
+    (gguf-base)."""
+    check_format(fmt)
+    if ollama and fmt != "gguf":
+        raise GemmatuneError("--ollama goes with --format gguf (a Modelfile for the merged model)")
+    if fmt == "gguf-lora":
+        return export_gguf_lora(adapter, out, quant, base=base, overwrite=overwrite)
+    if fmt == "gguf-base":
+        base_name, template = run_base(adapter, base)
+        return base_gguf(base_name, out, quant, template=template, overwrite=overwrite)
+    return export_gguf(adapter, out, quant, base=base, ollama=ollama, overwrite=overwrite)
+
+
+def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise GemmatuneError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def check_request(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
+    """Refuse bad options before any model is loaded."""
+    check_format(fmt)
     allowed = LORA_TYPES if fmt == "gguf-lora" else QUANTS
     if quant not in allowed:
         raise GemmatuneError(f"--quant {quant!r} is not supported for --format {fmt}; "
@@ -114,31 +132,22 @@ def export_gguf(adapter: str | Path, out: str | Path, quant: str = "f16", base: 
                              "--overwrite")
     if ollama and (out.with_name("Modelfile").exists() or out.with_name("Modelfile").is_symlink()):
         _check_replaceable_file(out.with_name("Modelfile"), b"FROM ", "an Ollama Modelfile")
-    source = read_adapter(adapter)  # a folder that is not a run fails here, before a model is loaded
+    source = adapter_source(adapter)  # a folder that is not a run fails here, before a model is loaded
     check_family_exports(source.folder.family)  # and a family GGUF export does not write, before the merge
     out.parent.mkdir(parents=True, exist_ok=True)
+    modelfile = out.with_name("Modelfile") if ollama else None
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        merged = merge(adapter, Path(tmp) / "merged", base=base)
+        merged = merge(source, Path(tmp) / "merged", base=base)
         template = read_merged_info(merged).template
         jinja, stop_tokens, family = _chat_format(merged, template)
-        modelfile_text = ollama_modelfile(out, template, stop_tokens, family) if ollama else ""
-        direct = quant if quant in WRITER_TYPES else "bf16"
-        converted = Path(tmp) / f"model-{direct}.gguf"
-        write_model_gguf(merged, converted, direct, jinja, name=source.name)
-        result = converted
-        if quant in K_QUANTS:
-            result = Path(tmp) / f"model-{quant}.gguf"
-            _quantize(converted, result, quant)
-        modelfile = None
-        if ollama:
+        modelfile_text = ollama_modelfile(out, template, stop_tokens, family) if modelfile is not None else ""
+        result = _convert(merged, Path(tmp), quant, jinja, source.name)
+        if modelfile is not None:
             modelfile_tmp = Path(tmp) / "Modelfile"
             modelfile_tmp.write_text(modelfile_text, encoding="utf-8")
-        ordinary_modes(result)
-        os.replace(result, out)
-        if ollama:
-            modelfile = out.with_name("Modelfile")
-            ordinary_modes(modelfile_tmp)
-            os.replace(modelfile_tmp, modelfile)
+        _publish(result, out)
+        if modelfile is not None:
+            _publish(modelfile_tmp, modelfile)
     log.info("wrote %s (%s, %s, template %s)", out, quant, GGUF_WRITER, template)
     return GgufExport(out, quant, template, stop_tokens, modelfile)
 
@@ -153,7 +162,7 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, quant: str = "f16", b
     check_request("gguf-lora", quant, out, overwrite)
     from gemmatune.export.gguf_lora import write_lora_gguf
 
-    source = read_adapter(adapter)
+    source = adapter_source(adapter)
     check_family_exports(source.folder.family)
     base_dir = _local_base_folder(base or source.folder.base.name)
     gguf_family(text_config(base_dir)[0].model_type)
@@ -162,8 +171,7 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, quant: str = "f16", b
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         result = Path(tmp) / "adapter.gguf"
         write_lora_gguf(Path(source.path), base_dir, result, quant, name=source.name)
-        ordinary_modes(result)
-        os.replace(result, out)
+        _publish(result, out)
     return GgufExport(out, quant, template, [])
 
 
@@ -177,21 +185,32 @@ def base_gguf(base: str, out: str | Path, quant: str = "f16", template: str = "c
     out.parent.mkdir(parents=True, exist_ok=True)
     with _space_errors(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         jinja, stop_tokens, _ = _chat_format(base_dir, template)
-        direct = quant if quant in WRITER_TYPES else "bf16"
-        result = Path(tmp) / "model.gguf"
-        write_model_gguf(base_dir, result, direct, jinja, name=Path(base).name)
-        if quant in K_QUANTS:
-            quantized = Path(tmp) / "quantized.gguf"
-            _quantize(result, quantized, quant)
-            result = quantized
-        ordinary_modes(result)
-        os.replace(result, out)
+        _publish(_convert(base_dir, Path(tmp), quant, jinja, Path(base).name), out)
     return GgufExport(out, quant, template, stop_tokens)
+
+
+def _convert(folder: Path, tmp: Path, quant: str, jinja: str, name: str) -> Path:
+    """The model folder as a GGUF of type `quant` in `tmp`: written in that type, or (a k-quant) written in bf16 and
+    quantized by llama.cpp."""
+    direct = quant if quant in WRITER_TYPES else "bf16"
+    converted = tmp / f"model-{direct}.gguf"
+    write_model_gguf(folder, converted, direct, jinja, name=name)
+    if quant not in K_QUANTS:
+        return converted
+    quantized = tmp / f"model-{quant}.gguf"
+    _quantize(converted, quantized, quant)
+    return quantized
+
+
+def _publish(written: Path, out: Path) -> None:
+    """A finished file into place, with the modes the umask means (a temp file's 0600 would stay)."""
+    ordinary_modes(written)
+    os.replace(written, out)
 
 
 def run_base(adapter: str | Path, base: str | None = None) -> tuple[str, str]:
     """The base model a run was trained on (or `base`) and the run's template."""
-    source = read_adapter(adapter)
+    source = adapter_source(adapter)
     return base or source.folder.base.name, source.folder.template or "chat"
 
 
@@ -252,10 +271,7 @@ class _space_errors:
     def __exit__(self, kind, exc, tb):
         if exc is None or isinstance(exc, GemmatuneError):
             return False
-        # safetensors reports a full disk as its own error type, with the OS message inside.
-        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
-            "No space left on device" in str(exc)
-        if full:
+        if is_out_of_space(exc):
             raise GemmatuneError(f"cannot write {self.out}: the disk is full; nothing was written") from None
         if isinstance(exc, OSError):
             raise GemmatuneError(f"cannot write {self.out}: {exc.strerror or exc}; nothing was written") from None

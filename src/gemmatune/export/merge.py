@@ -15,7 +15,8 @@ import torch
 
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPES
-from gemmatune.infer.model import TunedModel, load, read_adapter
+from gemmatune.infer.load import AdapterSource, adapter_source, load
+from gemmatune.infer.model import TunedModel
 from gemmatune.runs.adapter_folder import describe_adapter
 from gemmatune.runs.files import now
 from gemmatune.runs.folder import BaseModelRecord, MergedInfo, RunRecord, write_merged_info
@@ -32,7 +33,7 @@ def _inputs(adapters: list[str | Path], base: str | None) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
-def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto",
+def merge(adapter: str | Path | AdapterSource, out_dir: str | Path, base: str | None = None, dtype: str = "auto",
           overwrite: bool = False) -> Path:
     """Fold one adapter into its base model's weights and save a standalone model folder.
 
@@ -41,9 +42,9 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
     the saved dtype; auto keeps the checkpoint's own dtype (bf16 for a QLoRA base).
     """
     out_dir = Path(out_dir)
-    inputs = _inputs([adapter], base)
+    inputs = _inputs([adapter.path if isinstance(adapter, AdapterSource) else adapter], base)
     check_output_folder(out_dir, "merge", overwrite, inputs)
-    source = read_adapter(adapter)
+    source = adapter_source(adapter)
     if dtype not in ("auto", *DTYPES):
         raise GemmatuneError(f"--dtype: must be auto, bf16, fp16 or fp32, got {dtype!r}")
     was_4bit = source.folder.base.quantization == "4bit"
@@ -51,7 +52,7 @@ def merge(adapter: str | Path, out_dir: str | Path, base: str | None = None, dty
         log.warning("%s was trained on a 4-bit base: merging into a 16-bit (bf16) copy of the base, not into "
                     "re-quantized weights", source.path)
     # Merging is exact arithmetic on the weights: do it in fp32, then store in the chosen dtype.
-    tuned = load([adapter], base=base, precision="fp32", force_unquantized=True)
+    tuned = load([source], base=base, precision="fp32", force_unquantized=True)
     save_dtype = _save_dtype(tuned, dtype, was_4bit)
     merged = tuned.model.merge_and_unload().to(save_dtype)
     merged.generation_config.eos_token_id = tuned.stop_ids
@@ -107,8 +108,8 @@ def combine(weighted: list[tuple[str, float]], out_dir: str | Path, combination:
     out_dir = Path(out_dir)
     inputs = _inputs([path for path, _ in weighted], base)
     check_output_folder(out_dir, "combine", overwrite, inputs)
-    sources = [read_adapter(path) for path, _ in weighted]
-    tuned = load([path for path, _ in weighted], base=base, precision="fp32", force_unquantized=True)
+    sources = [adapter_source(path) for path, _ in weighted]
+    tuned = load(sources, base=base, precision="fp32", force_unquantized=True)
     names = [s.name for s in sources]
     new_name = "combined"
     while new_name in names:

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from gemmatune.compat import attn_implementation
+from gemmatune.data.examples import pad_rows
 from gemmatune.data.media import media_features, token_types
-from gemmatune.data.rows import detect_format, normalize, pad_rows, read_rows
+from gemmatune.data.rows import read_eval_rows
 from gemmatune.data.templates import content_text, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
@@ -112,21 +113,6 @@ def rouge_l(prediction: str, reference: str) -> float:
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
     return scorer.score(reference, prediction)["rougeL"].fmeasure
-
-
-def read_eval_rows(spec: str | Path, limit: int | None = None) -> list[dict]:
-    """Rows with a prompt and a reference answer: Alpaca rows, or chat rows ending in an assistant message."""
-    rows = read_rows(str(spec))
-    fmt = detect_format(rows, "auto")
-    if fmt == "text":
-        raise GemmatuneError(f"{spec}: text rows have no reference answer; eval needs alpaca or chat rows")
-    clean = []
-    for row in rows[:limit] if limit else rows:
-        item = normalize(row, fmt)
-        if fmt == "messages" and item["messages"][-1]["role"] != "assistant":
-            raise GemmatuneError(f"{row.where}: the last message must be the assistant's reference answer")
-        clean.append(item)
-    return clean
 
 
 def reference(row: dict) -> str:

@@ -1,8 +1,8 @@
-"""Load a base model with zero, one or several adapters and generate from it.
+"""A base model with its adapters, generating (`TunedModel`; load.py makes one).
 
-An adapter is a run folder (the base model and template it was trained with are reused: see
-runs.read_adapter_folder) or any PEFT adapter folder. Generation is batched with left
-padding, stops on EOS and the family's end-of-turn token, and decodes only the new token ids.
+Generation is batched with left padding, shortest prompts first (`generation_order`), stops on EOS and the
+family's end-of-turn token, and decodes only the new token ids. Several adapters answer in one batch, each row
+with its own; an adapter runs merged into the base weights where that is exact.
 """
 
 from __future__ import annotations
@@ -11,49 +11,21 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from gemmatune.config import TEMPLATES, ModelConfig
-from gemmatune.data.rows import pad_rows
+from gemmatune.data.examples import pad_rows
 from gemmatune.data.templates import prompt_ids
 from gemmatune.errors import GemmatuneError
-from gemmatune.hardware import DTYPE_NAMES, autocast_dtype, device_kind, inference_weight_dtype, resolve_precision
-from gemmatune.infer.adapter_fit import check_adapter_fits
-from gemmatune.models.loading import load_model, stop_token_ids
+from gemmatune.hardware import autocast_dtype, inference_weight_dtype
+from gemmatune.models.loading import stop_token_ids
 from gemmatune.models.lora import skip_input_casts
-from gemmatune.models.quantization import bitsandbytes_usable, cast_unquantized_
-from gemmatune.runs.adapter_folder import AdapterFolder, read_adapter_folder
-from gemmatune.runs.folder import read_merged_info
+from gemmatune.models.quantization import cast_unquantized_
 
 log = logging.getLogger(__name__)
 
 BASE = "base"  # the adapter name that means "no adapter"
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in mixed-batch inference
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    name: str
-    folder: AdapterFolder
-
-    @property
-    def path(self) -> Path:
-        return self.folder.path
-
-
-def read_adapter(spec: str | Path) -> AdapterSource:
-    """`PATH` or `NAME=PATH`: a run folder or a PEFT adapter folder."""
-    spec = str(spec)
-    name, sep, path_text = spec.partition("=")
-    if not sep or Path(spec).exists():
-        name, path_text = "", spec
-    folder = read_adapter_folder(path_text)
-    name = name or folder.path.resolve().name
-    if name in (BASE, PEFT_BASE):
-        raise GemmatuneError(f"adapter {folder.path}: the name '{name}' is reserved for the base model; use NAME=PATH")
-    return AdapterSource(name, folder)
 
 
 @dataclass
@@ -334,85 +306,3 @@ class TunedModel:
             self.merged_adapter = None
 
 
-def load(
-    adapters: Sequence[str | Path] = (),
-    base: str | None = None,
-    template: str | None = None,
-    precision: str = "auto",
-    cache_dir: str | None = None,
-    trust_remote_code: bool = False,
-    force_unquantized: bool = False,
-) -> TunedModel:
-    """A base model with adapters loaded, ready to generate.
-
-    `adapters`: run folders or PEFT adapter folders, each `PATH` or `NAME=PATH` (name defaults to the folder
-    name). `base`: the base model (embedded, hub id, folder, .gguf); by default the one the first adapter
-    was trained on. `template`: alpaca-zh, alpaca-en or chat for every adapter; by default each adapter's own
-    (and the first adapter's for the base model).
-    `force_unquantized`: load a QLoRA adapter's base unquantized (for merging) even where CUDA is present.
-    """
-    sources = [read_adapter(a) for a in adapters]
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise GemmatuneError(f"two adapters are both named '{names[0]}'; name them with NAME=PATH")
-    model_cfg = _base_config(sources, base, cache_dir, trust_remote_code)
-    if force_unquantized:
-        model_cfg.quantization = "none"
-    if model_cfg.dtype == "auto":
-        model_cfg.dtype = DTYPE_NAMES[inference_weight_dtype(resolve_precision(precision), device_kind())]
-    # Per-example sdpa: response_loss packs rows as training does (no padding); generation and padded batches
-    # run plain sdpa through it (packing.packed_sdpa_attention). Never FlashAttention-2 here: `load` also serves
-    # fp32 (merge, --precision fp32) and pre-Ampere GPUs, where it fails.
-    loaded = load_model(model_cfg, precision, packing=True, flash=False)
-    model = loaded.model
-    for src in sources:
-        # PEFT only warns when an adapter does not fit, then behaves like the base model: refuse instead.
-        check_adapter_fits(src.folder, model)
-    if torch.cuda.is_available() and model_cfg.quantization != "4bit":
-        model = model.to("cuda")
-    if sources:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(sources[0].path), adapter_name=sources[0].name)
-        for src in sources[1:]:
-            model.load_adapter(str(src.path), adapter_name=src.name)
-        model.set_adapter(sources[0].name)
-    chosen = template or (sources[0].folder.template if sources else None) or _merged_template(model_cfg.name)
-    if chosen is None:
-        chosen = "chat" if loaded.tokenizer.chat_template else "alpaca-en"
-    if chosen not in TEMPLATES or chosen in ("auto", "text"):
-        raise GemmatuneError(f"template {chosen!r}: generation needs alpaca-zh, alpaca-en or chat")
-    log.info("loaded %s with %s; template %s", loaded.source.describe(),
-             ", ".join(names) if names else "no adapter", chosen)
-    trained_with = {s.name: template or s.folder.template for s in sources}
-    return TunedModel(model, loaded.tokenizer, loaded.family, chosen, trained_with, loaded.precision,
-                      loaded.checkpoint_dtype, loaded.processor)
-
-
-def _base_config(sources: list[AdapterSource], base: str | None, cache_dir: str | None,
-                 trust_remote_code: bool) -> ModelConfig:
-    if base is not None:
-        return ModelConfig(name=base, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    if not sources:
-        return ModelConfig(name="embedded", cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    first = sources[0]
-    for other in sources[1:]:
-        if other.folder.base.name != first.folder.base.name:
-            raise GemmatuneError(
-                f"adapters {first.path} and {other.path} were trained on different bases ({first.folder.base.name} vs "
-                f"{other.folder.base.name}); load them separately or name one base with --base"
-            )
-    cfg = ModelConfig(**vars(first.folder.base))
-    if cache_dir:
-        cfg.cache_dir = cache_dir
-    if cfg.quantization == "4bit" and not bitsandbytes_usable(device_kind()):
-        log.warning("adapter %s was trained on a 4-bit base; without a usable bitsandbytes it runs on the 16/32-bit "
-                    "base (pip install 'gemmatune[qlora]' for the 4-bit one)", first.path)
-        cfg.quantization = "none"
-    return cfg
-
-
-def _merged_template(base: str) -> str | None:
-    """The template recorded by `gemmatune merge` in a merged model folder."""
-    info = read_merged_info(Path(base))
-    return info.template if info else None

@@ -40,6 +40,27 @@ class GgufLayout:
     layer's cache) but llama.cpp's loader requires, though its graph never reads them: written as zeros."""
 
 
+MEDIA_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "audio_token", "boa_token", "eoa_token")
+"""The tokenizer attributes that name a Gemma 3n / Gemma 4 processor's image and audio markers and soft tokens."""
+
+
+@dataclass(frozen=True)
+class MediaDefaults:
+    """What a family's processor does with images and audio, for `plan` where the checkpoint's processor files are
+    not at hand (tower_memory.py reads them when they are)."""
+
+    image_size: int = 0
+    """The side images are resized to, for a tower that takes a pixel grid (Gemma 3n: 768)."""
+    max_soft_tokens: int = 0
+    """Soft tokens an image gets at most, for a tower that takes patches (Gemma 4: 280)."""
+    mel_bins: int = 0
+    """Mel bins of the audio features, where the audio config does not say (Gemma 4: 128)."""
+    audio_hop: int = 160
+    """Samples between two audio frames (10 ms at 16 kHz)."""
+    audio_frame: int = 512
+    """Samples in one frame's window (32 ms)."""
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
@@ -96,6 +117,10 @@ class ModelFamily:
     expert_parameters: tuple[str, ...] = ()
     """Mixture-of-experts weights stored as 3-D parameters (not nn.Linear, so no module target reaches them): the
     PEFT `target_parameters` that `lora.experts: true` adds. Empty: the family has no experts."""
+    media: MediaDefaults | None = None
+    """The processor's image and audio settings; None for a family without towers."""
+    residual_streams_attr: str | None = None
+    """Text-config attribute with the number of parallel residual streams (Gemma 3n AltUp); None: one stream."""
     moe_parts: tuple[tuple[str, str], ...] = ()
     """(report name, module-name part) of a mixture-of-experts layer's parts, so the trainable report says which of
     them got LoRA (experts, router, shared MLP) and which did not."""

@@ -62,7 +62,7 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
         ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from gemmatune.models.gemma3 import CHAT_TEMPLATE
+    from gemmatune.models import gemma3
 
     target.parent.mkdir(parents=True, exist_ok=True)
     log.warning("Converting the embedded Gemma 3 270M from GGUF once (about a minute); cached at %s", target)
@@ -72,10 +72,10 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             tmp, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
         )
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = gemma3.CHAT_TEMPLATE
         out = Path(tmp) / "model"
-        end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+        stops = [tokenizer.convert_tokens_to_ids(t) for t in gemma3.FAMILY.stop_tokens]
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *stops]
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         ordinary_modes(out)

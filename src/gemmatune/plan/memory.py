@@ -276,7 +276,8 @@ def data_extent(cfg: Config) -> DataExtent | None:
     """The longest training example and the most image/audio parts in one, when the data is a local file and
     the tokenizer (and, for a multimodal model, the processor) is local; None otherwise (a hub model's
     tokenizer is not downloaded for a plan)."""
-    from gemmatune.data.rows import is_local, read_data, tokenize_data
+    from gemmatune.data.examples import tokenize_data
+    from gemmatune.data.rows import is_local, read_data
     from gemmatune.models.loading import load_processor, load_tokenizer, resolve_source
 
     if not cfg.data.train_file or not is_local(cfg.data.train_file):
@@ -297,17 +298,11 @@ def tower_memory(cfg: Config, precision: str) -> list[TowerMemory]:
     """Each tower's activation memory per image / clip, measured on the meta device (tower_memory.py)."""
     from peft import get_peft_model
 
-    from gemmatune.models import family_for
+    from gemmatune.models import MediaDefaults, family_for
     from gemmatune.models.loading import build_on_meta, choose_model_class
     from gemmatune.models.lora import peft_lora_config
     from gemmatune.models.meta import load_architecture
-    from gemmatune.plan.towers import (
-        DEFAULT_MEL_BINS,
-        DEFAULT_SOFT_TOKENS,
-        image_size,
-        measure_towers,
-        processor_setting,
-    )
+    from gemmatune.plan.towers import image_size, measure_towers, processor_setting
 
     config, where = load_architecture(cfg)
     family = family_for(config.model_type)
@@ -315,12 +310,11 @@ def tower_memory(cfg: Config, precision: str) -> list[TowerMemory]:
     for param in model.parameters():
         param.requires_grad_(False)  # frozen base, as attach_lora leaves it
     peft_model = get_peft_model(model, peft_lora_config(cfg.lora, family))
-    name = cfg.model.name
-    soft_tokens = processor_setting(name, "image_processor", "max_soft_tokens", DEFAULT_SOFT_TOKENS)
-    mel_bins = processor_setting(name, "feature_extractor", "feature_size", DEFAULT_MEL_BINS)
-    return measure_towers(peft_model, list(cfg.lora.towers), image_size=image_size(name),
-                          dtype_bytes=_DTYPE_BYTES[precision], family=family, soft_tokens=soft_tokens,
-                          mel_bins=mel_bins)
+    name, media = cfg.model.name, family.media or MediaDefaults()
+    soft_tokens = processor_setting(name, "image_processor", "max_soft_tokens", media.max_soft_tokens)
+    mel_bins = processor_setting(name, "feature_extractor", "feature_size", media.mel_bins)
+    return measure_towers(peft_model, list(cfg.lora.towers), family, image_size=image_size(name, media.image_size),
+                          dtype_bytes=_DTYPE_BYTES[precision], soft_tokens=soft_tokens, mel_bins=mel_bins)
 
 
 def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1, device: str | None = None,

@@ -86,10 +86,15 @@ def measure(cfg: Config) -> ModelShape:
     return ModelShape(
         source=where, model_class=type(model).__name__, family=family, total_params=total,
         quantizable_params=quantizable, linear_params=linear, layers=text.num_hidden_layers, hidden=text.hidden_size,
-        intermediate=list(intermediate), vocab=text.vocab_size, streams=getattr(text, "altup_num_inputs", 1) or 1,
+        intermediate=list(intermediate), vocab=text.vocab_size, streams=_streams(text, family),
         heads=text.num_attention_heads, wrapped=wrapped, lora_params=lora_params, lora_params_per_rank=per_rank,
         per_tower=per_tower,
     )
+
+
+def _streams(text_config, family: ModelFamily) -> int:
+    attr = family.residual_streams_attr
+    return (getattr(text_config, attr, 1) or 1) if attr else 1
 
 
 def _lora_width(layer) -> int:

@@ -28,20 +28,15 @@ from torch.overrides import TorchFunctionMode
 
 from gemmatune.compat import fused_cpu_attention, meta_nonzero_assumes_all_true, storage_key
 from gemmatune.data.media import MAX_AUDIO_SECONDS, SAMPLE_RATE
-
-# Gemma 3n's processors: images are resized to 768x768; the audio feature extractor frames 32 ms windows every
-# 10 ms (hop 160 samples), giving 2,997 frames for 30 s (Gemma 4's 20 ms windows give 2,999: the same to 0.1%).
-DEFAULT_IMAGE_SIZE = 768
-# Gemma 4's image processor: at most 280 soft tokens an image, each pooled from 3x3 patches; 128 mel bins.
-DEFAULT_SOFT_TOKENS = 280
-DEFAULT_MEL_BINS = 128
-AUDIO_HOP = 160
-AUDIO_FRAME = 512
+from gemmatune.models import MediaDefaults, ModelFamily
 
 
-def clip_frames(seconds: float = MAX_AUDIO_SECONDS) -> int:
+def clip_frames(seconds: float = MAX_AUDIO_SECONDS, media: MediaDefaults | None = None) -> int:
+    """Audio frames of a clip, as the family's feature extractor frames it (10 ms hops of 32 ms windows: Gemma 3n's
+    2,997 frames for 30 s; Gemma 4's 20 ms windows give 2,999, the same to 0.1%)."""
+    media = media or MediaDefaults()
     samples = int(seconds * SAMPLE_RATE)
-    return (samples - AUDIO_FRAME) // AUDIO_HOP + 1
+    return (samples - media.audio_frame) // media.audio_hop + 1
 
 
 @dataclass(frozen=True)
@@ -99,20 +94,24 @@ def saved_tensor_bytes(model: torch.nn.Module, forward) -> tuple[int, object]:
     return sum(seen.values()), result
 
 
-def measure_towers(peft_model, trained: list[str], image_size: int = DEFAULT_IMAGE_SIZE,
-                   clip_seconds: float = MAX_AUDIO_SECONDS, dtype_bytes: int = 2, family=None,
-                   soft_tokens: int = DEFAULT_SOFT_TOKENS, mel_bins: int = DEFAULT_MEL_BINS) -> list[TowerMemory]:
+def measure_towers(peft_model, trained: list[str], family: ModelFamily, image_size: int | None = None,
+                   clip_seconds: float = MAX_AUDIO_SECONDS, dtype_bytes: int = 2, soft_tokens: int | None = None,
+                   mel_bins: int | None = None) -> list[TowerMemory]:
     """Per-unit activation memory of each tower of a Gemma 3n- or Gemma 4-style model (`get_image_features`,
     `get_audio_features`) with LoRA attached. `peft_model` may live on the meta device (plan) or on the CPU
-    (the tests' reference measurement, with real tensors). `family` (models.ModelFamily) says how the towers take
-    their inputs; `soft_tokens` and `mel_bins` are the processor's, for a family whose images are patches."""
+    (the tests' reference measurement, with real tensors). `family` says how the towers take their inputs;
+    `image_size`, `soft_tokens` and `mel_bins` are the processor's (default: the family's `media`)."""
+    media = family.media or MediaDefaults()
+    image_size = image_size or media.image_size
+    soft_tokens = soft_tokens or media.max_soft_tokens
+    mel_bins = mel_bins or media.mel_bins
     inner = peft_model.get_base_model().model
     device = next(peft_model.parameters()).device
     dtype = next(p.dtype for p in peft_model.parameters() if p.is_floating_point())
     scale = dtype_bytes / torch.empty((), dtype=dtype).element_size()
-    frames = clip_frames(clip_seconds)
+    frames = clip_frames(clip_seconds, media)
     config = peft_model.config
-    if family is not None and family.patch_images:
+    if family.patch_images:
         vision = config.vision_config
         side = math.isqrt(soft_tokens) * vision.pooling_kernel_size  # the largest square image within the budget
         grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1)
@@ -126,9 +125,9 @@ def measure_towers(peft_model, trained: list[str], image_size: int = DEFAULT_IMA
         image = (f"image {image_size}x{image_size}",
                  lambda: inner.get_image_features(torch.zeros(1, 3, image_size, image_size, device=device,
                                                               dtype=dtype), return_dict=True).pooler_output)
-    mels = mel_bins if family is not None and family.audio_mask_marks_frames else config.audio_config.input_feat_size
+    mels = mel_bins if family.audio_mask_marks_frames else config.audio_config.input_feat_size
     # A full clip: every frame real, which each family's mask says its own way.
-    full = torch.full((1, frames), family is not None and family.audio_mask_marks_frames, device=device)
+    full = torch.full((1, frames), family.audio_mask_marks_frames, device=device)
     probes = {
         "vision": image,
         "audio": (f"{clip_seconds:g} s clip",
@@ -145,9 +144,9 @@ def measure_towers(peft_model, trained: list[str], image_size: int = DEFAULT_IMA
 
 
 
-def image_size(model_name: str) -> int:
+def image_size(model_name: str, default: int) -> int:
     """The side images are resized to, from a local checkpoint's processor files (preprocessor_config.json, or
-    the image_processor inside processor_config.json), else Gemma 3n's 768."""
+    the image_processor inside processor_config.json), else `default`."""
     import json
     from pathlib import Path
 
@@ -159,7 +158,7 @@ def image_size(model_name: str) -> int:
             size = ((data.get(key) or {}) if key else data).get("size") or {}
             if "height" in size:
                 return int(size["height"])
-    return DEFAULT_IMAGE_SIZE
+    return default
 
 
 def processor_setting(model_name: str, part: str, key: str, default: int) -> int:

@@ -20,7 +20,6 @@ is the "latest" pointer: it exists only after every byte of its checkpoint is on
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.runs.files import ordinary_modes
+from gemmatune.runs.files import is_out_of_space, ordinary_modes
 from gemmatune.runs.folder import ADAPTER_WEIGHTS, CHECKPOINTS, checkpoint_step, keep_metrics_through
 from gemmatune.runs.weight_files import safetensors_problem
 
@@ -37,7 +36,6 @@ log = logging.getLogger("gemmatune")
 MARKER = "checkpoint_complete.json"
 STAGING = ".staging"
 _TRASH = ".trash-"
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -189,14 +187,6 @@ def retain(folder: Path, limit: int | None, best: Path | None) -> None:
         if p.resolve() not in keep:
             _delete(p)
             surplus -= 1
-
-
-def is_out_of_space(exc: BaseException) -> bool:
-    """True for the errors torch, safetensors and Python raise when a write finds the disk full."""
-    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-        return True
-    text = str(exc).lower()
-    return any(s in text for s in ("no space left", "storagefull", "disk quota", "file too large", "write failed"))
 
 
 def _tree_bytes(path: Path) -> int:

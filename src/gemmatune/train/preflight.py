@@ -10,10 +10,8 @@ Everything raises GemmatuneError naming the file, line or key.
 from __future__ import annotations
 
 from gemmatune.config import Config
-from gemmatune.data.rows import CheckedRows, has_media, read_data
-from gemmatune.errors import GemmatuneError
+from gemmatune.data.rows import CheckedRows, read_data, read_eval_rows, require_multimodal
 from gemmatune.hardware import resolve_precision
-from gemmatune.infer.evaluation import read_eval_rows
 from gemmatune.models.loading import resolve_source
 
 
@@ -24,10 +22,7 @@ def check_inputs(cfg: Config) -> CheckedRows:
     if cfg.model.name != "embedded":  # the embedded model is checked (and built once) by its own loader
         resolve_source(cfg.model)
     rows = read_data(cfg.data, cfg.train.seed)
-    where = has_media(rows.train + rows.eval)
-    if where and not cfg.model.multimodal:
-        raise GemmatuneError(f"{where}: has image/audio parts, which need the full multimodal model: set "
-                             "model.multimodal: true (and pip install 'gemmatune[multimodal]')")
+    require_multimodal(rows, cfg.model.multimodal)
     if cfg.data.test_file:
         read_eval_rows(cfg.data.test_file)  # the rule evaluation after training applies, checked now
     return rows

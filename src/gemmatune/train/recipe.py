@@ -14,7 +14,7 @@ from transformers import set_seed
 
 from gemmatune.compat import attn_implementation
 from gemmatune.config import Config
-from gemmatune.data.rows import ExampleDataset, PadCollator, tokenize_data
+from gemmatune.data.examples import ExampleDataset, PadCollator, tokenize_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.infer.evaluation import evaluate_after_training
@@ -23,8 +23,8 @@ from gemmatune.models.lora import attach_lora
 from gemmatune.models.meta import check_lora_targets
 from gemmatune.models.quantization import describe_weights, quantized_layers
 from gemmatune.runs.adapter_folder import save_adapter
-from gemmatune.runs.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
-from gemmatune.runs.files import now
+from gemmatune.runs.checkpoints import latest_complete, out_of_space_error, resume_point
+from gemmatune.runs.files import is_out_of_space, now
 from gemmatune.runs.folder import (
     CHECKPOINTS,
     BaseModelRecord,
@@ -45,7 +45,7 @@ from gemmatune.train.preflight import check_inputs
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-    from gemmatune.data.rows import Prepared
+    from gemmatune.data.examples import Prepared
     from gemmatune.models.lora import TrainableReport
     from gemmatune.train.trainer import GemmatuneTrainer
 
