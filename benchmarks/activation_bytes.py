@@ -28,9 +28,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gemmatune.config import LoraSection
-from gemmatune.models import bundled_config_file, family_for
 from gemmatune.models.gemma3n import LANGUAGE_MODEL_PROJECTIONS
 from gemmatune.models.lora import attach_lora
+from gemmatune.models.registry import bundled_config_file, family_for
 from gemmatune.train.norms import use_lean_rms_norm
 
 GEMMA3_270M = {  # the embedded model's architecture (config.json of the converted GGUF)

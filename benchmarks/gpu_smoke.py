@@ -48,7 +48,7 @@ def build_random_checkpoint(model: str, folder: Path) -> Path:
         return folder
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gemmatune.models import bundled_config_file
+    from gemmatune.models.registry import bundled_config_file
 
     data = json.loads(bundled_config_file(f"google/gemma-3n-{model.upper()}-it").read_text())
     config = AutoConfig.for_model(data.pop("model_type"), **data)
@@ -206,7 +206,7 @@ def build_random_multimodal_checkpoint(model: str, folder: Path, family: str = "
             audio_config=transformers.Gemma4AudioConfig(use_clipped_linears=True).to_dict())
         config.architectures = ["Gemma4ForConditionalGeneration"]
     else:
-        from gemmatune.models import bundled_config_file
+        from gemmatune.models.registry import bundled_config_file
 
         data = json.loads(bundled_config_file(f"google/gemma-3n-{model.upper()}-it").read_text())
         text = AutoConfig.for_model(data.pop("model_type"), **data)

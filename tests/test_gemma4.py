@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from gemmatune.config import load_config
 from gemmatune.data.templates import tokenize_row
 from gemmatune.errors import GemmatuneError
-from gemmatune.models import family_for
 from gemmatune.models.gemma4 import FAMILY
 from gemmatune.models.loading import choose_model_class, load_model, resolve_source
 from gemmatune.models.lora import attach_lora, trainable_report, wrapped_module_names
 from gemmatune.models.loss import IGNORE
+from gemmatune.models.registry import family_for
 from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from tests.conftest import gemma4_config, make_gemma4_tokenizer, tiny_config, write_jsonl

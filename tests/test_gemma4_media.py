@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from gemmatune.config import load_config
-from gemmatune.data.examples import tokenize_data
+from gemmatune.data.examples import PackCollator, tokenize_data
 from gemmatune.data.media import MediaCollator, read_audio
 from gemmatune.data.rows import read_data
 from gemmatune.models.loss import IGNORE
-from gemmatune.models.packing import PackCollator
 from tests.conftest import (
     GEMMA4_MEDIA_TOKENS,
     gemma4_multimodal_config,

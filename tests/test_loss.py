@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gemmatune.config import LoraSection, ModelConfig
+from gemmatune.data.examples import PackCollator
 from gemmatune.models.loading import load_model
 from gemmatune.models.lora import attach_lora
 from gemmatune.models.loss import causal_lm_loss, causal_lm_parts
-from gemmatune.models.packing import PackCollator
 from gemmatune.train.recipe import disable_cache
 from tests.conftest import record_lm_head_calls
 from tests.test_packing import _examples

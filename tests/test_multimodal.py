@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from gemmatune.config import load_config
-from gemmatune.data.examples import tokenize_data
+from gemmatune.data.examples import PackCollator, tokenize_data
 from gemmatune.data.media import MediaCollator, write_wav
 from gemmatune.data.rows import read_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.models.loss import IGNORE
-from gemmatune.models.packing import PackCollator
 from gemmatune.train.preflight import check_inputs
 from tests.conftest import (
     AUDIO,
@@ -478,9 +477,9 @@ def test_qlora_trains_the_towers_adapters_and_leaves_4bit_bytes_alone(tiny_gemma
     LoRA wraps them (and the vision tower's 1x1 convolutions, which stay 16-bit), every tower's adapters train, the
     packed 4-bit bytes and every other base weight stay as loaded, and the run folder is complete."""
     from gemmatune.config import ModelConfig
-    from gemmatune.models import family_for
     from gemmatune.models.loading import load_model
     from gemmatune.models.lora import tower_of
+    from gemmatune.models.registry import family_for
     from gemmatune.train import train
     from tests.conftest import require
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from gemmatune.config import LoraSection, ModelConfig
+from gemmatune.data.examples import PackCollator
 from gemmatune.models.loading import load_model
 from gemmatune.models.lora import attach_lora
-from gemmatune.models.packing import PackCollator
 from gemmatune.train.norms import LeanRMSNorm, use_lean_rms_norm
 from gemmatune.train.recipe import disable_cache
 from tests.test_packing import _examples

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 from gemmatune.compat import attn_implementation
 from gemmatune.config import ModelConfig
+from gemmatune.data.examples import PackCollator
 from gemmatune.models.loading import load_model
-from gemmatune.models.packing import PACKED_SDPA, PackCollator, attention_for_packing, sequence_bounds
+from gemmatune.models.packing import PACKED_SDPA, attention_for_packing, sequence_bounds
 
 # Lengths straddle the tiny models' sliding window (16): the longest example needs the window band.
 LENGTHS = (7, 23, 1, 12, 40)

@@ -100,7 +100,7 @@ def test_merge_auto_keeps_the_checkpoint_dtype(alpaca_file, tmp_path):
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma3n"])
 def test_default_targets_never_reach_a_tower(family):
-    from gemmatune.models import family_for
+    from gemmatune.models.registry import family_for
 
     targets = family_for(family).lora_targets
     import re

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from gemmatune.config import load_config
 from gemmatune.export.merge import merge
 from gemmatune.infer.load import load
-from gemmatune.models import family_for
 from gemmatune.models.loading import load_model
 from gemmatune.models.lora import attach_lora
 from gemmatune.models.quantization import keep_4bit_layout, quantized_layers
+from gemmatune.models.registry import family_for
 from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from tests.conftest import tiny_config, write_jsonl

@@ -1,9 +1,12 @@
 """Checked rows -> training examples: token ids + labels once the tokenizer is loaded (`tokenize_data`), overlong
-ones truncated or dropped and counted, and the padding of batches (`pad_rows`: training and generation)."""
+ones truncated or dropped and counted; and batches of them: padded (`pad_rows`, training and generation) or packed
+into one row (`PackCollator`; models/packing.py keeps attention per example)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 from gemmatune.config import DataConfig
 from gemmatune.data.media import MediaTokens, media_tokens
@@ -133,8 +136,6 @@ def pad_rows(rows: list[list[int]], fill: int, left: bool = False):
 
     Right padding for training batches; left padding for generation, so every row's next token is in the same
     column."""
-    import torch
-
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), fill, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -143,6 +144,27 @@ def pad_rows(rows: list[list[int]], fill: int, left: bool = False):
         out[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return out, mask
+
+
+class PackCollator:
+    """Concatenates a batch into one row: `input_ids`, `labels`, restarting `position_ids`; no padding."""
+
+    def __call__(self, batch: list[dict]) -> dict:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for b in batch:
+            n = len(b["input_ids"])
+            ids += b["input_ids"]
+            # The first token of an example is never a target: with shifted labels it would be "predicted"
+            # from the previous example's last token.
+            labels += [IGNORE] + list(b["labels"][1:])
+            positions += range(n)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }
 
 
 class PadCollator:

@@ -24,7 +24,8 @@ from gemmatune.export.gguf_tensors import (
     write_gguf,
 )
 from gemmatune.export.gguf_vocab import vocabulary_size, write_vocabulary
-from gemmatune.models import ModelFamily, family_for, family_named, gguf_families
+from gemmatune.models import ModelFamily
+from gemmatune.models.registry import family_for, family_named, gguf_families
 
 log = logging.getLogger(__name__)
 

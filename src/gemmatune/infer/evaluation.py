@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from gemmatune.compat import attn_implementation
-from gemmatune.data.examples import pad_rows
+from gemmatune.data.examples import PackCollator, pad_rows
 from gemmatune.data.media import media_features, token_types
 from gemmatune.data.rows import read_eval_rows
 from gemmatune.data.templates import content_text, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
 from gemmatune.models.loss import IGNORE, causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
-from gemmatune.models.packing import PACKED_SDPA, PackCollator
+from gemmatune.models.packing import PACKED_SDPA
 from gemmatune.runs.folder import write_eval
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
-"""What we know about each model family, as data: one small module per family.
+"""What we know about each model family, as data: one small module per family, of the types defined here.
 
-`family_for(model_type)` is the only lookup; the rest of the code reads fields, never model types.
+`registry.family_for(model_type)` is the only lookup; the rest of the code reads fields, never model types.
 """
 
 from __future__ import annotations
@@ -127,46 +127,3 @@ class ModelFamily:
     thinking_markers: tuple[str, str] | None = None
     """The tokens that open and close a reply's thinking (reasoning) span: kept out of the loss unless
     `data.train_on_thinking`."""
-
-
-def bundled_config_file(model_id: str):
-    """The bundled text config (a Path) for a known hub id, or None."""
-    from importlib.resources import files
-
-    for family in _families():
-        for hub_id, filename in family.bundled_text_configs:
-            if hub_id == model_id:
-                return files("gemmatune.models").joinpath(filename)
-    return None
-
-
-def _families() -> tuple[ModelFamily, ...]:
-    from gemmatune.models import gemma3, gemma3n, gemma4
-
-    return (gemma3.FAMILY, gemma3n.FAMILY, gemma4.FAMILY)
-
-
-def gguf_families() -> tuple[ModelFamily, ...]:
-    """The families a GGUF export writes."""
-    return tuple(f for f in _families() if f.gguf is not None)
-
-
-def family_for(model_type: str) -> ModelFamily:
-    """The family of a `config.model_type`; the generic family for anything we have no notes on."""
-    from gemmatune.models import generic
-
-    for family in _families():
-        if model_type in family.model_types:
-            return family
-    return generic.FAMILY
-
-
-def family_named(name: str) -> ModelFamily | None:
-    """The family a run record names (run.json base_model.family), or None."""
-    from gemmatune.models import generic
-
-    return next((f for f in (*_families(), generic.FAMILY) if f.name == name), None)
-
-
-def all_known_ids() -> tuple[str, ...]:
-    return tuple(i for family in _families() for i in family.known_ids)

@@ -16,8 +16,9 @@ from gemmatune.config import ModelConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPES, device_kind, resolve_precision, weight_dtype
 from gemmatune.hub import use_cache_only
-from gemmatune.models import ModelFamily, all_known_ids, family_for
+from gemmatune.models import ModelFamily
 from gemmatune.models.quantization import bnb_4bit_config, modules_to_keep_unquantized, require_bitsandbytes
+from gemmatune.models.registry import all_known_ids, family_for
 from gemmatune.runs.files import ordinary_modes
 from gemmatune.runs.weight_files import check_weight_folder
 

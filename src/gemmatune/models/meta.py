@@ -10,8 +10,9 @@ from pathlib import Path
 
 from gemmatune.config import Config
 from gemmatune.errors import GemmatuneError
-from gemmatune.models import ModelFamily, all_known_ids, bundled_config_file, family_for
+from gemmatune.models import ModelFamily
 from gemmatune.models.loading import build_on_meta, choose_model_class, resolve_source
+from gemmatune.models.registry import all_known_ids, bundled_config_file, family_for
 
 
 def load_architecture(cfg: Config):

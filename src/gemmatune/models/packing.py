@@ -1,8 +1,8 @@
 """Padding-free packing: a batch becomes one row of concatenated examples, and attention stays per example.
 
-The collator concatenates the examples of a batch into a single row with `position_ids` restarting at 0
-for each example and no attention mask (nothing is padding). Each example's first label is -100, so no
-token is ever trained to predict across a boundary (labels are shifted by one inside the loss).
+The collator (data.examples.PackCollator) concatenates the examples of a batch into a single row with
+`position_ids` restarting at 0 for each example and no attention mask (nothing is padding). Each example's first
+label is -100, so no token is ever trained to predict across a boundary (labels are shifted by one inside the loss).
 
 Attention must never cross examples. Transformers builds a dense block-diagonal T x T mask for packed
 rows, and the CPU sdpa kernel computes every block of it; splitting the row at `position_ids == 0` and
@@ -20,32 +20,9 @@ import logging
 
 import torch
 
-from gemmatune.models.loss import IGNORE
-
 log = logging.getLogger(__name__)
 
 PACKED_SDPA = "gemmatune_packed_sdpa"
-
-
-class PackCollator:
-    """Concatenates a batch into one row: `input_ids`, `labels`, restarting `position_ids`; no padding."""
-
-    def __call__(self, batch: list[dict]) -> dict:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for b in batch:
-            n = len(b["input_ids"])
-            ids += b["input_ids"]
-            # The first token of an example is never a target: with shifted labels it would be "predicted"
-            # from the previous example's last token.
-            labels += [IGNORE] + list(b["labels"][1:])
-            positions += range(n)
-        return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-        }
 
 
 def sequence_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:

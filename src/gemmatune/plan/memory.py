@@ -298,10 +298,11 @@ def tower_memory(cfg: Config, precision: str) -> list[TowerMemory]:
     """Each tower's activation memory per image / clip, measured on the meta device (tower_memory.py)."""
     from peft import get_peft_model
 
-    from gemmatune.models import MediaDefaults, family_for
+    from gemmatune.models import MediaDefaults
     from gemmatune.models.loading import build_on_meta, choose_model_class
     from gemmatune.models.lora import peft_lora_config
     from gemmatune.models.meta import load_architecture
+    from gemmatune.models.registry import family_for
     from gemmatune.plan.towers import image_size, measure_towers, processor_setting
 
     config, where = load_architecture(cfg)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from gemmatune.config import Config
-from gemmatune.models import ModelFamily, family_for
+from gemmatune.models import ModelFamily
 from gemmatune.models.loading import build_on_meta, choose_model_class
 from gemmatune.models.meta import attach_lora_on_meta, load_architecture
 from gemmatune.models.quantization import is_kept, modules_to_keep_unquantized
+from gemmatune.models.registry import family_for
 
 
 @dataclass

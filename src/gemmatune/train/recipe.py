@@ -209,7 +209,7 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
     `processor`, batches also carry the image and audio tensors of their examples (media.MediaCollator)."""
     from transformers import EarlyStoppingCallback
 
-    from gemmatune.models.packing import PackCollator
+    from gemmatune.data.examples import PackCollator
     from gemmatune.train.trainer import GemmatuneTrainer
 
     t = cfg.train
