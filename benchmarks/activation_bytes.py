@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 
+import peft
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gemmatune.config import LoraSection
+from gemmatune.config import LoraConfig
 from gemmatune.models.gemma3n import LANGUAGE_MODEL_PROJECTIONS
 from gemmatune.models.lora import attach_lora
 from gemmatune.models.registry import bundled_config_file, family_for
@@ -66,12 +66,12 @@ def build(arch: dict, layers: int, targets, as_loaded: bool):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     if as_loaded:
-        return get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules=targets,
+        return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_dropout=0.05, target_modules=targets,
                                                 task_type="CAUSAL_LM"))
     family = family_for(model_type)
     model.to(torch.bfloat16)
     use_lean_rms_norm(model, family.rms_norm, family.rms_norm_offset)
-    return attach_lora(model, LoraSection(r=16, lora_dropout=0.05, target_modules=targets), family, autocast=True)[0]
+    return attach_lora(model, LoraConfig(r=16, lora_dropout=0.05, target_modules=targets), family, autocast=True)[0]
 
 
 def towers() -> None:
@@ -87,7 +87,7 @@ def towers() -> None:
     text = AutoConfig.for_model(data.pop("model_type"), **data)
     config = AutoConfig.for_model("gemma3n", text_config=text.to_dict())
     family = family_for("gemma3n")
-    lora = LoraSection(r=16, towers=["audio", "vision"])
+    lora = LoraConfig(r=16, towers=["audio", "vision"])
 
     def with_lora(device: str):
         with torch.device("meta"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gemmatune.config import LoraSection, ModelConfig
+from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.data.examples import PackCollator
 from gemmatune.models.loading import load_model
 from gemmatune.models.lora import attach_lora
@@ -16,7 +16,7 @@ from tests.test_packing import _examples
 def _peft_model(model_dir):
     loaded = load_model(ModelConfig(name=str(model_dir)), "fp32", packing=True)
     disable_cache(loaded.model, loaded.family)
-    model, _ = attach_lora(loaded.model, LoraSection(r=4, lora_dropout=0.0), loaded.family)
+    model, _ = attach_lora(loaded.model, LoraConfig(r=4, lora_dropout=0.0), loaded.family)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; random B makes every LoRA gradient non-trivial
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))

@@ -195,7 +195,7 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma3n_multimo
 
 
 def test_a_tower_with_no_matching_module_is_refused(tiny_gemma3n, tiny_gemma3):
-    from gemmatune.config import LoraSection, ModelConfig
+    from gemmatune.config import LoraConfig, ModelConfig
     from gemmatune.models.loading import load_model
     from gemmatune.models.lora import attach_lora
 
@@ -203,11 +203,11 @@ def test_a_tower_with_no_matching_module_is_refused(tiny_gemma3n, tiny_gemma3):
     # (The config refuses lora.towers without model.multimodal; this is the check behind it, for any cause.)
     loaded = load_model(ModelConfig(name=str(tiny_gemma3n)), "fp32")
     with pytest.raises(GemmatuneError, match=r"lora.towers: vision asked for, but no module of that tower matched"):
-        attach_lora(loaded.model, LoraSection(towers=["vision"]), loaded.family)
+        attach_lora(loaded.model, LoraConfig(towers=["vision"]), loaded.family)
     # A family without towers
     loaded = load_model(ModelConfig(name=str(tiny_gemma3)), "fp32")
     with pytest.raises(GemmatuneError, match=r"lora.towers: the gemma3 family has no audio tower"):
-        attach_lora(loaded.model, LoraSection(towers=["audio"]), loaded.family)
+        attach_lora(loaded.model, LoraConfig(towers=["audio"]), loaded.family)
     with pytest.raises(GemmatuneError, match=r"lora.towers: needs model.multimodal: true"):
         load_config(None, ['lora.towers=["audio"]'])
 

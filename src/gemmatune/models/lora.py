@@ -6,7 +6,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from gemmatune.config import LoraSection
+from gemmatune.config import LoraConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.models import ModelFamily
 from gemmatune.models.quantization import keep_4bit_layout
@@ -53,7 +53,7 @@ def tower_of(module_name: str, family: ModelFamily) -> str:
     return LANGUAGE_MODEL
 
 
-def lora_targets(cfg: LoraSection, family: ModelFamily) -> str | list[str]:
+def lora_targets(cfg: LoraConfig, family: ModelFamily) -> str | list[str]:
     """The PEFT `target_modules`: the language model's (the family default or the user's), plus the projections of
     each tower `lora.towers` names, as one regex (PEFT full-matches a string against module paths)."""
     targets = cfg.target_modules if cfg.target_modules is not None else family.lora_targets
@@ -78,7 +78,7 @@ def lora_targets(cfg: LoraSection, family: ModelFamily) -> str | list[str]:
     return "|".join(f"(?:{regex})" for regex in [language] + [known[t] for t in cfg.towers])
 
 
-def expert_targets(cfg: LoraSection, family: ModelFamily) -> list[str] | None:
+def expert_targets(cfg: LoraConfig, family: ModelFamily) -> list[str] | None:
     """PEFT `target_parameters` for `lora.experts: true` (the family's 3-D expert weights), else None."""
     if not cfg.experts:
         return None
@@ -87,7 +87,7 @@ def expert_targets(cfg: LoraSection, family: ModelFamily) -> list[str] | None:
     return list(family.expert_parameters)
 
 
-def check_experts(model, cfg: LoraSection, family: ModelFamily) -> None:
+def check_experts(model, cfg: LoraConfig, family: ModelFamily) -> None:
     """`lora.experts: true` on a model without experts (a dense Gemma 4) is an error, before PEFT's own message."""
     wanted = expert_targets(cfg, family)
     if not wanted:
@@ -98,11 +98,11 @@ def check_experts(model, cfg: LoraSection, family: ModelFamily) -> None:
                              "model); set lora.experts: false")
 
 
-def peft_lora_config(cfg: LoraSection, family: ModelFamily):
-    from peft import LoraConfig
+def peft_lora_config(cfg: LoraConfig, family: ModelFamily):
+    from peft import LoraConfig as PeftLoraConfig
 
     targets = lora_targets(cfg, family)
-    return LoraConfig(
+    return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -113,7 +113,7 @@ def peft_lora_config(cfg: LoraSection, family: ModelFamily):
     )
 
 
-def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = False, autocast: bool = False):
+def attach_lora(model, cfg: LoraConfig, family: ModelFamily, quantized: bool = False, autocast: bool = False):
     """Freeze the base model and wrap the target modules; returns (peft_model, report).
 
     `autocast`: training runs under bf16/fp16 autocast. PEFT then need not cast each LoRA input to the fp32 of
@@ -137,7 +137,7 @@ def attach_lora(model, cfg: LoraSection, family: ModelFamily, quantized: bool = 
     return peft_model, report
 
 
-def check_towers(cfg: LoraSection, per_tower: dict[str, int]) -> None:
+def check_towers(cfg: LoraConfig, per_tower: dict[str, int]) -> None:
     """A tower asked for in `lora.towers` that got no adapter is an error: it would train nothing, silently."""
     empty = [t for t in cfg.towers if not per_tower.get(t)]
     if empty:

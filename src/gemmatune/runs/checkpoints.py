@@ -70,7 +70,8 @@ def latest_complete(folder: Path) -> Path | None:
     """The newest checkpoint that can be resumed from, warning about newer ones that cannot."""
     if not folder.is_dir():
         return None
-    found = sorted((p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                   key=checkpoint_step, reverse=True)
     for path in found:
         problem = checkpoint_problem(path)
         if problem is None:
@@ -175,7 +176,8 @@ def retain(folder: Path, limit: int | None, best: Path | None) -> None:
         return  # never delete when nothing complete would remain
     newest = complete[-1]
     for p in folder.iterdir():
-        if p.is_dir() and checkpoint_step(p) is not None and p not in complete and checkpoint_step(p) < checkpoint_step(newest):
+        step = checkpoint_step(p) if p.is_dir() else None
+        if step is not None and p not in complete and step < checkpoint_step(newest):
             _delete(p)
     if limit is None:
         return
