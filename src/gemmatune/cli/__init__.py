@@ -60,8 +60,7 @@ def _quiet_libraries() -> None:
 # gemmatune.evaluate and gemmatune.export.merge
 
 
-def _load(args: argparse.Namespace, sources=None):
-    """The model `args` name; `sources`: its adapters, already read."""
+def _load(args: argparse.Namespace):
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -72,8 +71,8 @@ def _load(args: argparse.Namespace, sources=None):
     hf_logging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return load(args.adapters if sources is None else sources, base=args.base, template=args.template,
-                    precision=args.precision, cache_dir=args.cache_dir)
+        return load(args.adapters, base=args.base, template=args.template, precision=args.precision,
+                    cache_dir=args.cache_dir)
 
 
 def _settings(args: argparse.Namespace):
@@ -130,12 +129,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise GemmatuneError(f"--limit must be >= 1, got {args.limit}")
-    sources = [adapter_source(a) for a in args.adapters]
-    first = sources[0] if sources else None
+    args.adapters = [adapter_source(a) for a in args.adapters]  # each folder read once; `load` takes them so
+    first = args.adapters[0] if args.adapters else None
     file = args.file or (first.folder.test_file if first is not None else None)
     if not file:
         raise GemmatuneError("eval: give a FILE of held-out rows (the first adapter's run names no data.test_file)")
-    tuned = _load(args, sources)
+    tuned = _load(args)
     report = evaluate(tuned, file, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       samples=args.samples)
     out = Path(args.out) if args.out else (first.path if first is not None else Path.cwd())
@@ -177,9 +176,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_batch=args.max_batch)
     from gemmatune.infer.load import adapter_source
 
-    sources = [adapter_source(a) for a in args.adapters]
-    base_name = args.base or (sources[0].folder.base.name if sources else "embedded")
-    tuned = _load(args, sources)
+    args.adapters = [adapter_source(a) for a in args.adapters]  # each folder read once; `load` takes them so
+    base_name = args.base or (args.adapters[0].folder.base.name if args.adapters else "embedded")
+    tuned = _load(args)
     serve(tuned, base_name, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("GEMMATUNE_API_KEY") or None, limits=limits, runs_dir=args.runs)
 
