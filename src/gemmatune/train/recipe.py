@@ -44,6 +44,8 @@ from gemmatune.train.preflight import check_inputs
 
 if TYPE_CHECKING:
     from accelerate import PartialState
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import TrainOutput
 
     from gemmatune.data.examples import Prepared
     from gemmatune.models.lora import TrainableReport
@@ -144,7 +146,7 @@ def _log_inputs(cfg: Config, loaded: Loaded, data: Prepared, threads: int) -> No
         log.info(data.eval.report.line("eval", cfg.data.max_length))
 
 
-def run_trainer(trainer: GemmatuneTrainer, run_dir: Path, resume: bool, is_main: bool):
+def run_trainer(trainer: GemmatuneTrainer, run_dir: Path, resume: bool, is_main: bool) -> TrainOutput:
     """The Trainer's run (from the last complete checkpoint with `resume`); its TrainOutput. A run the NaN/inf
     guard stopped raises its error, naming the checkpoint to resume from."""
     checkpoint = resume_point(run_dir, tidy=is_main) if resume else None
@@ -237,7 +239,7 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
     )
 
 
-def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: bool):
+def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
     """transformers' TrainingArguments for `cfg`; eval and best-model settings checked against each other."""
     from transformers import TrainingArguments
 
@@ -293,7 +295,7 @@ def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: boo
         disable_tqdm=False,
     )
 
-def run_record(cfg: Config, run: Setup, result, final_eval: dict, wall: float) -> RunRecord:
+def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, wall: float) -> RunRecord:
     """run.json of a finished run."""
     import peft
     import transformers
