@@ -23,15 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 
+import peft
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gemmatune.config import LoraSection
-from gemmatune.lora import attach_lora
-from gemmatune.models import bundled_config_file, family_for
+from gemmatune.config import LoraConfig
 from gemmatune.models.gemma3n import LANGUAGE_MODEL_PROJECTIONS
-from gemmatune.norms import use_lean_rms_norm
+from gemmatune.models.lora import attach_lora
+from gemmatune.models.registry import bundled_config_file, family_for
+from gemmatune.train.norms import use_lean_rms_norm
 
 GEMMA3_270M = {  # the embedded model's architecture (config.json of the converted GGUF)
     "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4,
@@ -66,12 +66,12 @@ def build(arch: dict, layers: int, targets, as_loaded: bool):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     if as_loaded:
-        return get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules=targets,
+        return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_dropout=0.05, target_modules=targets,
                                                 task_type="CAUSAL_LM"))
     family = family_for(model_type)
     model.to(torch.bfloat16)
     use_lean_rms_norm(model, family.rms_norm, family.rms_norm_offset)
-    return attach_lora(model, LoraSection(r=16, lora_dropout=0.05, target_modules=targets), family, autocast=True)[0]
+    return attach_lora(model, LoraConfig(r=16, lora_dropout=0.05, target_modules=targets), family, autocast=True)[0]
 
 
 def towers() -> None:
@@ -81,13 +81,13 @@ def towers() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import Gemma3nForConditionalGeneration
 
-    from gemmatune.tower_memory import clip_frames, measure_towers
+    from gemmatune.plan.towers import clip_frames, measure_towers
 
     data = json.loads(bundled_config_file("google/gemma-3n-E2B-it").read_text())
     text = AutoConfig.for_model(data.pop("model_type"), **data)
     config = AutoConfig.for_model("gemma3n", text_config=text.to_dict())
     family = family_for("gemma3n")
-    lora = LoraSection(r=16, towers=["audio", "vision"])
+    lora = LoraConfig(r=16, towers=["audio", "vision"])
 
     def with_lora(device: str):
         with torch.device("meta"):
@@ -105,7 +105,7 @@ def towers() -> None:
                         tensor.data.normal_(0, 0.02)
         return model
 
-    planned = {t.tower: t for t in measure_towers(with_lora("meta"), lora.towers, dtype_bytes=4)}
+    planned = {t.tower: t for t in measure_towers(with_lora("meta"), lora.towers, family, dtype_bytes=4)}
     model = with_lora("cpu")
     model.train()
     inner = model.get_base_model().model

@@ -48,7 +48,7 @@ def build_random_checkpoint(model: str, folder: Path) -> Path:
         return folder
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gemmatune.models import bundled_config_file
+    from gemmatune.models.registry import bundled_config_file
 
     data = json.loads(bundled_config_file(f"google/gemma-3n-{model.upper()}-it").read_text())
     config = AutoConfig.for_model(data.pop("model_type"), **data)
@@ -79,10 +79,10 @@ def _byte_tokenizer():
 
 def run_mode(folder: Path, quantized: bool, args) -> dict:
     from gemmatune.config import load_config
-    from gemmatune.loading import load_model
-    from gemmatune.lora import attach_lora
-    from gemmatune.plan import make_plan
-    from gemmatune.train import disable_cache
+    from gemmatune.models.loading import load_model
+    from gemmatune.models.lora import attach_lora
+    from gemmatune.plan.memory import make_plan
+    from gemmatune.train.recipe import disable_cache
 
     cfg = load_config(None, [
         f"model.name={folder}", f"model.quantization={'4bit' if quantized else 'none'}", f"lora.r={args.rank}",
@@ -139,7 +139,7 @@ def run_pipeline(folder: Path, workdir: Path, args) -> dict:
     from safetensors import safe_open
 
     from gemmatune.config import load_config
-    from gemmatune.export import merge
+    from gemmatune.export.merge import merge
     from gemmatune.train import train
 
     rows = [{"instruction": f"Route ticket {i}", "input": f"my parcel {i} is late", "output": f"shipping {i % 3}"}
@@ -189,7 +189,7 @@ def build_random_multimodal_checkpoint(model: str, folder: Path, family: str = "
     import transformers
     from transformers import AutoConfig
 
-    from gemmatune.models import bundled_config_file
+    from gemmatune.models.registry import bundled_config_file
 
     if family == "gemma4":
         data = json.loads(bundled_config_file(f"google/gemma-4-{model.upper()}-it").read_text())
@@ -272,7 +272,7 @@ def media_data(folder: Path, n: int) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from gemmatune.media import SAMPLE_RATE, write_wav
+    from gemmatune.data.media import SAMPLE_RATE, write_wav
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -299,8 +299,8 @@ def run_multimodal(folder: Path, workdir: Path, args, device: str) -> dict:
 
     from gemmatune.cli import main as cli
     from gemmatune.config import load_config
-    from gemmatune.export import merge
-    from gemmatune.plan import make_plan
+    from gemmatune.export.merge import merge
+    from gemmatune.plan.memory import make_plan
     from gemmatune.train import train
 
     data = workdir / "mm-data"

@@ -57,7 +57,7 @@ def make_adapter(folder: Path, seed: int = 0) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from gemmatune.loading import embedded_model_dir
+    from gemmatune.models.loading import embedded_model_dir
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32)
@@ -71,7 +71,7 @@ def make_adapter(folder: Path, seed: int = 0) -> Path:
 
 
 def read_bench_rows(data_file: str) -> list[dict]:
-    from gemmatune.evaluation import read_eval_rows
+    from gemmatune.data.rows import read_eval_rows
 
     return read_eval_rows(data_file)
 
@@ -90,8 +90,9 @@ def run_plain(adapter: str, rows: list[dict], gen_rows: int, max_new_tokens: int
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gemmatune.loading import embedded_model_dir, family_for, stop_token_ids
-    from gemmatune.templates import IGNORE, prompt_ids, tokenize_row
+    from gemmatune.data.templates import prompt_ids, tokenize_row
+    from gemmatune.models.loading import embedded_model_dir, family_for, stop_token_ids
+    from gemmatune.models.loss import IGNORE
 
     model_dir = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -157,15 +158,16 @@ def run_plain(adapter: str, rows: list[dict], gen_rows: int, max_new_tokens: int
 
 def run_gemmatune(stack: str, adapter: str, rows: list[dict], gen_rows: int, max_new_tokens: int,
                   batch_size: int) -> dict:
-    from gemmatune.evaluation import Progress, _generate_with_progress, response_loss
-    from gemmatune.infer import SamplingSettings, TunedModel, load
-    from gemmatune.templates import tokenize_row
+    from gemmatune.data.templates import tokenize_row
+    from gemmatune.infer.evaluation import Progress, response_loss
+    from gemmatune.infer.load import load
+    from gemmatune.infer.model import SamplingSettings, TunedModel
 
     if stack == "qlora":
         from peft import PeftModel
 
         from gemmatune.config import load_config
-        from gemmatune.loading import load_model
+        from gemmatune.models.loading import load_model
 
         loaded = load_model(load_config(None, ["model.quantization=4bit"]).model, "bf16")
         model = PeftModel.from_pretrained(loaded.model, adapter, adapter_name="a")
@@ -181,8 +183,9 @@ def run_gemmatune(stack: str, adapter: str, rows: list[dict], gen_rows: int, max
 
         (loss, _), t_loss = _timed(loss_pass)  # the first pass of a fresh process: what one `eval` pass costs
         _, t_again = _timed(loss_pass)  # warm, as training's tokens/s are (they start after its first step)
-        gens, t_gen = _timed(lambda: _generate_with_progress(tuned, rows[:gen_rows], "a", settings, batch_size,
-                                                             Progress("", gen_rows, quiet, every=1e9)))
+        progress = Progress("", gen_rows, quiet, every=1e9)
+        gens, t_gen = _timed(lambda: tuned.generate(rows[:gen_rows], adapter="a", settings=settings,
+                                                    batch_size=batch_size, on_batch=progress.update))
     return {"stack": stack, "precision": tuned.precision, "merged": merged, "loss": loss,
             "loss_tokens_per_second": tokens / t_loss, "loss_again_tokens_per_second": tokens / t_again,
             "gen_tokens_per_second": sum(g.new_tokens for g in gens) / t_gen, "gen_first_ids": gens[0].token_ids[:8],
@@ -193,7 +196,7 @@ def run_gemmatune(stack: str, adapter: str, rows: list[dict], gen_rows: int, max
 
 
 def spawn(stack: str, adapter: str, data: str, args) -> dict:
-    from gemmatune.allocator import ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VARIABLE
+    from gemmatune.train.allocator import ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VARIABLE
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     if stack != "plain":

@@ -45,7 +45,7 @@ def run_variant(name: str, steps: int, out: Path) -> dict:
 
 def planned_gib(name: str) -> float:
     from gemmatune.config import load_config
-    from gemmatune.plan import GIB, make_plan
+    from gemmatune.plan.memory import GIB, make_plan
 
     return make_plan(load_config(QUICKSTART, [*VARIANTS[name], "data.test_file=null"])).estimate.total / GIB
 

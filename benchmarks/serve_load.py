@@ -53,7 +53,7 @@ def make_adapters(base: str, folder: Path) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from gemmatune.loading import embedded_model_dir
+    from gemmatune.models.loading import embedded_model_dir
 
     model_dir = embedded_model_dir() if base == "embedded" else Path(base)
     out = []

@@ -7,7 +7,7 @@ Variants, each in a fresh subprocess (so peak RSS is its own), run alternately (
   c  gemmatune defaults: packed rows with per-example attention, LM head only on label positions in chunks,
      train.precision auto (bf16 frozen weights under bf16 autocast, or fp32 where fp32 matmuls are faster),
      RMSNorms that keep no fp32 input copy, tcmalloc preloaded when installed, else glibc malloc tuned in-process
-     (gemmatune.allocator.tune_malloc), and oneDNN's primitive cache capped at 128, as `gemmatune train` does
+     (gemmatune.train.allocator.tune_malloc), and oneDNN's primitive cache capped at 128, as `gemmatune train` does
      (--no-tcmalloc: c without tcmalloc; --no-mallopt: c without the malloc tuning)
   d  (--peft-dropout) c with PEFT's own nn.Dropout in place of gemmatune's LoRA dropout (lora_dropout.py)
 
@@ -62,8 +62,8 @@ def _data_config(data_file: str):
 
 def _examples(data_file: str, tokenizer=None):
     from gemmatune.config import ModelConfig
-    from gemmatune.data import prepare
-    from gemmatune.loading import load_tokenizer, resolve_source
+    from gemmatune.data.examples import prepare
+    from gemmatune.models.loading import load_tokenizer, resolve_source
 
     tokenizer = tokenizer or load_tokenizer(resolve_source(ModelConfig()))
     return tokenizer, prepare(_data_config(data_file), tokenizer, SEED)
@@ -115,7 +115,7 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int, profile_
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-        from gemmatune.data import ExampleDataset
+        from gemmatune.data.examples import ExampleDataset
 
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _lora_config())
         trainer = Trainer(model=model, args=TrainingArguments(**_common_args(out, steps, bf16=False)),
@@ -125,13 +125,13 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int, profile_
     elif variant == "b":
         trainer, stack = _variant_b(tokenizer, examples, model_dir, out, steps, timer)
     else:
-        from gemmatune.allocator import tune_malloc
         from gemmatune.compat import attn_implementation
         from gemmatune.config import load_config
-        from gemmatune.loading import load_model
+        from gemmatune.models.loading import load_model
+        from gemmatune.train.allocator import tune_malloc
 
         tune_malloc()  # what `gemmatune train` does without tcmalloc; a no-op under it or GEMMATUNE_MALLOPT=0
-        from gemmatune.train import build_trainer, prepare_for_training
+        from gemmatune.train.recipe import build_trainer, prepare_for_training
 
         cfg = load_config(None, [f"data.train_file={data_file}", f"train.output_dir={out}", "train.run_name=c",
                                  f"train.max_steps={steps}", f"train.per_device_train_batch_size={BATCH}",
@@ -174,7 +174,7 @@ def _put_back_peft_dropout(model) -> None:
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from gemmatune.lora_dropout import LoraDropout
+    from gemmatune.models.lora_dropout import LoraDropout
 
     for module in model.modules():
         if isinstance(module, LoraLayer):
@@ -209,7 +209,7 @@ def _profile(trainer, timer, steps: int) -> dict:
 
 
 def _allocator() -> str:
-    from gemmatune.allocator import malloc_tuned, tcmalloc_loaded
+    from gemmatune.train.allocator import malloc_tuned, tcmalloc_loaded
 
     if tcmalloc_loaded():
         return "tcmalloc"
@@ -232,7 +232,7 @@ def _variant_b(tokenizer, examples, model_dir, out, steps, timer):
         from peft import get_peft_model
         from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-        from gemmatune.data import ExampleDataset
+        from gemmatune.data.examples import ExampleDataset
 
         model.config.use_cache = False
         trainer = Trainer(model=get_peft_model(model, _lora_config()), callbacks=[timer],
@@ -253,7 +253,7 @@ def _variant_b(tokenizer, examples, model_dir, out, steps, timer):
 
 
 def _model_dir() -> str:
-    from gemmatune.loading import embedded_model_dir
+    from gemmatune.models.loading import embedded_model_dir
 
     return str(embedded_model_dir())
 
@@ -310,11 +310,11 @@ def data_file(rows: int) -> tuple[str, str]:
 
 def spawn(variant: str, data: str, steps: int, threads: int, tcmalloc: bool, mallopt: bool = True,
           profile_steps: int = 0) -> dict:
-    from gemmatune.allocator import MALLOPT_VARIABLE, ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VARIABLE, find_tcmalloc
+    from gemmatune.train.allocator import MALLOPT_VARIABLE, ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VARIABLE, find_tcmalloc
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     lib = find_tcmalloc() if tcmalloc and variant == "c" else None
-    if lib:  # what `gemmatune train` does for itself (gemmatune.allocator)
+    if lib:  # what `gemmatune train` does for itself (gemmatune.train.allocator)
         env["LD_PRELOAD"] = lib
     if variant == "c":
         env.setdefault(ONEDNN_CACHE_VARIABLE, str(ONEDNN_CACHE_ENTRIES))

@@ -334,7 +334,7 @@ def tiny_config(model_dir: Path, train_file: Path, out: Path, **train_overrides)
 def record_lm_head_calls(monkeypatch) -> list[tuple[int, ...]]:
     """Shapes of the logits of every LM-head call the chunked loss makes, whichever way it calls the head
     (one matmul into a reused buffer for a plain Linear, the module itself otherwise)."""
-    import gemmatune.loss as loss_module
+    import gemmatune.models.loss as loss_module
 
     calls: list[tuple[int, ...]] = []
     original = loss_module._head_matmul
@@ -462,7 +462,7 @@ def media_rows(folder: Path, n: int = 8) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from gemmatune.media import SAMPLE_RATE, write_wav
+    from gemmatune.data.media import SAMPLE_RATE, write_wav
 
     rows = []
     for i in range(n):

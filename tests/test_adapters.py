@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from gemmatune.adapters import adapted_modules, check_adapter_fits
 from gemmatune.errors import GemmatuneError
+from gemmatune.infer.adapter_fit import adapted_modules, check_adapter_fits
 from gemmatune.train import train
 from tests.conftest import gemma3_config, gemma3n_config, tiny_config
 
@@ -78,7 +78,7 @@ def test_missing_or_pickled_adapter_is_a_clear_error(tmp_path):
 def test_user_adapters_must_be_whole_safetensors(tmp_path):
     from safetensors.torch import save_file
 
-    from gemmatune.runs import read_adapter_folder
+    from gemmatune.runs.adapter_folder import read_adapter_folder
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")

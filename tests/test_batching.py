@@ -1,4 +1,4 @@
-"""Concurrent requests in one mixed batch each get what they would get alone (gemmatune.batching)."""
+"""Concurrent requests in one mixed batch each get what they would get alone (gemmatune.serve.batching)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import threading
 
 import torch
 
-from gemmatune.batching import Batcher, Job
-from gemmatune.infer import load
+from gemmatune.infer.load import load
+from gemmatune.serve.batching import Batcher, Job
 
 PROMPTS = ["Route the ticket: my parcel is late", "hi", "x" * 30]
 

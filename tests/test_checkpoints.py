@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gemmatune import runs
-from gemmatune.checkpoints import MARKER, checkpoint_problem, latest_complete, resume_point, retain
-from gemmatune.integrity import safetensors_problem
+from gemmatune.runs.checkpoints import MARKER, checkpoint_problem, latest_complete, resume_point, retain
+from gemmatune.runs.folder import CHECKPOINTS, append_metrics, read_metrics
+from gemmatune.runs.weight_files import safetensors_problem
 from tests.cli_subprocess import ENV, train_args
 
 
@@ -63,15 +63,15 @@ def test_retention_counts_only_complete_checkpoints_and_keeps_the_best(tmp_path)
 
 
 def test_resume_point_drops_leftovers_and_metrics_after_the_checkpoint(tmp_path):
-    folder = tmp_path / runs.CHECKPOINTS
+    folder = tmp_path / CHECKPOINTS
     _checkpoint(folder, 2)
     (folder / ".staging" / "checkpoint-4").mkdir(parents=True)
     for step in (1, 2, 3):
-        runs.append_metrics(tmp_path, {"step": step, "loss": 1.0})
-    runs.append_metrics(tmp_path, {"step": 2, "eval_loss": 1.0, "final": True})
+        append_metrics(tmp_path, {"step": step, "loss": 1.0})
+    append_metrics(tmp_path, {"step": 2, "eval_loss": 1.0, "final": True})
     assert resume_point(tmp_path).name == "checkpoint-2"
     assert not (folder / ".staging").exists()
-    assert runs.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}]
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}]
 
 
 def _tmpfs_available() -> bool:

@@ -42,7 +42,7 @@ def test_eval_defaults_to_the_runs_test_file(two_adapters, tmp_path, monkeypatch
     import shutil
 
     import gemmatune.cli
-    import gemmatune.evaluation
+    import gemmatune.infer.evaluation
     from gemmatune.config import dump_config, load_config
 
     bare = two_adapters[0]  # a PEFT folder: names no test file
@@ -56,7 +56,7 @@ def test_eval_defaults_to_the_runs_test_file(two_adapters, tmp_path, monkeypatch
         raise GemmatuneError(f"would evaluate {data}")
 
     monkeypatch.setattr(gemmatune.cli, "_load", lambda args: None)
-    monkeypatch.setattr(gemmatune.evaluation, "evaluate", evaluate)
+    monkeypatch.setattr(gemmatune.infer.evaluation, "evaluate", evaluate)
     assert main(["eval", "--adapter", str(run)]) == 2
     assert f"would evaluate {test_file}" in capsys.readouterr().err
 

@@ -28,7 +28,7 @@ def test_rms_norm_epsilon_is_read_and_the_lean_norm_computes_the_same(module, cl
     """transformers 5.25 renamed Gemma3nRMSNorm.eps to variance_epsilon; compat reads either."""
     import importlib
 
-    from gemmatune.norms import LeanRMSNorm, same_output
+    from gemmatune.train.norms import LeanRMSNorm, same_output
 
     modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
     norm = getattr(modeling, class_name)(64, eps=3e-6)
@@ -43,7 +43,7 @@ def test_a_norm_with_other_math_is_left_to_the_library(caplog):
     """The swap checks itself: a norm whose output the lean one does not reproduce stays as it is."""
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-    from gemmatune.norms import use_lean_rms_norm
+    from gemmatune.train.norms import use_lean_rms_norm
 
     class ShiftedNorm(Gemma3RMSNorm):  # a release that changed the math
         def forward(self, x):
@@ -68,7 +68,7 @@ def test_a_norm_without_a_known_epsilon_is_named():
 def test_attn_implementation_is_what_the_model_was_loaded_with(tiny_gemma3):
     from transformers import AutoModelForCausalLM
 
-    from gemmatune.packing import PACKED_SDPA, register_packed_attention
+    from gemmatune.models.packing import PACKED_SDPA, register_packed_attention
 
     register_packed_attention()
     for name in ("eager", PACKED_SDPA):
@@ -209,7 +209,7 @@ def test_gemma3n_text_norms_are_swapped_in_a_real_model():
     """The whole family, end to end: every Gemma3nRMSNorm of a model becomes lean, and the model's output stays."""
     from transformers import Gemma3nForCausalLM
 
-    from gemmatune.norms import use_lean_rms_norm
+    from gemmatune.train.norms import use_lean_rms_norm
 
     torch.manual_seed(0)
     model = Gemma3nForCausalLM(gemma3n_config()).eval()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gemmatune.config import load_config
-from gemmatune.data import is_local
+from gemmatune.data.rows import is_local
 from gemmatune.errors import GemmatuneError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

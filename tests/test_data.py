@@ -3,9 +3,11 @@ import json
 import pytest
 
 from gemmatune.config import load_config
-from gemmatune.data import prepare, read_rows
+from gemmatune.data.examples import prepare
+from gemmatune.data.rows import read_rows
+from gemmatune.data.templates import prompt_text, tokenize_row
 from gemmatune.errors import GemmatuneError
-from gemmatune.templates import IGNORE, prompt_text, tokenize_row
+from gemmatune.models.loss import IGNORE
 from tests.conftest import write_jsonl
 
 
@@ -147,7 +149,8 @@ def test_json_lines_in_a_json_file_are_read(tmp_path):
 
 
 def test_rows_are_read_and_validated_once_then_tokenized_without_reading_again(tmp_path, tokenizer):
-    from gemmatune.data import read_data, tokenize_data
+    from gemmatune.data.examples import tokenize_data
+    from gemmatune.data.rows import read_data
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}] * 4)
     cfg = load_config(None, [f"data.train_file={path}", "data.eval_ratio=0.25"])
@@ -161,7 +164,7 @@ def test_rows_are_read_and_validated_once_then_tokenized_without_reading_again(t
 
 
 def test_preflight_refuses_bad_rows_and_returns_the_checked_ones(tmp_path):
-    from gemmatune.preflight import check_inputs
+    from gemmatune.train.preflight import check_inputs
 
     path = tmp_path / "one.json"
     path.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}))
@@ -174,7 +177,7 @@ def test_preflight_refuses_bad_rows_and_returns_the_checked_ones(tmp_path):
 
 
 def test_prompt_rows_share_the_message_checks_of_training_rows(tmp_path):
-    from gemmatune.data import read_prompt_rows
+    from gemmatune.data.rows import read_prompt_rows
 
     rows = [{"prompt": "p", "id": 7}, {"instruction": "i"}, {"messages": [{"role": "user", "content": "u"}]}]
     got = read_prompt_rows(str(write_jsonl(tmp_path / "q.jsonl", rows)))

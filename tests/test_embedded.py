@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gemmatune.config import load_config
-from gemmatune.runs import read_metrics
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"

@@ -51,12 +51,12 @@ def _sequences() -> list[list[int]]:
 def _training_logprobs(model_dir: Path, tmp: Path, sequences, multimodal: bool,
                        overrides: tuple[str, ...] = ()) -> tuple[list[list[float]], Path]:
     """Per-token log-probs from gemmatune's training forward; the (randomised) LoRA adapter is saved beside."""
-    from gemmatune import packing
     from gemmatune.compat import attn_implementation
-    from gemmatune.loading import load_model
-    from gemmatune.loss import causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
-    from gemmatune.norms import LeanRMSNorm
-    from gemmatune.train import prepare_for_training
+    from gemmatune.models import packing
+    from gemmatune.models.loading import load_model
+    from gemmatune.models.loss import causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
+    from gemmatune.train.norms import LeanRMSNorm
+    from gemmatune.train.recipe import prepare_for_training
 
     cfg = tiny_config(model_dir, write_jsonl(tmp / "rows.jsonl", [{"text": "x"}]), tmp / "runs")
     cfg.model.multimodal = multimodal

@@ -5,13 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmatune import loss
 from gemmatune.config import ModelConfig
-from gemmatune.evaluation import packs_natively, response_loss, token_batches
-from gemmatune.infer import BASE, TunedModel, load
-from gemmatune.loading import load_model
-from gemmatune.loss import CausalLMParts, causal_lm_parts, chunked_cross_entropy_sum
-from gemmatune.templates import IGNORE, tokenize_row
+from gemmatune.data.templates import tokenize_row
+from gemmatune.infer.evaluation import packs_natively, response_loss, token_batches
+from gemmatune.infer.load import load
+from gemmatune.infer.model import BASE, TunedModel
+from gemmatune.models import loss
+from gemmatune.models.loading import load_model
+from gemmatune.models.loss import IGNORE, CausalLMParts, causal_lm_parts, chunked_cross_entropy_sum
 from tests.conftest import ALPACA_ROWS, make_adapter, record_lm_head_calls
 from tests.test_evaluation import CHAT_ROWS
 

@@ -3,9 +3,12 @@ import json
 import pytest
 import torch
 
-from gemmatune.evaluation import evaluate, read_eval_rows, response_loss, rouge_l
-from gemmatune.infer import BASE, load
-from gemmatune.templates import IGNORE, tokenize_row
+from gemmatune.data.rows import read_eval_rows
+from gemmatune.data.templates import tokenize_row
+from gemmatune.infer.evaluation import evaluate, response_loss, rouge_l
+from gemmatune.infer.load import load
+from gemmatune.infer.model import BASE
+from gemmatune.models.loss import IGNORE
 from gemmatune.train import train
 from tests.conftest import ALPACA_ROWS, tiny_config, write_jsonl
 

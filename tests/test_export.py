@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.export import combine, merge, parse_weighted
-from gemmatune.infer import load
+from gemmatune.export.merge import combine, merge, parse_weighted
+from gemmatune.infer.load import load
 from tests.cli_subprocess import run_cli
 
 IDS = torch.tensor([[2, 40, 50, 60, 70, 80, 90, 100]])

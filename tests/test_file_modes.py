@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gemmatune.export import combine, merge
-from gemmatune.runs import write_atomic
+from gemmatune.export.merge import combine, merge
+from gemmatune.runs.folder import write_atomic
 from gemmatune.train import train
 from tests.conftest import ALPACA_ROWS, tiny_config, write_jsonl
 

@@ -7,10 +7,10 @@ import torch
 
 from gemmatune.config import load_config
 from gemmatune.errors import GemmatuneError
-from gemmatune.loading import choose_model_class, load_model
-from gemmatune.lora import attach_lora, wrapped_module_names
-from gemmatune.models import family_for
 from gemmatune.models.gemma3n import FAMILY
+from gemmatune.models.loading import choose_model_class, load_model
+from gemmatune.models.lora import attach_lora, wrapped_module_names
+from gemmatune.models.registry import family_for
 from gemmatune.train import train
 from tests.conftest import gemma3n_config, tiny_config
 

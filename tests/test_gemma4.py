@@ -9,13 +9,14 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from gemmatune.config import load_config
+from gemmatune.data.templates import tokenize_row
 from gemmatune.errors import GemmatuneError
-from gemmatune.loading import choose_model_class, load_model, resolve_source
-from gemmatune.lora import attach_lora, trainable_report, wrapped_module_names
-from gemmatune.models import bundled_config_file, family_for
 from gemmatune.models.gemma4 import FAMILY
-from gemmatune.runs import read_metrics
-from gemmatune.templates import IGNORE, tokenize_row
+from gemmatune.models.loading import choose_model_class, load_model, resolve_source
+from gemmatune.models.lora import attach_lora, trainable_report, wrapped_module_names
+from gemmatune.models.loss import IGNORE
+from gemmatune.models.registry import bundled_config_file, family_for
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from tests.conftest import gemma4_config, make_gemma4_tokenizer, tiny_config, write_jsonl
 
@@ -60,7 +61,8 @@ def test_chat_format_learns_end_of_turn_and_keeps_thinking_out_of_the_loss():
 
 
 def test_thinking_rows_train_with_the_thoughts_masked_unless_asked(tiny_gemma4, tmp_path):
-    from gemmatune.data import read_data, tokenize_data
+    from gemmatune.data.examples import tokenize_data
+    from gemmatune.data.rows import read_data
 
     rows = [{"messages": [{"role": "user", "content": "2+2?"},
                           {"role": "assistant", "content": "4", "reasoning": "two and two"}]}]
@@ -130,8 +132,8 @@ def test_experts_on_a_dense_model_or_with_dropout_is_an_error(tiny_gemma4, tmp_p
 
 @pytest.mark.parametrize("fixture", ["tiny_gemma4", "tiny_gemma4_moe", "tiny_gemma4_unified"])
 def test_train_resume_eval_generate_stops_merge(fixture, request, tmp_path):
-    from gemmatune.export import merge
-    from gemmatune.infer import load
+    from gemmatune.export.merge import merge
+    from gemmatune.infer.load import load
 
     model_dir = request.getfixturevalue(fixture)
     rows = write_jsonl(tmp_path / "rows.jsonl", SHORT_ROWS)
@@ -313,7 +315,7 @@ NAMED_SIZES = {"E2B": ("effective", 2.0, 2.5), "E4B": ("effective", 4.0, 5.0), "
 
 @pytest.mark.parametrize("size", list(NAMED_SIZES))
 def test_plan_for_each_real_gemma4_id_works_offline_and_counts_what_the_name_says(size, monkeypatch):
-    from gemmatune.model_shape import measure
+    from gemmatune.plan.shape import measure
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for model_id in (f"google/gemma-4-{size}", f"google/gemma-4-{size}-it"):
@@ -340,7 +342,7 @@ def test_plan_for_each_real_gemma4_id_works_offline_and_counts_what_the_name_say
 
 
 def test_plan_for_a_known_id_without_a_bundled_config_says_so_in_one_line(monkeypatch):
-    from gemmatune.model_shape import load_architecture
+    from gemmatune.models.meta import load_architecture
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(GemmatuneError, match="bundles no config for google/gemma-3-4b-it") as err:
@@ -349,7 +351,7 @@ def test_plan_for_a_known_id_without_a_bundled_config_says_so_in_one_line(monkey
 
 
 def test_plan_of_a_local_moe_folder_counts_what_peft_trains(tiny_gemma4_moe):
-    from gemmatune.model_shape import measure
+    from gemmatune.plan.shape import measure
 
     for experts in (False, True):
         cfg = load_config(None, [f"model.name={tiny_gemma4_moe}", "lora.lora_dropout=0"])
@@ -364,8 +366,8 @@ def test_plan_of_a_local_moe_folder_counts_what_peft_trains(tiny_gemma4_moe):
 def test_qlora_keeps_the_router_unquantized():
     from transformers import Gemma4ForCausalLM
 
-    from gemmatune.loading import build_on_meta
-    from gemmatune.quantization import modules_to_keep_unquantized
+    from gemmatune.models.loading import build_on_meta
+    from gemmatune.models.quantization import modules_to_keep_unquantized
 
     keep = modules_to_keep_unquantized(build_on_meta(Gemma4ForCausalLM, gemma4_config("moe", num_experts=32)), FAMILY)
     assert {f"model.layers.{i}.router.proj" for i in range(4)} <= set(keep)  # 64 -> 32 would fit the kernel
@@ -391,9 +393,9 @@ def test_plan_measures_both_towers_on_the_meta_device_as_on_real_tensors():
     from peft import get_peft_model
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemmatune.loading import build_on_meta
-    from gemmatune.lora import peft_lora_config
-    from gemmatune.tower_memory import measure_towers
+    from gemmatune.models.loading import build_on_meta
+    from gemmatune.models.lora import peft_lora_config
+    from gemmatune.plan.towers import measure_towers
     from tests.conftest import gemma4_multimodal_config
 
     lora = load_config(None, ["model.multimodal=true", 'lora.towers=["vision"]']).lora

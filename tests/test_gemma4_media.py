@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from gemmatune.config import load_config
-from gemmatune.data import read_data, tokenize_data
+from gemmatune.data.examples import PackCollator, tokenize_data
+from gemmatune.data.media import MediaCollator, read_audio
+from gemmatune.data.rows import read_data
 from gemmatune.errors import GemmatuneError
-from gemmatune.media import MediaCollator, read_audio
-from gemmatune.packing import PackCollator
-from gemmatune.templates import IGNORE
+from gemmatune.models.loss import IGNORE
 from tests.conftest import (
     GEMMA4_MEDIA_TOKENS,
     gemma4_multimodal_config,
@@ -123,7 +123,7 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma4_multimod
 
 def _generates_with_the_parts_marked(run_dir, media_file):
     """The tuned model answers an image row and an audio row, its prefill given the soft tokens' types as training."""
-    from gemmatune.infer import load
+    from gemmatune.infer.load import load
 
     tuned = load([str(run_dir)], precision="fp32")
     seen = []
@@ -148,8 +148,8 @@ def _generates_with_the_parts_marked(run_dir, media_file):
 @pytest.mark.parametrize("size, towers", [("E2B", ["audio", "vision"]), ("E4B", ["audio", "vision"]),
                                           ("26B-A4B", ["vision"]), ("31B", ["vision"])])
 def test_plan_of_each_real_gemma4_id_with_its_towers_counts_each_part_offline(size, towers, monkeypatch):
-    from gemmatune.model_shape import measure
-    from gemmatune.plan import make_plan
+    from gemmatune.plan.shape import measure
+    from gemmatune.plan.memory import make_plan
 
     needs_gemma4_processor()  # the full model is offered where its processor can be built
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -118,8 +118,8 @@ def llama_greedy(gguf: Path, prompts: list[list[int]], max_new_tokens: int, lora
 
 def _reference(run: Path, tmp: Path):
     """transformers' greedy generations on the merged model, and the prompt ids they started from."""
-    from gemmatune.export import merge
-    from gemmatune.infer import load
+    from gemmatune.export.merge import merge
+    from gemmatune.infer.load import load
 
     tuned = load(base=str(merge(run, tmp / "merged")), precision="fp32")
     return tuned, [tuned.prompt_ids(p) for p in PROMPTS], tuned.generate(PROMPTS, greedy=True, max_new_tokens=12)
@@ -134,7 +134,7 @@ def _metadata(gguf: Path) -> dict:
 
 def test_f16_bf16_q8_0_equal_transformers_greedy_and_stop(tiny_run, tmp_path):
     require(HAS_LLAMA_CPP, NEEDS)
-    from gemmatune.gguf_export import export_gguf
+    from gemmatune.export.gguf import export_gguf
 
     tuned, ids, reference = _reference(tiny_run, tmp_path)
     # A random Gemma 3n barely learns in a few steps, so only the Gemma 3 run must have learned to stop; both must
@@ -169,8 +169,8 @@ def test_llama_cpp_tokenizes_the_prompt_text_as_transformers(tiny_run, tmp_path)
     """The GGUF's vocabulary (SentencePiece, written from tokenizer.json) tokenizes text as the HF tokenizer does,
     and its chat template renders the training prompt."""
     require(HAS_LLAMA_CPP, NEEDS)
-    from gemmatune.gguf_export import export_gguf
-    from gemmatune.infer import load
+    from gemmatune.export.gguf import export_gguf
+    from gemmatune.infer.load import load
 
     done = export_gguf(tiny_run, tmp_path / "tuned.gguf", quant="bf16")
     tuned = load([tiny_run], precision="fp32")
@@ -192,7 +192,7 @@ def test_llama_cpp_tokenizes_the_prompt_text_as_transformers(tiny_run, tmp_path)
 
 def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run, tmp_path):
     require(HAS_LLAMA_CPP, NEEDS)
-    from gemmatune.gguf_export import base_gguf, export_gguf, export_gguf_lora, run_base
+    from gemmatune.export.gguf import base_gguf, export_gguf, export_gguf_lora, run_base
 
     merged = export_gguf(tiny_run, tmp_path / "merged.gguf", quant="f32")
     base_name, template = run_base(tiny_run)
@@ -202,7 +202,7 @@ def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run, tmp_path):
 
     fields = GGUFReader(str(lora.path)).fields
     assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
-    from gemmatune.infer import load
+    from gemmatune.infer.load import load
 
     ids = [load([tiny_run], precision="fp32").prompt_ids(p) for p in PROMPTS]
     wants = llama_greedy(merged.path, ids, 12)
@@ -216,7 +216,7 @@ def test_gguf_lora_on_the_base_gguf_equals_the_merged_gguf(tiny_run, tmp_path):
 
 def test_k_quant_goes_through_llama_cpps_quantizer(tiny_gemma3_run, tmp_path):
     require(HAS_LLAMA_CPP, NEEDS)
-    from gemmatune.gguf_export import export_gguf
+    from gemmatune.export.gguf import export_gguf
 
     done = export_gguf(tiny_gemma3_run, tmp_path / "q4.gguf", quant="q4_k_m")
     assert _metadata(done.path)["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
@@ -225,7 +225,7 @@ def test_k_quant_goes_through_llama_cpps_quantizer(tiny_gemma3_run, tmp_path):
 
 
 def test_ollama_modelfile_matches_the_training_template(tiny_gemma3_run, tmp_path, monkeypatch):
-    from gemmatune.gguf_export import export_gguf
+    from gemmatune.export.gguf import export_gguf
 
     monkeypatch.chdir(tmp_path)  # a relative --out, as typed
     done = export_gguf(tiny_gemma3_run, "m.gguf", quant="q8_0", ollama=True)
@@ -243,7 +243,7 @@ def test_ollama_modelfile_matches_the_training_template(tiny_gemma3_run, tmp_pat
 def test_alpaca_runs_get_an_alpaca_chat_template(tokenizer):
     from jinja2 import Environment
 
-    from gemmatune.templates import gguf_chat_template, ollama_template, prompt_text
+    from gemmatune.data.templates import gguf_chat_template, ollama_template, prompt_text
 
     tokenizer.bos_token = "<bos>"
     row = {"instruction": "路由 this ticket: \"late\"", "input": ""}
@@ -345,7 +345,7 @@ def test_without_llama_cpp_k_quants_are_refused_not_replaced(tmp_path, monkeypat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
-    from gemmatune.gguf_export import export_gguf
+    from gemmatune.export.gguf import export_gguf
 
     with pytest.raises(GemmatuneError, match="k-quants .* need llama.cpp's quantizer"):
         export_gguf(tiny_gemma3_run, tmp_path / "x.gguf", quant="q4_k_m")
@@ -391,7 +391,7 @@ def test_embedded_270m_run_in_llama_cpp_answers_as_in_transformers(tmp_path):
     from gguf import GGUFReader
 
     from gemmatune.config import load_config
-    from gemmatune.gguf_export import export_gguf
+    from gemmatune.export.gguf import export_gguf
     from gemmatune.train import train
 
     examples = Path(__file__).resolve().parent.parent / "examples"
@@ -424,8 +424,8 @@ def test_embedded_270m_run_in_llama_cpp_answers_as_in_transformers(tmp_path):
 
 
 def _reference_rows(run: Path, tmp: Path, rows: list[dict]):
-    from gemmatune.export import merge
-    from gemmatune.infer import load
+    from gemmatune.export.merge import merge
+    from gemmatune.infer.load import load
 
     tuned = load(base=str(merge(run, tmp / "merged")), precision="fp32")
     return tuned, [tuned.prompt_ids(r) for r in rows], tuned.generate(rows, greedy=True, max_new_tokens=40)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.infer import BASE, load
+from gemmatune.infer.load import load
+from gemmatune.infer.model import BASE
 
 PROMPTS = ["hi", "Route the ticket: my parcel is late", "a", "Where is order 12345? It has been two weeks now.", "ok?"]
 

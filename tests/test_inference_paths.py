@@ -5,8 +5,9 @@ import io
 import pytest
 import torch
 
-from gemmatune.evaluation import Progress, evaluate, response_loss
-from gemmatune.infer import BASE, load
+from gemmatune.infer.evaluation import Progress, evaluate, response_loss
+from gemmatune.infer.load import load
+from gemmatune.infer.model import BASE
 from tests.conftest import ALPACA_ROWS, write_jsonl
 
 PROMPTS = [{"instruction": r["instruction"], "input": r["input"] * (i % 3 + 1)} for i, r in enumerate(ALPACA_ROWS[:6])]
@@ -64,9 +65,9 @@ def test_4bit_base_is_not_merged(tiny_gemma3_4bit):
     from peft import LoraConfig, get_peft_model
 
     from gemmatune.config import load_config
-    from gemmatune.infer import TunedModel
-    from gemmatune.loading import load_model
-    from gemmatune.quantization import quantized_layers
+    from gemmatune.infer.model import TunedModel
+    from gemmatune.models.loading import load_model
+    from gemmatune.models.quantization import quantized_layers
 
     loaded = load_model(load_config(None, [f"model.name={tiny_gemma3_4bit}", "model.quantization=4bit"]).model,
                         "bf16")

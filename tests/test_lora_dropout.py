@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from gemmatune.lora_dropout import LoraDropout, drop_rate, dropped, use_fast_lora_dropout
-from gemmatune.runs import read_metrics
+from gemmatune.models.lora_dropout import LoraDropout, drop_rate, dropped, use_fast_lora_dropout
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from tests.conftest import tiny_config
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from gemmatune.config import LoraSection, ModelConfig
-from gemmatune.loading import load_model
-from gemmatune.lora import attach_lora
-from gemmatune.loss import causal_lm_loss, causal_lm_parts
-from gemmatune.packing import PackCollator
-from gemmatune.train import disable_cache
+from gemmatune.config import LoraConfig, ModelConfig
+from gemmatune.data.examples import PackCollator
+from gemmatune.models.loading import load_model
+from gemmatune.models.lora import attach_lora
+from gemmatune.models.loss import causal_lm_loss, causal_lm_parts
+from gemmatune.train.recipe import disable_cache
 from tests.conftest import record_lm_head_calls
 from tests.test_packing import _examples
 
@@ -16,7 +16,7 @@ from tests.test_packing import _examples
 def _peft_model(model_dir):
     loaded = load_model(ModelConfig(name=str(model_dir)), "fp32", packing=True)
     disable_cache(loaded.model, loaded.family)
-    model, _ = attach_lora(loaded.model, LoraSection(r=4, lora_dropout=0.0), loaded.family)
+    model, _ = attach_lora(loaded.model, LoraConfig(r=4, lora_dropout=0.0), loaded.family)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; random B makes every LoRA gradient non-trivial
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
@@ -62,9 +62,9 @@ def test_loss_divides_by_num_items_in_batch(tiny_gemma3):
 def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny_gemma3, tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
-    from gemmatune.data import ExampleDataset
-    from gemmatune.templates import Tokenized
-    from gemmatune.trainer import GemmatuneTrainer
+    from gemmatune.data.examples import ExampleDataset
+    from gemmatune.data.templates import Tokenized
+    from gemmatune.train.trainer import GemmatuneTrainer
 
     model = _peft_model(tiny_gemma3)
     examples = [Tokenized(e["input_ids"], e["labels"]) for e in _examples()]
@@ -97,8 +97,8 @@ def test_trainer_runs_the_lm_head_only_on_label_positions_in_train_and_eval(tiny
 def test_bf16_chunked_loss_keeps_a_confident_tokens_gradient(softcap, monkeypatch):
     """Under bf16 autocast the softmax goes to bf16 for the matmul; the target column must not: p - 1 for a
     token predicted at p = 0.999 rounds to 0 in bf16, which would drop that row's gradient altogether."""
-    from gemmatune import loss
-    from gemmatune.loss import CausalLMParts, chunked_cross_entropy_sum
+    from gemmatune.models import loss
+    from gemmatune.models.loss import CausalLMParts, chunked_cross_entropy_sum
 
     gen = torch.Generator().manual_seed(0)
     vocab, dim, n = 512, 32, 12
@@ -139,8 +139,8 @@ def test_bf16_chunked_loss_keeps_a_confident_tokens_gradient(softcap, monkeypatc
 def test_chunked_loss_is_exact_for_targets_whose_probability_underflows(dtype, monkeypatch):
     """The loss is -log softmax[target]; where that probability underflows fp32 (a target logit ~150 below the
     row's best) the log is taken from a recomputed log_softmax, so the loss stays finite and exact."""
-    from gemmatune import loss
-    from gemmatune.loss import CausalLMParts, chunked_cross_entropy_sum
+    from gemmatune.models import loss
+    from gemmatune.models.loss import CausalLMParts, chunked_cross_entropy_sum
 
     gen = torch.Generator().manual_seed(1)
     vocab, dim, n = 256, 16, 10
@@ -169,8 +169,8 @@ def test_chunked_loss_is_exact_for_targets_whose_probability_underflows(dtype, m
 def test_chunked_loss_writes_every_chunk_into_one_logits_buffer(monkeypatch):
     """A plain Linear head: each chunk's logits go into the same buffer (no fresh [chunk, vocab] per chunk),
     and loss and gradients equal the full-logits ones."""
-    import gemmatune.loss as loss_module
-    from gemmatune.loss import CausalLMParts, chunked_cross_entropy_sum
+    import gemmatune.models.loss as loss_module
+    from gemmatune.models.loss import CausalLMParts, chunked_cross_entropy_sum
 
     outs = []
     original = loss_module._head_matmul

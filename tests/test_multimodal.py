@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from gemmatune.config import load_config
-from gemmatune.data import read_data, tokenize_data
+from gemmatune.data.examples import PackCollator, tokenize_data
+from gemmatune.data.media import MediaCollator, write_wav
+from gemmatune.data.rows import read_data
 from gemmatune.errors import GemmatuneError
-from gemmatune.media import MediaCollator, write_wav
-from gemmatune.packing import PackCollator
-from gemmatune.preflight import check_inputs
-from gemmatune.templates import IGNORE
+from gemmatune.models.loss import IGNORE
+from gemmatune.train.preflight import check_inputs
 from tests.conftest import (
     AUDIO,
     BOA,
@@ -195,20 +195,20 @@ def test_image_and_audio_rows_train_with_towers_off_then_on(tiny_gemma3n_multimo
 
 
 def test_a_tower_with_no_matching_module_is_refused(tiny_gemma3n, tiny_gemma3):
-    from gemmatune.config import LoraSection, ModelConfig
-    from gemmatune.loading import load_model
-    from gemmatune.lora import attach_lora
+    from gemmatune.config import LoraConfig, ModelConfig
+    from gemmatune.models.loading import load_model
+    from gemmatune.models.lora import attach_lora
 
     # The language model alone (Gemma3nForCausalLM) has no vision tower: asking to train it must not pass silently.
     # (The config refuses lora.towers without model.multimodal; this is the check behind it, for any cause.)
     loaded = load_model(ModelConfig(name=str(tiny_gemma3n)), "fp32")
     with pytest.raises(GemmatuneError, match=r"lora.towers: this model has no vision tower; the gemma3n towers it "
                                              r"has: none"):
-        attach_lora(loaded.model, LoraSection(towers=["vision"]), loaded.family)
+        attach_lora(loaded.model, LoraConfig(towers=["vision"]), loaded.family)
     # A family without towers
     loaded = load_model(ModelConfig(name=str(tiny_gemma3)), "fp32")
     with pytest.raises(GemmatuneError, match=r"lora.towers: the gemma3 family has no audio tower"):
-        attach_lora(loaded.model, LoraSection(towers=["audio"]), loaded.family)
+        attach_lora(loaded.model, LoraConfig(towers=["audio"]), loaded.family)
     with pytest.raises(GemmatuneError, match=r"lora.towers: needs model.multimodal: true"):
         load_config(None, ['lora.towers=["audio"]'])
 
@@ -217,9 +217,9 @@ def test_a_tower_with_no_matching_module_is_refused(tiny_gemma3n, tiny_gemma3):
 @pytest.mark.parametrize("chunked", [True, False])
 def test_a_packed_multimodal_batch_equals_its_examples_run_alone(tiny_gemma3n_multimodal, media_file, chunked):
     from gemmatune.config import ModelConfig
-    from gemmatune.loading import load_model
-    from gemmatune.loss import causal_lm_loss, causal_lm_parts
-    from gemmatune.packing import sequence_bounds
+    from gemmatune.models.loading import load_model
+    from gemmatune.models.loss import causal_lm_loss, causal_lm_parts
+    from gemmatune.models.packing import sequence_bounds
 
     needs_multimodal()
     loaded = load_model(ModelConfig(name=str(tiny_gemma3n_multimodal), multimodal=True), "fp32", packing=True)
@@ -250,8 +250,8 @@ def test_cli_trains_on_image_and_audio_rows_then_generates_and_evaluates_them(ti
     """The user's path: a config pointing at a local multimodal folder and rows with parts; train, then generate
     (--image, --audio, and rows with parts) and eval the same rows."""
     from gemmatune.cli import main
-    from gemmatune.infer import load
-    from gemmatune.media import media_features
+    from gemmatune.data.media import media_features
+    from gemmatune.infer.load import load
 
     needs_multimodal()
     rows = media_rows(tmp_path, 8)
@@ -315,7 +315,7 @@ def test_cli_trains_on_image_and_audio_rows_then_generates_and_evaluates_them(ti
 
 @pytest.mark.multimodal
 def test_plan_counts_wrapped_modules_per_tower(tiny_gemma3n_multimodal):
-    from gemmatune.plan import make_plan
+    from gemmatune.plan.memory import make_plan
 
     needs_multimodal()
     sets = [f"model.name={tiny_gemma3n_multimodal}", "model.multimodal=true", "train.precision=fp32"]
@@ -347,8 +347,9 @@ def _ask(kind: str, path) -> dict:
 def test_chat_attaches_images_and_audio_to_the_next_message(mm_run):
     import io
 
-    from gemmatune.chat import chat_loop
-    from gemmatune.infer import SamplingSettings, load
+    from gemmatune.infer.chat import chat_loop
+    from gemmatune.infer.load import load
+    from gemmatune.infer.model import SamplingSettings
 
     run, folder = mm_run
     tuned = load([str(run)], precision="fp32")
@@ -370,7 +371,7 @@ def test_serve_answers_openai_image_and_audio_parts_as_generate_does(mm_run, tmp
 
     import openai
 
-    from gemmatune.infer import load
+    from gemmatune.infer.load import load
     from tests.serve_process import API_KEY, ServerProcess
 
     run, folder = mm_run
@@ -426,11 +427,11 @@ def _held_after(forward) -> tuple[int, torch.Tensor]:
 def test_plan_tower_activations_match_what_a_real_tower_forward_holds(tiny_gemma3n_multimodal, tmp_path, towers):
     """plan's per-image and per-clip figures (meta device, no weights) against the memory a real forward of the
     loaded model holds until backward, measured by the allocator (profiler); a frozen tower holds its output only."""
-    from gemmatune.loading import load_model
-    from gemmatune.lora import attach_lora
-    from gemmatune.media import MAX_AUDIO_SECONDS, SAMPLE_RATE, Part, media_features
-    from gemmatune.plan import make_plan
-    from gemmatune.tower_memory import clip_frames
+    from gemmatune.data.media import MAX_AUDIO_SECONDS, SAMPLE_RATE, Part, media_features
+    from gemmatune.models.loading import load_model
+    from gemmatune.models.lora import attach_lora
+    from gemmatune.plan.memory import make_plan
+    from gemmatune.plan.towers import clip_frames
 
     needs_multimodal()
     cfg = load_config(None, [f"model.name={tiny_gemma3n_multimodal}", "model.multimodal=true", "train.precision=fp32",
@@ -477,9 +478,9 @@ def test_qlora_trains_the_towers_adapters_and_leaves_4bit_bytes_alone(tiny_gemma
     LoRA wraps them (and the vision tower's 1x1 convolutions, which stay 16-bit), every tower's adapters train, the
     packed 4-bit bytes and every other base weight stay as loaded, and the run folder is complete."""
     from gemmatune.config import ModelConfig
-    from gemmatune.loading import load_model
-    from gemmatune.lora import tower_of
-    from gemmatune.models import family_for
+    from gemmatune.models.loading import load_model
+    from gemmatune.models.lora import tower_of
+    from gemmatune.models.registry import family_for
     from gemmatune.train import train
     from tests.conftest import require
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from gemmatune.config import LoraSection, ModelConfig
-from gemmatune.loading import load_model
-from gemmatune.lora import attach_lora
-from gemmatune.norms import LeanRMSNorm, use_lean_rms_norm
-from gemmatune.packing import PackCollator
-from gemmatune.train import disable_cache
+from gemmatune.config import LoraConfig, ModelConfig
+from gemmatune.data.examples import PackCollator
+from gemmatune.models.loading import load_model
+from gemmatune.models.lora import attach_lora
+from gemmatune.train.norms import LeanRMSNorm, use_lean_rms_norm
+from gemmatune.train.recipe import disable_cache
 from tests.test_packing import _examples
 
 
@@ -21,7 +21,7 @@ def _model(model_dir, lean: bool):
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.3 + 1.0)
     replaced = use_lean_rms_norm(loaded.model, loaded.family.rms_norm, loaded.family.rms_norm_offset) if lean else 0
     torch.manual_seed(0)  # the same LoRA A matrices in both models
-    model, _ = attach_lora(loaded.model, LoraSection(r=4, lora_dropout=0.0), loaded.family)
+    model, _ = attach_lora(loaded.model, LoraConfig(r=4, lora_dropout=0.0), loaded.family)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))

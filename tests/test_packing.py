@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 from gemmatune.compat import attn_implementation
 from gemmatune.config import ModelConfig
-from gemmatune.loading import load_model
-from gemmatune.packing import PACKED_SDPA, PackCollator, attention_for_packing, sequence_bounds
+from gemmatune.data.examples import PackCollator
+from gemmatune.models.loading import load_model
+from gemmatune.models.packing import PACKED_SDPA, attention_for_packing, sequence_bounds
 
 # Lengths straddle the tiny models' sliding window (16): the longest example needs the window band.
 LENGTHS = (7, 23, 1, 12, 40)
@@ -79,8 +80,8 @@ def test_attention_choice_keeps_what_the_user_named():
 def test_generation_loads_never_pick_flash_attention(tiny_gemma3, monkeypatch):
     """`load` (generate, eval, serve, merge) takes per-example sdpa even where FlashAttention-2 would be chosen
     for training: FA2 fails on fp32 weights (merge, --precision fp32) and on pre-Ampere GPUs."""
-    import gemmatune.packing as packing
-    from gemmatune.infer import load
+    import gemmatune.models.packing as packing
+    from gemmatune.infer.load import load
 
     monkeypatch.setattr(packing, "flash_attention_available", lambda: True)
     assert attention_for_packing(None) == "flash_attention_2"  # training's choice where flash-attn runs
@@ -93,7 +94,7 @@ def test_packed_attention_splits_the_row_itself():
     """Without any mask, the function alone keeps examples apart (GQA, sliding window on the long one)."""
     from types import SimpleNamespace
 
-    from gemmatune.packing import packed_sdpa_attention
+    from gemmatune.models.packing import packed_sdpa_attention
 
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)

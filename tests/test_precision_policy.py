@@ -9,12 +9,12 @@ from safetensors import safe_open
 from gemmatune import hardware
 from gemmatune.compat import attn_implementation
 from gemmatune.config import load_config
-from gemmatune.evaluation import response_loss
-from gemmatune.export import merge
+from gemmatune.export.merge import merge
 from gemmatune.hardware import autocast_dtype, inference_weight_dtype, weight_dtype
-from gemmatune.infer import TunedModel
-from gemmatune.loading import load_model
-from gemmatune.train import prepare_for_training, train
+from gemmatune.infer.evaluation import response_loss
+from gemmatune.infer.model import TunedModel
+from gemmatune.models.loading import load_model
+from gemmatune.train.recipe import prepare_for_training, train
 from tests.conftest import gemma3_config, save_tiny, tiny_config
 
 CHAT = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "team: billing"}]}]
@@ -72,7 +72,7 @@ def test_model_in_training_dtypes_evaluates_and_generates(tiny_gemma3):
 
 def test_packing_falls_back_from_flash_attention_where_the_class_refuses_it(monkeypatch, tiny_gemma3_multimodal):
     # flash-attn installed (faked here) + Gemma 3 with a vision tower: from_pretrained raised a raw ValueError.
-    import gemmatune.packing as packing
+    import gemmatune.models.packing as packing
 
     monkeypatch.setattr(packing, "flash_attention_available", lambda: True)
     cfg = load_config(None, [f"model.name={tiny_gemma3_multimodal}"])
@@ -100,7 +100,7 @@ def test_merge_auto_keeps_the_checkpoint_dtype(alpaca_file, tmp_path):
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma3n"])
 def test_default_targets_never_reach_a_tower(family):
-    from gemmatune.models import family_for
+    from gemmatune.models.registry import family_for
 
     targets = family_for(family).lora_targets
     import re

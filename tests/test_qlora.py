@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from gemmatune.config import load_config
-from gemmatune.export import merge
-from gemmatune.infer import load
-from gemmatune.loading import load_model
-from gemmatune.lora import attach_lora
-from gemmatune.models import family_for
-from gemmatune.quantization import keep_4bit_layout, quantized_layers
-from gemmatune.runs import read_metrics
+from gemmatune.export.merge import merge
+from gemmatune.infer.load import load
+from gemmatune.models.loading import load_model
+from gemmatune.models.lora import attach_lora
+from gemmatune.models.quantization import keep_4bit_layout, quantized_layers
+from gemmatune.models.registry import family_for
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from tests.conftest import tiny_config, write_jsonl
 
@@ -136,7 +136,7 @@ def test_qlora_train_resume_evaluate_generate_merge(model_fixture, request, tmp_
     assert all(torch.allclose(resumed[k], adapter[k], atol=1e-6) for k in adapter)
 
     # Load the run folder for generation: a 4-bit base again, and the evaluation's loss reproduced.
-    from gemmatune.evaluation import evaluate
+    from gemmatune.infer.evaluation import evaluate
 
     tuned = load([str(run)])
     assert quantized_layers(tuned.model)
@@ -172,7 +172,7 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
     generate, merge, each through `gemmatune`, as a user runs it."""
     from transformers import AutoTokenizer
 
-    from gemmatune.loading import embedded_model_dir
+    from gemmatune.models.loading import embedded_model_dir
     from tests.cli_subprocess import run_cli_with_peak_rss
     from tests.conftest import gemma3n_4bit_config, save_tiny
 
@@ -200,7 +200,7 @@ def test_qlora_through_the_cli_with_the_real_gemma_tokenizer(tmp_path):
     log, peak = gemmatune("train", "qlora.yaml", "--no-tcmalloc")
     assert "(weights 4-bit nf4 in " in log
     # `gemmatune plan` models 4-bit on CPU: its estimate for this training run against its measured peak RSS.
-    from gemmatune.plan import make_plan
+    from gemmatune.plan.memory import make_plan
 
     plan = make_plan(load_config(tmp_path / "qlora.yaml"))
     assert plan.settings.device == "cpu" and plan.settings.weights == "nf4"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gemmatune.allocator import OPT_OUT, find_tcmalloc, reexec_with_tcmalloc
-from gemmatune.runs import read_metrics
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
+from gemmatune.train.allocator import OPT_OUT, find_tcmalloc, reexec_with_tcmalloc
 from tests.conftest import tiny_config
 
 
@@ -34,7 +34,7 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_gemma3, alpa
 def _count_first_mlp_calls(monkeypatch) -> list[int]:
     """Calls of the first decoder layer's MLP in each later `train` (the real model, a hook added after setup). The
     MLP sits inside the layer's checkpointed forward, so a recomputation in backward calls it again."""
-    import gemmatune.train as train_module
+    import gemmatune.train.recipe as train_module
 
     calls: list[int] = []
     real = train_module.prepare_for_training
@@ -62,7 +62,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_gemma3n, alpaca_file,
 
 
 def test_tcmalloc_restart_happens_once_and_not_when_opted_out(monkeypatch):
-    from gemmatune import allocator
+    from gemmatune.train import allocator
 
     lib = "/usr/lib/libtcmalloc_minimal.so.4"
     restarts = []
@@ -87,7 +87,7 @@ def test_tcmalloc_restart_happens_once_and_not_when_opted_out(monkeypatch):
 # pages in again; tuned, the freed block stays in the heap and the next round reuses it.
 _FAULTS = """
 import ctypes, resource, sys
-from gemmatune.allocator import malloc_tuned, tune_malloc
+from gemmatune.train.allocator import malloc_tuned, tune_malloc
 applied = tune_malloc()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

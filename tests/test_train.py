@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.runs import read_metrics
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from tests.conftest import tiny_config
 
@@ -78,7 +78,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_gemma3, alpaca_file, tmp
 
 
 def test_gemma3n_default_targets_stay_in_language_projections(tiny_gemma3n, alpaca_file, tmp_path):
-    from gemmatune.lora import wrapped_module_names
+    from gemmatune.models.lora import wrapped_module_names
 
     cfg = tiny_config(tiny_gemma3n, alpaca_file, tmp_path / "runs", max_steps=1)
     result = train(cfg)

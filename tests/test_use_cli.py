@@ -1,9 +1,10 @@
 import io
 import json
 
-from gemmatune.chat import chat_loop
 from gemmatune.cli import main
-from gemmatune.infer import SamplingSettings, load
+from gemmatune.infer.chat import chat_loop
+from gemmatune.infer.load import load
+from gemmatune.infer.model import SamplingSettings
 from tests.conftest import ALPACA_ROWS, write_jsonl
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gemmatune.cli import main
-from gemmatune.evaluation import EvalReport, VariantScores
+from gemmatune.infer.evaluation import EvalReport, VariantScores
 from tests.conftest import require, write_jsonl
 from tests.serve_process import API_KEY, ServerProcess, serve_args
 
@@ -141,8 +141,8 @@ def test_run_summary_progress_eta_and_finish(tmp_path):
     import time
 
     from gemmatune.config import dump_config, load_config
-    from gemmatune.run_page import metrics_rows, run_summary
-    from gemmatune.runs import write_record
+    from gemmatune.runs.folder import RunRecord, TrainingRecord, metrics_rows, write_record
+    from gemmatune.serve.page import run_summary
 
     run_dir = tmp_path / "run"
     write_run(run_dir)
@@ -158,7 +158,7 @@ def test_run_summary_progress_eta_and_finish(tmp_path):
         fh.write('{"step": 31, "loss": 1.0}\n{"step": 32, "lo')  # a line still being written
     rows, count = metrics_rows(run_dir, since=36)
     assert rows == [{"step": 31, "loss": 1.0}] and count == 37  # the partial line waits for its newline
-    write_record(run_dir, {"finished": "2026-12-02T00:00:00", "training": {"global_steps": 58}})
+    write_record(run_dir, RunRecord(finished="2026-12-02T00:00:00", training=TrainingRecord(global_steps=58)))
     summary = run_summary(run_dir)
     assert summary["state"] == "finished" and summary["total"] == 58 and summary["eta_seconds"] is None
 
@@ -173,7 +173,7 @@ BAD_RUNS = {  # issue 28 case 3: each broke run_summary, so /api/runs answered 5
 
 
 def test_one_malformed_run_never_breaks_the_listing(tmp_path):
-    from gemmatune.run_page import list_summaries
+    from gemmatune.serve.page import list_summaries
 
     runs_dir = tmp_path / "runs"
     write_run(runs_dir / "good")

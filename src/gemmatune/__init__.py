@@ -19,11 +19,11 @@ __all__ = ["Config", "GemmatuneError", "evaluate", "load", "load_config", "__ver
 def __getattr__(name: str):
     # `load` and `evaluate` pull in torch and transformers: imported on first use, not with the package.
     if name == "load":
-        from gemmatune.infer import load
+        from gemmatune.infer.load import load
 
         return load
     if name == "evaluate":
-        from gemmatune.evaluation import evaluate
+        from gemmatune.infer.evaluation import evaluate
 
         return evaluate
     raise AttributeError(f"module 'gemmatune' has no attribute {name!r}")

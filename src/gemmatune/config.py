@@ -61,7 +61,7 @@ class ModelConfig:
 
 
 @dataclass
-class LoraSection:
+class LoraConfig:
     r: int = _f(16, "LoRA rank.")
     lora_alpha: float = _f(32, "LoRA scaling numerator: updates are scaled by lora_alpha / r.")
     lora_dropout: float = _f(0.1, "Dropout on the LoRA input, in [0, 1).")
@@ -169,7 +169,7 @@ class TrainConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -177,7 +177,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraSection, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
 # Fields that hold file paths: resolved against the YAML file's folder.
 PATH_FIELDS = {("data", "train_file"), ("data", "eval_file"), ("data", "test_file")}
 

@@ -1,6 +1,6 @@
-"""What we know about each model family, as data: one small module per family.
+"""What we know about each model family, as data: one small module per family, of the types defined here.
 
-`family_for(model_type)` is the only lookup; the rest of the code reads fields, never model types.
+`registry.family_for(model_type)` is the only lookup; the rest of the code reads fields, never model types.
 """
 
 from __future__ import annotations
@@ -38,6 +38,27 @@ class GgufLayout:
     kv_shared_placeholders: tuple[str, ...] = ()
     """GGUF tensors (without `blk.N.`) of KV-shared layers that transformers builds without (they read an earlier
     layer's cache) but llama.cpp's loader requires, though its graph never reads them: written as zeros."""
+
+
+MEDIA_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "audio_token", "boa_token", "eoa_token")
+"""The tokenizer attributes that name a Gemma 3n / Gemma 4 processor's image and audio markers and soft tokens."""
+
+
+@dataclass(frozen=True)
+class MediaDefaults:
+    """What a family's processor does with images and audio, for `plan` where the checkpoint's processor files are
+    not at hand (tower_memory.py reads them when they are)."""
+
+    image_size: int = 0
+    """The side images are resized to, for a tower that takes a pixel grid (Gemma 3n: 768)."""
+    max_soft_tokens: int = 0
+    """Soft tokens an image gets at most, for a tower that takes patches (Gemma 4: 280)."""
+    mel_bins: int = 0
+    """Mel bins of the audio features, where the audio config does not say (Gemma 4: 128)."""
+    audio_hop: int = 160
+    """Samples between two audio frames (10 ms at 16 kHz)."""
+    audio_frame: int = 512
+    """Samples in one frame's window (32 ms)."""
 
 
 @dataclass(frozen=True)
@@ -97,52 +118,13 @@ class ModelFamily:
     expert_parameters: tuple[str, ...] = ()
     """Mixture-of-experts weights stored as 3-D parameters (not nn.Linear, so no module target reaches them): the
     PEFT `target_parameters` that `lora.experts: true` adds. Empty: the family has no experts."""
+    media: MediaDefaults | None = None
+    """The processor's image and audio settings; None for a family without towers."""
+    residual_streams_attr: str | None = None
+    """Text-config attribute with the number of parallel residual streams (Gemma 3n AltUp); None: one stream."""
     moe_parts: tuple[tuple[str, str], ...] = ()
     """(report name, module-name part) of a mixture-of-experts layer's parts, so the trainable report says which of
     them got LoRA (experts, router, shared MLP) and which did not."""
     thinking_markers: tuple[str, str] | None = None
     """The tokens that open and close a reply's thinking (reasoning) span: kept out of the loss unless
     `data.train_on_thinking`."""
-
-
-def bundled_config_file(model_id: str):
-    """The bundled config (a Path) for a known hub id, or None."""
-    from importlib.resources import files
-
-    for family in _families():
-        for hub_id, filename in family.bundled_configs:
-            if hub_id == model_id:
-                return files("gemmatune.models").joinpath(filename)
-    return None
-
-
-def _families() -> tuple[ModelFamily, ...]:
-    from gemmatune.models import gemma3, gemma3n, gemma4, gemma4_unified
-
-    return (gemma3.FAMILY, gemma3n.FAMILY, gemma4.FAMILY, gemma4_unified.FAMILY)
-
-
-def gguf_families() -> tuple[ModelFamily, ...]:
-    """The families a GGUF export writes."""
-    return tuple(f for f in _families() if f.gguf is not None)
-
-
-def family_for(model_type: str) -> ModelFamily:
-    """The family of a `config.model_type`; the generic family for anything we have no notes on."""
-    from gemmatune.models import generic
-
-    for family in _families():
-        if model_type in family.model_types:
-            return family
-    return generic.FAMILY
-
-
-def family_named(name: str) -> ModelFamily | None:
-    """The family a run record names (run.json base_model.family), or None."""
-    from gemmatune.models import generic
-
-    return next((f for f in (*_families(), generic.FAMILY) if f.name == name), None)
-
-
-def all_known_ids() -> tuple[str, ...]:
-    return tuple(i for family in _families() for i in family.known_ids)

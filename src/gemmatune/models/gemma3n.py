@@ -16,7 +16,7 @@
 
 import math
 
-from gemmatune.models import GgufLayout, ModelFamily, language_model_projections
+from gemmatune.models import GgufLayout, MediaDefaults, ModelFamily, language_model_projections
 from gemmatune.models.gemma3 import CHAT_TEMPLATE, OLLAMA_CHAT_TEMPLATE
 from gemmatune.models.gemma3 import gguf_hparams as gemma3_gguf_hparams
 
@@ -91,4 +91,6 @@ FAMILY = ModelFamily(
     rms_norm_offset=0.0,  # output * weight (norms built with_scale=False have no weight)
     gguf=GGUF,
     ollama_chat_template=OLLAMA_CHAT_TEMPLATE,
+    media=MediaDefaults(image_size=768),  # audio: 32 ms windows every 10 ms, 2,997 frames for 30 s
+    residual_streams_attr="altup_num_inputs",
 )

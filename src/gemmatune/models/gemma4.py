@@ -25,7 +25,7 @@
   tokenizer.
 """
 
-from gemmatune.models import ModelFamily, language_model_projections
+from gemmatune.models import MediaDefaults, ModelFamily, language_model_projections
 
 # Google's Gemma 4 chat format (the `chat_template` of google/gemma-4-E2B-it, as TRL ships it in
 # trl/chat_templates/gemma4*.jinja), text only: an optional system turn, `<|turn>user` / `<|turn>model` turns closed
@@ -90,6 +90,7 @@ FAMILY = ModelFamily(
     multimodal_requires=("PIL", "torchvision"),
     tower_modules=TOWERS,
     patch_images=True,
+    media=MediaDefaults(max_soft_tokens=280, mel_bins=128),  # each soft token pooled from 3x3 patches
     audio_mask_marks_frames=True,
     towers=(("audio", ("audio_tower", "embed_audio"), AUDIO_TARGETS),
             ("vision", ("vision_tower", "embed_vision"), VISION_TARGETS)),

@@ -1,0 +1,1 @@
+"""Training and prompt data: reading and checking rows, chat templates, image and audio parts."""

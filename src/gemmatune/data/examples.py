@@ -1,0 +1,179 @@
+"""Checked rows -> training examples: token ids + labels once the tokenizer is loaded (`tokenize_data`), overlong
+ones truncated or dropped and counted; and batches of them: padded (`pad_rows`, training and generation) or packed
+into one row (`PackCollator`; models/packing.py keeps attention per example)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gemmatune.config import DataConfig
+from gemmatune.data.media import MediaTokens, media_tokens
+from gemmatune.data.rows import CheckedRows, Row, read_data, require_multimodal
+from gemmatune.data.templates import Tokenized, check_template, tokenize_row
+from gemmatune.errors import GemmatuneError
+from gemmatune.models.loss import IGNORE
+
+
+@dataclass
+class DataReport:
+    rows: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    longest: int = 0
+
+    def line(self, split: str, max_length: int) -> str:
+        text = f"{split}: {self.examples} examples, {self.tokens} tokens ({self.label_tokens} trained)"
+        if self.truncated or self.dropped:
+            text += f"; longer than max_length={max_length}: {self.truncated} truncated, {self.dropped} dropped"
+        return text
+
+
+@dataclass
+class Split:
+    examples: list[Tokenized]
+    report: DataReport
+    rows: list[Row] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    fmt: str
+    template: str
+    train: Split
+    eval: Split | None
+    files: dict[str, str]  # as in CheckedRows
+
+
+def _tokenize_split(rows: list[Row], template: str, tokenizer, cfg: DataConfig, split: str,
+                    media: MediaTokens | None = None, thinking: tuple[int, int] | None = None) -> Split:
+    """Token ids + labels for rows that `read_data` validated; overlong ones truncated or dropped, and counted.
+
+    An example with image or audio parts is never cut inside its soft tokens: if truncation would cut into them,
+    it is dropped (the model needs every soft token of each part)."""
+    report = DataReport(rows=len(rows))
+    examples = []
+    kept = []
+    for row in rows:
+        ex = tokenize_row(row.data, template, tokenizer, cfg.train_on_prompt, media, thinking)
+        if len(ex.input_ids) > cfg.max_length:
+            cut = Tokenized(ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length], ex.media)
+            cuts_media = media is not None and any(i in media.ids for i in ex.input_ids[cfg.max_length:])
+            ex = cut
+            if cfg.overlong == "drop" or cuts_media or all(label == IGNORE for label in ex.labels):
+                report.dropped += 1  # a truncation that cut every trained token teaches nothing
+                continue
+            report.truncated += 1
+        examples.append(ex)
+        kept.append(row)
+        report.tokens += len(ex.input_ids)
+        report.label_tokens += sum(label != IGNORE for label in ex.labels)
+        report.longest = max(report.longest, len(ex.input_ids))
+    report.examples = len(examples)
+    if not examples:
+        raise GemmatuneError(
+            f"{split}: all {len(rows)} examples are longer than data.max_length={cfg.max_length} tokens "
+            "(or lose every response token); raise data.max_length"
+        )
+    return Split(examples, report, kept)
+
+
+def tokenize_data(rows: CheckedRows, tokenizer, cfg: DataConfig, processor=None,
+                  thinking_markers: tuple[str, str] | None = None) -> Prepared:
+    """Tokenize the rows `read_data` checked, once the tokenizer is loaded; reads no file.
+
+    `processor`: the multimodal model's processor, for rows with image/audio parts (their soft tokens).
+    `thinking_markers`: the family's thinking-span tokens (ModelFamily.thinking_markers), kept out of the loss
+    unless `cfg.train_on_thinking`."""
+    check_template(rows.template, rows.fmt, tokenizer)
+    require_multimodal(rows, processor is not None)
+    media = media_tokens(processor) if processor is not None else None
+    thinking = None if cfg.train_on_thinking else marker_ids(tokenizer, thinking_markers)
+    train = _tokenize_split(rows.train, rows.template, tokenizer, cfg, "train", media, thinking)
+    evaluation = (_tokenize_split(rows.eval, rows.template, tokenizer, cfg, "eval", media, thinking)
+                  if rows.eval else None)
+    return Prepared(rows.fmt, rows.template, train, evaluation, rows.files)
+
+
+def marker_ids(tokenizer, markers: tuple[str, str] | None) -> tuple[int, int] | None:
+    """The ids of a pair of special tokens, or None where the tokenizer lacks either (nothing to mask then)."""
+    if markers is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    if not all(m in vocab for m in markers):
+        return None
+    return vocab[markers[0]], vocab[markers[1]]
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
+    """`read_data` then `tokenize_data`, for callers that have the tokenizer at hand (plan, benchmarks)."""
+    return tokenize_data(read_data(cfg, seed), tokenizer, cfg)
+
+
+class ExampleDataset:
+    """A list of tokenized examples as the map-style dataset the Trainer expects."""
+
+    def __init__(self, examples: list[Tokenized]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.examples[i]
+        item = {"input_ids": ex.input_ids, "labels": ex.labels}
+        if ex.media:
+            item["media"] = ex.media
+        return item
+
+
+def pad_rows(rows: list[list[int]], fill: int, left: bool = False):
+    """[batch, longest] tensor of `rows` padded with `fill`, and the attention mask (1 on real tokens).
+
+    Right padding for training batches; left padding for generation, so every row's next token is in the same
+    column."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        out[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return out, mask
+
+
+class PackCollator:
+    """Concatenates a batch into one row: `input_ids`, `labels`, restarting `position_ids`; no padding."""
+
+    def __call__(self, batch: list[dict]) -> dict:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for b in batch:
+            n = len(b["input_ids"])
+            ids += b["input_ids"]
+            # The first token of an example is never a target: with shifted labels it would be "predicted"
+            # from the previous example's last token.
+            labels += [IGNORE] + list(b["labels"][1:])
+            positions += range(n)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }
+
+
+class PadCollator:
+    """Right-pads a batch; padded positions get label -100 and attention mask 0."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        ids, mask = pad_rows([b["input_ids"] for b in batch], self.pad)
+        labels, _ = pad_rows([b["labels"] for b in batch], IGNORE)
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

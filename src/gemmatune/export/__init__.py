@@ -1,0 +1,1 @@
+"""Results out of gemmatune: merged models, combined adapters, GGUF files."""

@@ -1,0 +1,1 @@
+"""Using a result: load base + adapters, generate, chat, evaluate."""

@@ -1,0 +1,1 @@
+"""The run folder: its files, checkpoints and the weight-file checks, written and read here only."""

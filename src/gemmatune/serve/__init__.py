@@ -1,0 +1,1 @@
+"""`gemmatune serve`: the OpenAI-compatible API, its request batching and the run page."""
