@@ -148,8 +148,8 @@ def _generates_with_the_parts_marked(run_dir, media_file):
 @pytest.mark.parametrize("size, towers", [("E2B", ["audio", "vision"]), ("E4B", ["audio", "vision"]),
                                           ("26B-A4B", ["vision"]), ("31B", ["vision"])])
 def test_plan_of_each_real_gemma4_id_with_its_towers_counts_each_part_offline(size, towers, monkeypatch):
-    from gemmatune.plan.shape import measure
     from gemmatune.plan.memory import make_plan
+    from gemmatune.plan.shape import measure
 
     needs_gemma4_processor()  # the full model is offered where its processor can be built
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
