@@ -174,7 +174,7 @@ def _put_back_peft_dropout(model) -> None:
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from gemmatune.models.lora_dropout import LoraDropout
+    from gemmatune.train.lora_dropout import LoraDropout
 
     for module in model.modules():
         if isinstance(module, LoraLayer):

@@ -122,8 +122,6 @@ def attach_lora(model, cfg: LoraConfig, family: ModelFamily, quantized: bool = F
     """
     from peft import get_peft_model
 
-    from gemmatune.models.lora_dropout import use_fast_lora_dropout
-
     if quantized:
         freeze_quantized(model)
         keep_4bit_layout(model)
@@ -134,7 +132,6 @@ def attach_lora(model, cfg: LoraConfig, family: ModelFamily, quantized: bool = F
         raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
     if autocast:
         skip_input_casts(peft_model)
-    use_fast_lora_dropout(peft_model)  # PEFT's distribution, a fraction of its cost (lora_dropout.py)
     report = trainable_report(peft_model, family)
     check_towers(cfg, report.per_tower, peft_model, family)
     return peft_model, report
