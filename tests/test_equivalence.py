@@ -52,6 +52,7 @@ def _training_logprobs(model_dir: Path, tmp: Path, sequences, multimodal: bool,
                        overrides: tuple[str, ...] = ()) -> tuple[list[list[float]], Path]:
     """Per-token log-probs from gemmatune's training forward; the (randomised) LoRA adapter is saved beside."""
     from gemmatune.compat import attn_implementation
+    from gemmatune.data.examples import PackCollator
     from gemmatune.models import packing
     from gemmatune.models.loading import load_model
     from gemmatune.models.loss import causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
@@ -77,7 +78,7 @@ def _training_logprobs(model_dir: Path, tmp: Path, sequences, multimodal: bool,
     assert any(isinstance(m, LeanRMSNorm) for m in model.modules()) == (loaded.family.rms_norm is not None)
     parts = causal_lm_parts(model)
     assert parts is not None
-    batch = packing.PackCollator()([{"input_ids": s, "labels": s} for s in sequences])
+    batch = PackCollator()([{"input_ids": s, "labels": s} for s in sequences])
     hidden, targets = selected_hidden(parts, batch)
     assert targets.numel() == sum(len(s) - 1 for s in sequences)
     nll = [chunked_cross_entropy_sum(hidden[i:i + 1], targets[i:i + 1], parts).item() for i in range(len(targets))]
