@@ -185,21 +185,26 @@ def _put_back_peft_dropout(model) -> None:
 
 def _profile(trainer, timer, steps: int) -> dict:
     """c's CPU time per real token, matmul and not, over `steps` steps after the first (warm-up) one."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=steps))
+    prof = profile(activities=[ProfilerActivity.CPU])
 
-    class Step(TrainerCallback):
+    class Window(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            prof.step()
+            if state.global_step == 1:
+                prof.start()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            prof.stop()
 
     trainer.args.max_steps = steps + 1
-    trainer.add_callback(Step())
-    with prof:
-        trainer.train()
+    trainer.add_callback(Window())
+    trainer.train()
     tokens = timer.marks[-1][1] - timer.marks[0][1]
-    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}  # microseconds
+    ops: dict[str, float] = {}
+    for e in prof.key_averages():  # microseconds
+        ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total
     total = sum(ops.values())
     matmul = sum(t for k, t in ops.items() if k in MATMUL_OPS)
     top = sorted(((t, k) for k, t in ops.items() if k not in MATMUL_OPS), reverse=True)[:8]
