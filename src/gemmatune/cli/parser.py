@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared = _shared_options()
     parser = argparse.ArgumentParser(
         prog="gemmatune",
-        description="Fine-tune Gemma (3, 3n) and other causal LMs with LoRA / QLoRA.",
+        description="Fine-tune Gemma (3, 3n, 4) and other causal LMs with LoRA / QLoRA.",
         epilog="Run 'gemmatune COMMAND --help' for the options of each command.",
         parents=[shared["debug"]],
     )
