@@ -23,11 +23,18 @@ def check_inputs(cfg: Config) -> CheckedRows:
     resolve_precision(cfg.train.precision)  # fp16 on a CPU, bf16 on an old GPU
     if cfg.model.name != "embedded":  # the embedded model is checked (and built once) by its own loader
         resolve_source(cfg.model)
-    rows = read_data(cfg.data, cfg.train.seed)
+    if cfg.train.method == "sft":
+        rows = read_data(cfg.data, cfg.train.seed)
+    else:  # dpo / orpo: preference pairs, checked the same way (file, line and key named)
+        from gemmatune.preference import read_pair_rows, read_pairs
+
+        rows = read_pairs(cfg.data, cfg.train.seed)
     where = has_media(rows.train + rows.eval)
     if where and not cfg.model.multimodal:
         raise GemmatuneError(f"{where}: has image/audio parts, which need the full multimodal model: set "
                              "model.multimodal: true (and pip install 'gemmatune[multimodal]')")
-    if cfg.data.test_file:
+    if cfg.data.test_file and cfg.train.method != "sft":
+        read_pair_rows(cfg.data.test_file)  # the preference evaluation after training reads pairs
+    elif cfg.data.test_file:
         read_eval_rows(cfg.data.test_file)  # the rule evaluation after training applies, checked now
     return rows

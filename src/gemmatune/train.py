@@ -60,7 +60,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     threads = set_threads(cfg.train.num_threads)
     loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
     tokenizer, family = loaded.tokenizer, loaded.family
-    data = tokenize_data(rows, tokenizer, cfg.data, loaded.processor, family.thinking_markers)
+    if cfg.train.method == "sft":
+        data = tokenize_data(rows, tokenizer, cfg.data, loaded.processor, family.thinking_markers)
+    else:  # dpo / orpo: preference pairs (preference.py)
+        from gemmatune.preference import tokenize_pairs
+
+        data = tokenize_pairs(rows, tokenizer, cfg.data)
     log.info("model: %s (%s), precision %s (weights %s), attention %s, %d threads on %s%s",
              loaded.source.describe(), type(loaded.model).__name__, loaded.precision,
              describe_weights(loaded.model), attn_implementation(loaded.model.config), threads, device_kind(),
@@ -118,7 +123,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     dist.wait_for_everyone()
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
-    if cfg.data.test_file and dist.is_main_process:
+    if cfg.data.test_file and dist.is_main_process and cfg.train.method != "sft":
+        from gemmatune.preference import evaluate_pairs_after_training
+
+        evaluate_pairs_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir,
+                                      loaded.precision)
+    elif cfg.data.test_file and dist.is_main_process:
         evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision,
                                 loaded.processor)
     return TrainResult(run_dir, model, tokenizer, record, dist.is_main_process)
@@ -140,6 +150,10 @@ def prepare_for_training(loaded: Loaded, cfg: Config):
     disable_cache(loaded.model, family)
     use_lean_rms_norm(loaded.model, family.rms_norm, family.rms_norm_offset)
     set_seed(cfg.train.seed)  # LoRA's A matrices are random: the same start on every rank and every rerun
+    if cfg.model.adapter:  # continue a trained adapter (an SFT run, for DPO on top of it)
+        from gemmatune.preference import continue_adapter
+
+        return continue_adapter(loaded.model, cfg, family, autocast=loaded.precision in ("bf16", "fp16"))
     return attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
                        autocast=loaded.precision in ("bf16", "fp16"))
 
@@ -215,6 +229,10 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     )
     early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
                       if t.early_stopping_patience else [])
+    if t.method != "sft":  # dpo / orpo: the same arguments, a preference loss over pairs (preference.py)
+        from gemmatune.preference import build_preference_trainer
+
+        return build_preference_trainer(cfg, args, model, tokenizer, data, run_dir, early_stopping)
     collator = PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id)
     if processor is not None:
         from gemmatune.media import MediaCollator
