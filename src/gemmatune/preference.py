@@ -447,6 +447,8 @@ def build_preference_trainer(cfg: Config, args, model, tokenizer, data: Prepared
     """The PreferenceTrainer for `cfg` (train.method dpo or orpo), with DPO's reference log-probabilities
     computed. `args`: the TrainingArguments `train.build_trainer` made for this run."""
     t = cfg.train
+    # The Trainer's evaluation computes a loss only for batches that carry the label columns it is told of.
+    args.label_names = ["answer_labels"]
     trainer = _trainer_class()(
         run_dir=run_dir,
         packing=t.packing,
