@@ -159,6 +159,14 @@ def test_a_short_run_raises_held_out_preference_accuracy(method, packing, tiny_g
     if method == "dpo":  # step 1: a fresh adapter is the base, which is the reference
         first = next(m for m in metrics if "loss" in m)
         assert first["rewards/chosen"] == 0 and first["loss"] == pytest.approx(0.6931, abs=1e-4)
+        # `gemmatune eval` on preference rows: the same figures from the saved adapter
+        assert main(["eval", "--adapter", str(run), str(test_file), "--precision", "fp32", "--out", str(tmp_path)]) == 0
+        again = json.loads((tmp_path / "eval.json").read_text())
+        assert again["kind"] == "preference"
+        for got in again["variants"]:
+            want = report["run" if got["name"] != "base" else "base"]
+            assert got["accuracy"] == want["accuracy"] and got["stopped"] == want["stopped"]
+            assert got["mean_margin"] == pytest.approx(want["mean_margin"], abs=1e-3)
 
 
 def test_reference_is_the_base_with_the_adapter_off_or_the_sft_adapter_it_continues(tiny_gemma3, tokenizer, tmp_path):
@@ -282,3 +290,18 @@ def test_qlora_dpo_trains_the_adapter_and_keeps_the_4bit_bytes(tiny_gemma3_4bit,
     adapter = load_file(str(result.run_dir / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
     assert json.loads((result.run_dir / "run.json").read_text())["base_model"]["quantized_layers"] == len(layers)
+
+
+def test_plan_counts_two_sequences_per_pair_and_the_longest_pair(tiny_gemma3, tokenizer, tmp_path):
+    from gemmatune.config import load_config
+    from gemmatune.plan import make_plan
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIR_ROWS)
+    common = [f"model.name={tiny_gemma3}", f"data.train_file={data}", "train.precision=fp32"]
+    sft = make_plan(load_config(None, common), seq_len=64)
+    dpo = make_plan(load_config(None, [*common, "train.method=dpo"]), seq_len=64)
+    assert dpo.estimate.parts["activations"] == 2 * sft.estimate.parts["activations"]
+    assert "x2 sequences per pair" in "\n".join(dpo.lines()) and "dpo pairs" in dpo.path.name
+    from_data = make_plan(load_config(None, [*common, "train.method=orpo"]))
+    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in _pairs(tokenizer))
+    assert from_data.settings.seq_len == longest

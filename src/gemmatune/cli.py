@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "eval.md.",
                 epilog="example:\n  gemmatune eval --adapter runs/quickstart          "
                        "# on the run's data.test_file, report into the run folder")
-    p.add_argument("file", nargs="?", help="held-out rows, Alpaca or chat (default: the first adapter's "
-                   "data.test_file)")
+    p.add_argument("file", nargs="?", help="held-out rows, Alpaca or chat, or preference pairs (prompt, chosen, "
+                   "rejected: preference accuracy and margin); default: the first adapter's data.test_file")
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N rows (quick check)")
     # Not the sampling option: eval is greedy, and its default comes from the references.
     p.add_argument("--max-new-tokens", type=int, help="cap per generation (default: twice the longest reference, "
@@ -343,9 +343,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     file = args.file or (first.folder.test_file if first is not None else None)
     if not file:
         raise GemmatuneError("eval: give a FILE of held-out rows (the first adapter's run names no data.test_file)")
+    from gemmatune.preference import evaluate_pairs, is_pair_file
+
+    # Preference rows (prompt, chosen, rejected) are scored by preference accuracy and margin instead.
+    score = evaluate_pairs if is_pair_file(file) else evaluate
     tuned = _load(args)
-    report = evaluate(tuned, file, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      samples=args.samples)
+    report = score(tuned, file, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                   samples=args.samples)
     out = Path(args.out) if args.out else (first.path if first is not None else Path.cwd())
     md = report.save(out)
     print(report.table())
