@@ -25,6 +25,11 @@ def check_inputs(cfg: Config) -> CheckedRows:
         resolve_source(cfg.model)
     if cfg.train.method == "sft":
         rows = read_data(cfg.data, cfg.train.seed)
+    elif cfg.train.method == "grpo":  # prompts, and the reward functions imported now
+        from gemmatune.grpo import load_reward_functions, read_prompt_rows, read_prompts
+
+        load_reward_functions(cfg.train.reward_functions)
+        rows = read_prompts(cfg.data, cfg.train.seed)
     else:  # dpo / orpo: preference pairs, checked the same way (file, line and key named)
         from gemmatune.preference import read_pair_rows, read_pairs
 
@@ -33,7 +38,9 @@ def check_inputs(cfg: Config) -> CheckedRows:
     if where and not cfg.model.multimodal:
         raise GemmatuneError(f"{where}: has image/audio parts, which need the full multimodal model: set "
                              "model.multimodal: true (and pip install 'gemmatune[multimodal]')")
-    if cfg.data.test_file and cfg.train.method != "sft":
+    if cfg.data.test_file and cfg.train.method == "grpo":
+        read_prompt_rows(cfg.data.test_file)
+    elif cfg.data.test_file and cfg.train.method != "sft":
         read_pair_rows(cfg.data.test_file)  # the preference evaluation after training reads pairs
     elif cfg.data.test_file:
         read_eval_rows(cfg.data.test_file)  # the rule evaluation after training applies, checked now

@@ -62,6 +62,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     tokenizer, family = loaded.tokenizer, loaded.family
     if cfg.train.method == "sft":
         data = tokenize_data(rows, tokenizer, cfg.data, loaded.processor, family.thinking_markers)
+    elif cfg.train.method == "grpo":  # prompts to answer (grpo.py)
+        from gemmatune.grpo import tokenize_prompts
+
+        data = tokenize_prompts(rows, tokenizer, cfg.data)
     else:  # dpo / orpo: preference pairs (preference.py)
         from gemmatune.preference import tokenize_pairs
 
@@ -123,7 +127,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     dist.wait_for_everyone()
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
-    if cfg.data.test_file and dist.is_main_process and cfg.train.method != "sft":
+    if cfg.data.test_file and dist.is_main_process and cfg.train.method == "grpo":
+        from gemmatune.grpo import evaluate_rewards_after_training
+
+        evaluate_rewards_after_training(model, tokenizer, family, cfg, run_dir, loaded.precision)
+    elif cfg.data.test_file and dist.is_main_process and cfg.train.method != "sft":
         from gemmatune.preference import evaluate_pairs_after_training
 
         evaluate_pairs_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir,
@@ -229,6 +237,13 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
     )
     early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
                       if t.early_stopping_patience else [])
+    if t.method == "grpo":  # the same arguments; answers sampled and scored each step (grpo.py)
+        from gemmatune.grpo import build_grpo_trainer
+        from gemmatune.loading import stop_token_ids
+        from gemmatune.models import family_for
+
+        return build_grpo_trainer(cfg, args, model, tokenizer, data, run_dir, early_stopping,
+                                  stop_token_ids(tokenizer, family_for(model.config.model_type)))
     if t.method != "sft":  # dpo / orpo: the same arguments, a preference loss over pairs (preference.py)
         from gemmatune.preference import build_preference_trainer
 
