@@ -301,7 +301,7 @@ def test_plan_counts_two_sequences_per_pair_and_the_longest_pair(tiny_gemma3, to
     sft = make_plan(load_config(None, common), seq_len=64)
     dpo = make_plan(load_config(None, [*common, "train.method=dpo"]), seq_len=64)
     assert dpo.estimate.parts["activations"] == 2 * sft.estimate.parts["activations"]
-    assert "x2 sequences per pair" in "\n".join(dpo.lines()) and "dpo pairs" in dpo.path.name
+    assert "x2 sequences per example" in "\n".join(dpo.lines()) and dpo.path.name.endswith(", dpo")
     from_data = make_plan(load_config(None, [*common, "train.method=orpo"]))
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in _pairs(tokenizer))
     assert from_data.settings.seq_len == longest
