@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from gemmatune.cli import main
 from gemmatune.data import Row
+from gemmatune.errors import GemmatuneError
 from gemmatune.preference import PairCollator, PreferenceLoss, normalize_pair, sequence_log_probs, tokenize_pair
 from gemmatune.runs import read_metrics
 from gemmatune.train import train
@@ -182,6 +183,11 @@ def test_reference_is_the_base_with_the_adapter_off_or_the_sft_adapter_it_contin
                                                                   {"role": "assistant", "content": "hi there"}]}
                                                     for i in range(8)])
     sft = train(tiny_config(tiny_gemma3, sft_file, tmp_path / "runs", max_steps=2, run_name="sft")).run_dir
+    clash = tiny_config(tiny_gemma3, train_file, tmp_path / "runs", max_steps=1, method="dpo", run_name="sft")
+    clash.model.adapter = str(sft)
+    with pytest.raises(GemmatuneError, match="is the input"):  # --overwrite must not delete the adapter it continues
+        train(clash, overwrite=True)
+    assert (sft / "adapter_model.safetensors").is_file()
     for adapter in (None, sft):
         cfg = tiny_config(tiny_gemma3, train_file, tmp_path / "runs", max_steps=1, method="dpo")
         cfg.model.adapter = None if adapter is None else str(adapter)
@@ -301,7 +307,7 @@ def test_plan_counts_two_sequences_per_pair_and_the_longest_pair(tiny_gemma3, to
     sft = make_plan(load_config(None, common), seq_len=64)
     dpo = make_plan(load_config(None, [*common, "train.method=dpo"]), seq_len=64)
     assert dpo.estimate.parts["activations"] == 2 * sft.estimate.parts["activations"]
-    assert "x2 sequences per pair" in "\n".join(dpo.lines()) and "dpo pairs" in dpo.path.name
+    assert "x2 sequences per example" in "\n".join(dpo.lines()) and dpo.path.name.endswith(", dpo")
     from_data = make_plan(load_config(None, [*common, "train.method=orpo"]))
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in _pairs(tokenizer))
     assert from_data.settings.seq_len == longest

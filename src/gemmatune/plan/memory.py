@@ -198,8 +198,8 @@ class Plan:
             f"training: {s.device}, {s.precision} compute, weights {weights}, optimizer {s.optim}"
             + (", gradient checkpointing" if s.gradient_checkpointing else ""),
             f"batch per device: {s.batch} x {s.seq_len} tokens ({self.seq_note})"
-            + (f", x{s.sequences} sequences per pair (chosen and rejected, one forward pass)" if s.sequences > 1
-               else "") + f"; world size {self.world_size}: "
+            + (f", x{s.sequences} sequences per example (dpo/orpo: chosen and rejected; grpo: the sampled answers)"
+               if s.sequences > 1 else "") + f"; world size {self.world_size}: "
             f"{s.batch * self.world_size * self.grad_accum} sequences per optimizer step (weights are replicated "
             "on every device under data parallelism; only the batch is split)",
         ]
@@ -290,6 +290,11 @@ def data_extent(cfg: Config) -> DataExtent | None:
     source = resolve_source(cfg.model)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
     processor = load_processor(source, tokenizer, cfg.model.trust_remote_code) if cfg.model.multimodal else None
+    if cfg.train.method == "grpo":  # prompts: a sequence is a prompt and its longest sampled answer
+        from gemmatune.data.prompts import read_prompts, tokenize_prompts
+
+        prompts = tokenize_prompts(read_prompts(cfg.data, cfg.train.seed), tokenizer, cfg.data).train.examples
+        return DataExtent(max(len(p.ids) for p in prompts) + cfg.train.max_completion_length, 0, 0)
     if cfg.train.method != "sft":  # preference pairs: a sequence is the prompt and its longer answer
         from gemmatune.data.pairs import read_pairs, tokenize_pairs
 
@@ -354,8 +359,9 @@ def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1
         # through the LM head a chunk at a time, recomputed in backward: one chunk's vocab-wide tensors (bf16
         # logits, fp32 copy, log-softmax and their gradients) at a time. DPO's reference pass runs once before
         # training, without gradients: less than a training step.
-        settings.sequences = 2
-        path = replace(path, name=f"{path.name}, {cfg.train.method} pairs", logits_bytes=16, chunk_logits=True)
+        # grpo: each prompt's group of sampled answers goes through one forward pass with gradients.
+        settings.sequences = cfg.train.num_generations if cfg.train.method == "grpo" else 2
+        path = replace(path, name=f"{path.name}, {cfg.train.method}", logits_bytes=16, chunk_logits=True)
     est = estimate(shape, settings, path)
     suggestion = None
     if device_memory and est.total > device_memory:
