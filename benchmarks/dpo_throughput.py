@@ -70,7 +70,7 @@ def child_trl(steps: int, precision: str, folder: str) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from gemmatune.config import ModelConfig
-    from gemmatune.loading import resolve_source
+    from gemmatune.models.loading import resolve_source
 
     source = resolve_source(ModelConfig()).path  # the embedded model, converted once by gemmatune
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -97,9 +97,9 @@ def child_trl(steps: int, precision: str, folder: str) -> dict:
 
 def child_gemmatune(steps: int, precision: str, folder: str) -> dict:
     from gemmatune.config import load_config
-    from gemmatune.loading import load_model
-    from gemmatune.preference import read_pairs, tokenize_pairs
-    from gemmatune.train import build_trainer, prepare_for_training
+    from gemmatune.data.pairs import read_pairs, tokenize_pairs
+    from gemmatune.models.loading import load_model
+    from gemmatune.train.recipe import build_trainer, prepare_for_training
 
     data_file = Path(folder) / "pairs.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in _rows(steps * BATCH)), encoding="utf-8")

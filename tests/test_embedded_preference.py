@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gemmatune.cli import main
-from gemmatune.runs import read_metrics
+from gemmatune.runs.folder import read_metrics
 from tests.conftest import write_jsonl
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -6,9 +6,10 @@ import json
 import pytest
 
 from gemmatune.cli import main
-from gemmatune.grpo import completion_mask, load_reward_functions
-from gemmatune.runs import read_metrics
+from gemmatune.infer.rewards import load_reward_functions
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
+from gemmatune.train.grpo import completion_mask
 from tests.conftest import tiny_config, write_jsonl
 
 REWARDS = '''

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from gemmatune.cli import main
-from gemmatune.data import Row
+from gemmatune.data.pairs import PairCollator, normalize_pair, tokenize_pair
+from gemmatune.data.rows import Row
 from gemmatune.errors import GemmatuneError
-from gemmatune.preference import PairCollator, PreferenceLoss, normalize_pair, sequence_log_probs, tokenize_pair
-from gemmatune.runs import read_metrics
+from gemmatune.infer.log_probs import sequence_log_probs
+from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
+from gemmatune.train.preference import PreferenceLoss
 from tests.conftest import tiny_config, write_jsonl
 
 END_OF_TURN = 5  # the tiny tokenizer's <end_of_turn>
@@ -55,7 +57,7 @@ def _lora_model(model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from gemmatune.packing import PACKED_SDPA, register_packed_attention
+    from gemmatune.models.packing import PACKED_SDPA, register_packed_attention
 
     register_packed_attention()
     torch.manual_seed(0)
@@ -174,9 +176,9 @@ def test_reference_is_the_base_with_the_adapter_off_or_the_sft_adapter_it_contin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from gemmatune.loading import load_model
-    from gemmatune.preference import read_pairs, tokenize_pairs
-    from gemmatune.train import build_trainer, prepare_for_training
+    from gemmatune.data.pairs import read_pairs, tokenize_pairs
+    from gemmatune.models.loading import load_model
+    from gemmatune.train.recipe import build_trainer, prepare_for_training
 
     train_file = write_jsonl(tmp_path / "pairs.jsonl", PAIR_ROWS)
     sft_file = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": f"Say hi {i}."},
@@ -263,7 +265,7 @@ def test_sft_rows_for_dpo_and_bad_settings_are_refused(tiny_gemma3, alpaca_file,
 
 def test_truncation_is_reported_and_keeps_the_prompt(tokenizer, tmp_path):
     from gemmatune.config import DataConfig
-    from gemmatune.preference import read_pairs, tokenize_pairs
+    from gemmatune.data.pairs import read_pairs, tokenize_pairs
 
     long = {"prompt": "Hi.", "chosen": "a" * 40, "rejected": "b" * 10}
     write_jsonl(tmp_path / "p.jsonl", [PAIR_ROWS[0], long, {"prompt": "x" * 60, "chosen": "a", "rejected": "b"}])
@@ -282,7 +284,7 @@ def test_qlora_dpo_trains_the_adapter_and_keeps_the_4bit_bytes(tiny_gemma3_4bit,
     cfg = tiny_config(tiny_gemma3_4bit, train_file, tmp_path / "runs", max_steps=3, method="dpo", precision="bf16")
     cfg.model.quantization = "4bit"
     result = train(cfg)
-    from gemmatune.loading import load_model
+    from gemmatune.models.loading import load_model
 
     layers = {n.replace("base_model.model.", "").replace(".base_layer", ""): m
               for n, m in result.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -300,7 +302,7 @@ def test_qlora_dpo_trains_the_adapter_and_keeps_the_4bit_bytes(tiny_gemma3_4bit,
 
 def test_plan_counts_two_sequences_per_pair_and_the_longest_pair(tiny_gemma3, tokenizer, tmp_path):
     from gemmatune.config import load_config
-    from gemmatune.plan import make_plan
+    from gemmatune.plan.memory import make_plan
 
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIR_ROWS)
     common = [f"model.name={tiny_gemma3}", f"data.train_file={data}", "train.precision=fp32"]
