@@ -214,7 +214,7 @@ class MetricsCallback(TrainerCallback):
         self.last_tokens = 0
         self.tokens_per_second: list[float] = []
         self.final = False  # set before the closing evaluation, so its row is marked
-        self.extra_keys: tuple[str, ...] = ()  # more metrics a trainer logs (preference.METRIC_KEYS), written too
+        self.extra_keys: tuple[str, ...] = ()  # more metrics a trainer logs (folder.PREFERENCE_METRICS), written too
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time = time.perf_counter()
