@@ -37,6 +37,9 @@ def test_a_format_reward_rises(tiny_gemma3, tmp_path):
     cfg.train.reward_functions = [f"{tmp_path / 'rewards.py'}:printable", f"{tmp_path / 'rewards.py'}:knows_the_row"]
     cfg.data.test_file = str(test_file)
     run = train(cfg).run_dir
+    training = json.loads((run / "run.json").read_text())["training"]
+    assert training["train_method"] == "grpo" and training["method_figure"] == "reward"
+    assert training["method_figure_last"] == [m["reward"] for m in read_metrics(run) if "loss" in m][-1]
     rewards = [m["rewards/printable"] for m in read_metrics(run) if "loss" in m]
     assert len(rewards) == 10 and all("reward_std" in m for m in read_metrics(run) if "loss" in m)
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards

@@ -159,6 +159,10 @@ def test_a_short_run_raises_held_out_preference_accuracy(method, packing, tiny_g
     assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"]
     record = json.loads((run / "run.json").read_text())
     assert record["data"]["format"] == "preference" and record["data"]["train"]["examples"] == 9
+    training = record["training"]  # the method and its figure, first and last logged values
+    accuracies = [m["rewards/accuracies"] for m in metrics if "loss" in m]
+    assert training["train_method"] == method and training["method_figure"] == "rewards/accuracies"
+    assert (training["method_figure_first"], training["method_figure_last"]) == (accuracies[0], accuracies[-1])
     if method == "dpo":  # step 1: a fresh adapter is the base, which is the reference
         first = next(m for m in metrics if "loss" in m)
         assert first["rewards/chosen"] == 0 and first["loss"] == pytest.approx(0.6931, abs=1e-4)
