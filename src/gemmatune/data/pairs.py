@@ -23,7 +23,7 @@ import torch
 
 from gemmatune.config import DataConfig
 from gemmatune.data.examples import DataReport, Prepared, Split
-from gemmatune.data.rows import CheckedRows, Row, _clean_messages, _need_str, _read, read_rows
+from gemmatune.data.rows import CheckedRows, Row, _clean_messages, _need_str, _read, is_local, read_rows
 from gemmatune.data.templates import check_template, prompt_ids, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.models.loss import IGNORE
@@ -259,5 +259,8 @@ class PairCollator:
 
 
 def is_pair_file(spec: str | Path) -> bool:
-    """Whether a data file holds preference rows (its first row has chosen and rejected)."""
+    """Whether a data file (or hub data set) holds preference rows (its first row has chosen and rejected); False
+    for a local path that is no file, which the evaluation it then goes to reports."""
+    if is_local(str(spec)) and not Path(spec).expanduser().is_file():
+        return False
     return is_pair_row(read_rows(str(spec))[0].data)
