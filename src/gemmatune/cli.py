@@ -346,7 +346,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gemmatune.preference import evaluate_pairs, is_pair_file
 
     # Preference rows (prompt, chosen, rejected) are scored by preference accuracy and margin instead.
-    score = evaluate_pairs if is_pair_file(file) else evaluate
+    score = evaluate_pairs if Path(file).is_file() and is_pair_file(file) else evaluate
     tuned = _load(args)
     report = score(tuned, file, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                    samples=args.samples)
