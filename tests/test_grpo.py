@@ -10,41 +10,48 @@ from gemmatune.infer.rewards import load_reward_functions
 from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from gemmatune.train.grpo import completion_mask
-from tests.conftest import tiny_config, write_jsonl
+from tests.conftest import gemma3_config, save_tiny, tiny_config, write_jsonl
 
-REWARDS = '''
+REWARDS = """
 def printable(prompt, completion, row):
-    """The share of the answer's characters that are printable ASCII: a format a random byte model meets a third
-    of the time, so a group's answers differ and the reward can rise in a few steps."""
+    \"\"\"The format check: the share of the answer's characters that are printable ASCII (a random byte-level model
+    writes about a third of them), so a group's answers differ from the first step on.\"\"\"
     return sum(32 <= ord(c) < 127 for c in completion) / max(1, len(completion))
 
 
 def knows_the_row(prompt, completion, row):
     assert prompt.startswith("Write about") and row["topic"] in prompt  # the row's own fields reach the function
     return 0.0
-'''
+"""
+
+TOPICS = ["cats", "dogs", "rain", "sun", "tea", "bread", "cars", "snow", "ink", "salt", "milk", "wool"]
 
 
-def test_a_format_reward_rises(tiny_gemma3, tmp_path):
+def test_a_format_reward_rises(tmp_path):
+    # The tiny Gemma 3 gets wider initial weights (0.1, as conftest's tiny Gemma 4): with the default 0.02 its logits
+    # cannot spread far enough in a few steps for the share of printable characters to move.
+    config = gemma3_config()
+    config.initializer_range = 0.1
+    model = save_tiny(config, tmp_path / "model")
     (tmp_path / "rewards.py").write_text(REWARDS)
-    topics = ["cats", "dogs", "rain", "sun", "tea", "bread", "cars", "snow"]
-    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {t}.", "topic": t} for t in topics])
-    test_file = write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"Write about {t}.", "topic": t}
-                                                      for t in ("ink", "salt", "milk", "wool")])
-    cfg = tiny_config(tiny_gemma3, train_file, tmp_path / "runs", max_steps=10, method="grpo", beta=0.0,
-                      per_device_train_batch_size=2, num_generations=4, max_completion_length=6,
-                      learning_rate=3e-2, lr_scheduler_type="constant")
+    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {t}.", "topic": t}
+                                                          for t in TOPICS[:8]])
+    test_file = write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"Write about {t}.", "topic": t} for t in TOPICS[8:]])
+    cfg = tiny_config(model, train_file, tmp_path / "runs", max_steps=16, method="grpo", beta=0.0,
+                      per_device_train_batch_size=2, num_generations=8, max_completion_length=4,
+                      learning_rate=1e-2, lr_scheduler_type="constant")
     cfg.train.reward_functions = [f"{tmp_path / 'rewards.py'}:printable", f"{tmp_path / 'rewards.py'}:knows_the_row"]
     cfg.data.test_file = str(test_file)
     run = train(cfg).run_dir
-    training = json.loads((run / "run.json").read_text())["training"]
+    logged = [m for m in read_metrics(run) if "loss" in m]
+    training = json.loads((run / "run.json").read_text())["training"]  # the method and its figure
     assert training["train_method"] == "grpo" and training["method_figure"] == "reward"
-    assert training["method_figure_last"] == [m["reward"] for m in read_metrics(run) if "loss" in m][-1]
-    rewards = [m["rewards/printable"] for m in read_metrics(run) if "loss" in m]
-    assert len(rewards) == 10 and all("reward_std" in m for m in read_metrics(run) if "loss" in m)
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    assert training["method_figure_last"] == logged[-1]["reward"]
+    rewards = [m["rewards/printable"] for m in logged]
+    assert len(rewards) == 16 and all("reward_std" in m and "kl" in m for m in logged)
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.15, rewards
     report = {v["name"]: v for v in json.loads((run / "eval.json").read_text())["variants"]}
-    assert report["run"]["mean_reward"] > report["base"]["mean_reward"]
+    assert set(report["run"]["per_function"]) == {"printable", "knows_the_row"}
 
 
 def test_completion_mask_ends_at_the_first_stop_token():

@@ -3,6 +3,7 @@ computation written here from full logits, the reference model, short runs that 
 resume, QLoRA, and bad rows."""
 
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -317,3 +318,22 @@ def test_plan_counts_two_sequences_per_pair_and_the_longest_pair(tiny_gemma3, to
     from_data = make_plan(load_config(None, [*common, "train.method=orpo"]))
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in _pairs(tokenizer))
     assert from_data.settings.seq_len == longest
+
+
+@pytest.mark.parametrize("name", ["dpo.yaml", "grpo.yaml"])
+def test_shipped_yamls_run_on_a_tiny_model(name, tiny_gemma3, alpaca_file, tmp_path):
+    """examples/dpo.yaml and examples/grpo.yaml as shipped (bundled pairs, bundled reward functions, continuing an
+    SFT run), on the tiny model and for two steps instead of the embedded model's full run."""
+    from gemmatune.config import load_config
+    from tests.conftest import EXAMPLES_DIR
+
+    sft = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "runs", max_steps=1, run_name="sft")).run_dir
+    cfg = load_config(EXAMPLES_DIR / name, [f"model.name={tiny_gemma3}", f"model.adapter={sft}", "data.max_rows=4",
+                                            "data.eval_ratio=0", "data.test_file=null", "train.max_steps=2",
+                                            "train.precision=fp32", f"train.output_dir={tmp_path / 'runs'}",
+                                            "train.max_completion_length=8"])
+    run = train(cfg).run_dir
+    assert (run / "adapter_model.safetensors").is_file()
+    metrics = [m for m in read_metrics(run) if "loss" in m]
+    assert metrics and all(math.isfinite(m["loss"]) for m in metrics)
+    assert ("rewards/right_routing" if name == "grpo.yaml" else "rewards/accuracies") in metrics[-1]
