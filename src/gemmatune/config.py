@@ -20,6 +20,8 @@ from gemmatune.errors import GemmatuneError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TEMPLATES = ("auto", "alpaca-zh", "alpaca-en", "chat", "text")
 FORMATS = ("auto", "alpaca", "messages", "text")
+METHODS = ("sft", "dpo", "orpo", "grpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 TOWERS = ("audio", "vision")
 
 
@@ -57,6 +59,12 @@ class ModelConfig:
         "Load the full multimodal model (Gemma 3n: audio and vision towers, frozen unless lora.towers names them) "
         "instead of the language model alone; needed for data with image or audio parts. Needs pip install "
         "'gemmatune[multimodal]'.",
+    )
+    adapter: str | None = _f(
+        None,
+        "Start from this trained adapter (a run folder or PEFT adapter folder on the same base) instead of a fresh "
+        "LoRA: it keeps training, and its own LoRA settings replace the lora section. With train.method dpo it is "
+        "also the reference model (an SFT run, then DPO on top of it).",
     )
 
 
@@ -164,6 +172,31 @@ class TrainConfig:
         "A nan/inf loss or gradient: stop (end the run at that step, keep the last good checkpoint) or skip "
         "(drop that optimizer step, count it in run.json).",
     )
+    method: str = _f(
+        "sft",
+        "Training method: sft (supervised: learn the responses), dpo (Direct Preference Optimization on "
+        "prompt/chosen/rejected rows; the reference model is the starting point, the base with the adapter off or "
+        "model.adapter) or orpo (Odds Ratio Preference Optimization: supervised loss on chosen plus an odds-ratio "
+        "term; no reference model) or grpo (Group Relative Policy Optimization: answers sampled from the model, "
+        "scored by train.reward_functions).",
+    )
+    beta: float = _f(
+        0.1,
+        "Preference strength, TRL's name: dpo: beta, how far the tuned model may move from the reference (higher "
+        "stays closer); orpo: lambda, the weight of the odds-ratio term beside the supervised loss; grpo: the weight "
+        "of the KL penalty to the base model (0 switches it off; TRL's default is 0).",
+    )
+    loss_type: str = _f(
+        "sigmoid", "dpo's loss, TRL's names: sigmoid (the DPO paper's), ipo (IPO, per-token log-ratios), hinge."
+    )
+    reward_functions: list[str] = _f(
+        [],
+        "grpo: the rewards, as module.py:function (relative to the config file), each called as function(prompt=, "
+        "completion=, row=) and returning a number; several are added up.",
+    )
+    num_generations: int = _f(4, "grpo: answers sampled per prompt (the group whose mean reward is the baseline).")
+    max_completion_length: int = _f(64, "grpo: most new tokens per sampled answer.")
+    temperature: float = _f(1.0, "grpo: sampling temperature of the answers.")
 
 
 @dataclass
@@ -179,7 +212,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
 # Fields that hold file paths: resolved against the YAML file's folder.
-PATH_FIELDS = {("data", "train_file"), ("data", "eval_file"), ("data", "test_file")}
+PATH_FIELDS = {("data", "train_file"), ("data", "eval_file"), ("data", "test_file"), ("model", "adapter")}
 
 
 def field_help() -> list[tuple[str, str, Any]]:
@@ -282,6 +315,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             candidate = base / cfg.model.name
             if candidate.exists():
                 cfg.model.name = str(candidate)
+        # Reward functions (module.py:function) are relative to the config file, as data files are.
+        cfg.train.reward_functions = [str(base / spec) if not Path(spec).is_absolute() and
+                                      (base / spec.rpartition(":")[0]).is_file() else spec
+                                      for spec in cfg.train.reward_functions]
         if cfg.train.run_name is None:
             cfg.train.run_name = path.stem
     else:
@@ -338,6 +375,15 @@ def validate(cfg: Config) -> None:
            f"must be > 0, got {t.early_stopping_patience}")
     _check(t.num_threads is None or t.num_threads > 0, "train.num_threads", f"must be > 0, got {t.num_threads}")
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}")
+    _check(t.method in METHODS, "train.method", f"must be one of {', '.join(METHODS)}, got {t.method!r}")
+    _check(t.loss_type in DPO_LOSS_TYPES, "train.loss_type",
+           f"must be one of {', '.join(DPO_LOSS_TYPES)}, got {t.loss_type!r}")
+    _check(t.beta > 0 or (t.method == "grpo" and t.beta == 0), "train.beta", f"must be > 0, got {t.beta}")
+    _check(t.num_generations >= 2, "train.num_generations", f"must be >= 2 (a group), got {t.num_generations}")
+    _check(t.max_completion_length > 0, "train.max_completion_length", f"must be > 0, got {t.max_completion_length}")
+    _check(t.temperature > 0, "train.temperature", f"must be > 0, got {t.temperature}")
+    _check(t.method == "sft" or not m.multimodal, "train.method",
+           f"{t.method} trains on text preference pairs; model.multimodal must be false")
     _check(bool(t.run_name) or t.run_name is None, "train.run_name", "must not be empty")
     if t.run_name:
         _check("/" not in t.run_name and t.run_name not in (".", ".."), "train.run_name",

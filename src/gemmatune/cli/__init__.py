@@ -134,6 +134,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     file = args.file or (first.folder.test_file if first is not None else None)
     if not file:
         raise GemmatuneError("eval: give a FILE of held-out rows (the first adapter's run names no data.test_file)")
+    from gemmatune.data.pairs import is_pair_file
+
+    # Preference rows (prompt, chosen, rejected) are scored by preference accuracy and margin instead.
+    if is_pair_file(file):
+        from gemmatune.infer.preference import evaluate_pairs as evaluate
     tuned = _load(args)
     report = evaluate(tuned, file, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       samples=args.samples)

@@ -149,8 +149,8 @@ def _eval(command) -> None:
                             "eval.md.",
                 epilog="example:\n  gemmatune eval --adapter runs/quickstart          "
                        "# on the run's data.test_file, report into the run folder")
-    p.add_argument("file", nargs="?", help="held-out rows, Alpaca or chat (default: the first adapter's "
-                   "data.test_file)")
+    p.add_argument("file", nargs="?", help="held-out rows, Alpaca or chat, or preference pairs (prompt, chosen, "
+                   "rejected: preference accuracy and margin); default: the first adapter's data.test_file")
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N rows (quick check)")
     # Not the sampling option: eval is greedy, and its default comes from the references.
     p.add_argument("--max-new-tokens", type=int, help="cap per generation (default: twice the longest reference, "

@@ -1,1 +1,1 @@
-"""Using a result: load base + adapters, generate, chat, evaluate."""
+"""Using a result: load base + adapters, generate, chat, evaluate (supervised rows, preference pairs, rewards)."""

@@ -105,6 +105,7 @@ class Settings:
     towers: list[TowerMemory] = field(default_factory=list)  # a multimodal model's towers, per image / clip
     images: int = 0  # images per example (the most in one)
     clips: int = 0  # audio clips per example
+    sequences: int = 1  # sequences per example: 2 for dpo/orpo (a pair's chosen and rejected answers, one forward)
 
 
 @dataclass
@@ -117,7 +118,7 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, s: Settings, path: PathMemory) -> Estimate:
-    tokens = s.batch * s.seq_len
+    tokens = s.batch * s.sequences * s.seq_len
     if s.weights == "nf4":
         per = NF4_BYTES if s.double_quant else NF4_BYTES_NO_DOUBLE_QUANT
         kept = 2  # non-converted weights stay in the compute dtype (bf16); lora.freeze_quantized keeps them so
@@ -196,7 +197,9 @@ class Plan:
             f"{sh.lora_params:,} trainable parameters ({share:.3f}%)",
             f"training: {s.device}, {s.precision} compute, weights {weights}, optimizer {s.optim}"
             + (", gradient checkpointing" if s.gradient_checkpointing else ""),
-            f"batch per device: {s.batch} x {s.seq_len} tokens ({self.seq_note}); world size {self.world_size}: "
+            f"batch per device: {s.batch} x {s.seq_len} tokens ({self.seq_note})"
+            + (f", x{s.sequences} sequences per example (dpo/orpo: chosen and rejected; grpo: the sampled answers)"
+               if s.sequences > 1 else "") + f"; world size {self.world_size}: "
             f"{s.batch * self.world_size * self.grad_accum} sequences per optimizer step (weights are replicated "
             "on every device under data parallelism; only the batch is split)",
         ]
@@ -287,6 +290,16 @@ def data_extent(cfg: Config) -> DataExtent | None:
     source = resolve_source(cfg.model)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
     processor = load_processor(source, tokenizer, cfg.model.trust_remote_code) if cfg.model.multimodal else None
+    if cfg.train.method == "grpo":  # prompts: a sequence is a prompt and its longest sampled answer
+        from gemmatune.data.prompts import read_prompts, tokenize_prompts
+
+        prompts = tokenize_prompts(read_prompts(cfg.data, cfg.train.seed), tokenizer, cfg.data).train.examples
+        return DataExtent(max(len(p.ids) for p in prompts) + cfg.train.max_completion_length, 0, 0)
+    if cfg.train.method != "sft":  # preference pairs: a sequence is the prompt and its longer answer
+        from gemmatune.data.pairs import read_pairs, tokenize_pairs
+
+        pairs = tokenize_pairs(read_pairs(cfg.data, cfg.train.seed), tokenizer, cfg.data).train.examples
+        return DataExtent(max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), 0, 0)
     examples = tokenize_data(read_data(cfg.data, cfg.train.seed), tokenizer, cfg.data, processor).train.examples
     if not examples:
         return None
@@ -341,6 +354,14 @@ def make_plan(cfg: Config, device_memory: int | None = None, world_size: int = 1
         settings.images, settings.clips = (extent.images, extent.clips) if extent else (1, 1)
     training = training_path(cfg.train.packing, world_size)
     path = path_memory(training, device)
+    if cfg.train.method != "sft":
+        # dpo / orpo (train/preference.py): both answers of a pair in one forward pass, and the answer tokens' log-probs
+        # through the LM head a chunk at a time, recomputed in backward: one chunk's vocab-wide tensors (bf16
+        # logits, fp32 copy, log-softmax and their gradients) at a time. DPO's reference pass runs once before
+        # training, without gradients: less than a training step.
+        # grpo: each prompt's group of sampled answers goes through one forward pass with gradients.
+        settings.sequences = cfg.train.num_generations if cfg.train.method == "grpo" else 2
+        path = replace(path, name=f"{path.name}, {cfg.train.method}", logits_bytes=16, chunk_logits=True)
     est = estimate(shape, settings, path)
     suggestion = None
     if device_memory and est.total > device_memory:

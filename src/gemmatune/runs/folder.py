@@ -43,6 +43,13 @@ MODEL_CONFIG = "config.json"  # a full model folder's
 MERGED_INFO = "gemmatune.json"  # written by `gemmatune merge` beside a merged model
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
+# metrics.jsonl's columns beyond the loss that a method's trainer logs (TRL's names; eval ones with an eval_ prefix)
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                      "logps/rejected", "nll_loss", "log_odds_ratio")  # dpo / orpo
+GRPO_METRICS = ("reward", "reward_std", "completions/mean_length", "kl")  # and reward_metric(name) per function
+# The one figure of a method that run.json's training section keeps first and last values of.
+METHOD_FIGURE = {"dpo": "rewards/accuracies", "orpo": "rewards/accuracies", "grpo": "reward"}
+
 MAX_METRICS_BYTES = 256 << 20  # metrics.jsonl: ~200 bytes a step, so a million steps fit
 MAX_LINE_BYTES = 64 << 10  # one metrics.jsonl line; longer ones are skipped
 
@@ -94,6 +101,10 @@ class TrainingRecord:
     tokens_per_second_median: float | None = None
     wall_seconds: float | None = None
     nonfinite_steps_skipped: int | None = None
+    train_method: str | None = None  # train.method: sft, dpo, orpo or grpo
+    method_figure: str | None = None  # METHOD_FIGURE's metric for dpo/orpo/grpo (a preference accuracy or reward)
+    method_figure_first: float | None = None  # its first and last logged training values
+    method_figure_last: float | None = None
 
 
 @dataclass
@@ -245,6 +256,18 @@ def loss_points(rows: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], li
     train = [(r.get("step", 0), r["loss"]) for r in rows if "loss" in r]
     evals = [(r.get("step", 0), r["eval_loss"]) for r in rows if "eval_loss" in r and not r.get("final")]
     return train, evals
+
+
+def reward_metric(function: str) -> str:
+    """The metrics.jsonl column of one GRPO reward function's mean reward."""
+    return f"rewards/{function}"
+
+
+def figure_points(rows: list[dict[str, Any]], method: str) -> tuple[str | None, float | None, float | None]:
+    """(metric, first, last) of a method's METHOD_FIGURE in training rows; (None, None, None) for sft."""
+    key = METHOD_FIGURE.get(method)
+    values = [r[key] for r in rows if key and key in r and not r.get("final")]
+    return key, values[0] if values else None, values[-1] if values else None
 
 
 def keep_metrics_through(run_dir: Path, step: int) -> None:

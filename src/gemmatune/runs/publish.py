@@ -71,7 +71,7 @@ _RESUMABLE_CHANGES = {
 
 def run_inputs(cfg: Config) -> list[Path]:
     """What a run reads: its run folder may not be, or hold, any of them (--overwrite would delete it)."""
-    paths = [cfg.data.train_file, cfg.data.test_file, cfg.model.name]
+    paths = [cfg.data.train_file, cfg.data.test_file, cfg.model.name, cfg.model.adapter]
     return [Path(p) for p in paths if p and Path(p).exists()]
 
 

@@ -24,11 +24,35 @@ def check_inputs(cfg: Config) -> CheckedRows:
     resolve_precision(cfg.train.precision)  # fp16 on a CPU, bf16 on an old GPU
     if cfg.model.name != "embedded":  # the embedded model is checked (and built once) by its own loader
         resolve_source(cfg.model)
-    rows = read_data(cfg.data, cfg.train.seed)
+    rows = read_rows_for(cfg)
     require_multimodal(rows, cfg.model.multimodal)
-    if cfg.data.test_file:
+    if cfg.data.test_file and cfg.train.method == "grpo":
+        from gemmatune.data.prompts import read_prompt_file
+
+        read_prompt_file(cfg.data.test_file)  # the reward evaluation after training reads prompts
+    elif cfg.data.test_file and cfg.train.method != "sft":
+        from gemmatune.data.pairs import read_pair_rows
+
+        read_pair_rows(cfg.data.test_file)  # the preference evaluation after training reads pairs
+    elif cfg.data.test_file:
         read_eval_rows(cfg.data.test_file)  # the rule evaluation after training applies, checked now
     return rows
+
+
+def read_rows_for(cfg: Config) -> CheckedRows:
+    """The method's training (and validation) rows, read and checked: supervised rows, GRPO's prompts (the reward
+    functions imported now too) or preference pairs (file, line and key named the same way)."""
+    if cfg.train.method == "grpo":
+        from gemmatune.data.prompts import read_prompts
+        from gemmatune.infer.rewards import load_reward_functions
+
+        load_reward_functions(cfg.train.reward_functions)
+        return read_prompts(cfg.data, cfg.train.seed)
+    if cfg.train.method != "sft":
+        from gemmatune.data.pairs import read_pairs
+
+        return read_pairs(cfg.data, cfg.train.seed)
+    return read_data(cfg.data, cfg.train.seed)
 
 
 def check_lora_targets(cfg: Config) -> None:

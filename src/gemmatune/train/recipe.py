@@ -31,6 +31,7 @@ from gemmatune.runs.folder import (
     LoraRecord,
     RunRecord,
     TrainingRecord,
+    figure_points,
     loss_points,
     read_metrics,
     write_record,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from transformers.trainer_utils import TrainOutput
 
     from gemmatune.data.examples import Prepared
+    from gemmatune.data.rows import CheckedRows
     from gemmatune.models.lora import TrainableReport
     from gemmatune.train.trainer import GemmatuneTrainer
 
@@ -89,9 +91,25 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
     if cfg.data.test_file and dist.is_main_process:
-        evaluate_after_training(run.model, tokenizer, run.loaded.family, run.data.template, cfg.data.test_file,
-                                run_dir, run.loaded.precision, run.loaded.processor)
+        evaluate_test_file(cfg, run)
     return TrainResult(run_dir, run.model, tokenizer, record.to_dict(), dist.is_main_process)
+
+
+def evaluate_test_file(cfg: Config, run: Setup) -> None:
+    """Base vs the adapter just trained on data.test_file, by the method's measure; eval.json / eval.md in the run."""
+    loaded, model, run_dir = run.loaded, run.model, run.run_dir
+    if cfg.train.method == "grpo":
+        from gemmatune.infer.rewards import evaluate_rewards_after_training
+
+        evaluate_rewards_after_training(model, loaded.tokenizer, loaded.family, cfg, run_dir, loaded.precision)
+    elif cfg.train.method != "sft":
+        from gemmatune.infer.preference import evaluate_pairs_after_training
+
+        evaluate_pairs_after_training(model, loaded.tokenizer, loaded.family, run.data.template, cfg.data.test_file,
+                                      run_dir, loaded.precision)
+    else:
+        evaluate_after_training(model, loaded.tokenizer, loaded.family, run.data.template, cfg.data.test_file,
+                                run_dir, loaded.precision, loaded.processor)
 
 
 @dataclass
@@ -122,7 +140,7 @@ def set_up(cfg: Config, resume: bool, overwrite: bool, force: bool) -> Setup:
     dist.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
     threads = set_threads(cfg.train.num_threads)
     loaded = load_model(cfg.model, cfg.train.precision, packing=cfg.train.packing)
-    data = tokenize_data(rows, loaded.tokenizer, cfg.data, loaded.processor, loaded.family.thinking_markers)
+    data = tokenize(cfg, rows, loaded)
     _log_inputs(cfg, loaded, data, threads)
     model, report = prepare_for_training(loaded, cfg)
     log.info(report.line())
@@ -133,6 +151,20 @@ def set_up(cfg: Config, resume: bool, overwrite: bool, force: bool) -> Setup:
              t.per_device_train_batch_size, t.gradient_accumulation_steps, dist.num_processes,
              trainer.path.describe())
     return Setup(dist, run_dir, replaces, loaded, data, model, report, trainer, threads)
+
+
+def tokenize(cfg: Config, rows: CheckedRows, loaded: Loaded) -> Prepared:
+    """The checked rows as the method's examples: supervised examples, preference pairs (data/pairs.py) or GRPO's
+    prompts (data/prompts.py)."""
+    if cfg.train.method == "grpo":
+        from gemmatune.data.prompts import tokenize_prompts
+
+        return tokenize_prompts(rows, loaded.tokenizer, cfg.data)
+    if cfg.train.method != "sft":
+        from gemmatune.data.pairs import tokenize_pairs
+
+        return tokenize_pairs(rows, loaded.tokenizer, cfg.data)
+    return tokenize_data(rows, loaded.tokenizer, cfg.data, loaded.processor, loaded.family.thinking_markers)
 
 
 def _log_inputs(cfg: Config, loaded: Loaded, data: Prepared, threads: int) -> None:
@@ -202,8 +234,14 @@ def prepare_for_training(loaded: Loaded, cfg: Config):
     disable_cache(loaded.model, family)
     use_lean_rms_norm(loaded.model, family.rms_norm, family.rms_norm_offset)
     set_seed(cfg.train.seed)  # LoRA's A matrices are random: the same start on every rank and every rerun
-    model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
-                                autocast=loaded.precision in ("bf16", "fp16"))
+    autocast = loaded.precision in ("bf16", "fp16")
+    if cfg.model.adapter:  # continue a trained adapter (an SFT run, for DPO on top of it)
+        from gemmatune.train.preference import continue_adapter
+
+        model, report = continue_adapter(loaded.model, cfg, family, autocast=autocast)
+    else:
+        model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
+                                    autocast=autocast)
     use_fast_lora_dropout(model)  # PEFT's distribution at a fraction of its cost
     return model, report
 
@@ -230,6 +268,17 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
     args = training_arguments(cfg, run_dir, precision, has_eval)
     early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
                       if t.early_stopping_patience else [])
+    if t.method == "grpo":  # the same arguments; answers sampled and scored each step (grpo.py)
+        from gemmatune.models.loading import stop_token_ids
+        from gemmatune.models.registry import family_for
+        from gemmatune.train.grpo import build_grpo_trainer
+
+        return build_grpo_trainer(cfg, args, model, tokenizer, data, run_dir, early_stopping,
+                                  stop_token_ids(tokenizer, family_for(model.config.model_type)))
+    if t.method != "sft":  # dpo / orpo: the same arguments, a preference loss over pairs (preference.py)
+        from gemmatune.train.preference import build_preference_trainer
+
+        return build_preference_trainer(cfg, args, model, tokenizer, data, run_dir, early_stopping)
     collator = PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id)
     if processor is not None:
         from gemmatune.data.media import MediaCollator
@@ -311,7 +360,9 @@ def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, w
     import peft
     import transformers
 
-    train_losses, eval_losses = loss_points(read_metrics(run.run_dir))
+    rows = read_metrics(run.run_dir)
+    train_losses, eval_losses = loss_points(rows)
+    figure, figure_first, figure_last = figure_points(rows, cfg.train.method)
     tps = sorted(run.trainer.metrics.tokens_per_second)
     loaded, data, report, processes = run.loaded, run.data, run.report, run.dist.num_processes
     return RunRecord(
@@ -335,7 +386,8 @@ def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, w
             eval_loss_first=eval_losses[0][1] if eval_losses else None,
             eval_loss_final=final_eval.get("eval_loss"),
             tokens_per_second_median=round(tps[len(tps) // 2], 1) if tps else None,
-            wall_seconds=round(wall, 1),
+            wall_seconds=round(wall, 1), train_method=cfg.train.method, method_figure=figure,
+            method_figure_first=figure_first, method_figure_last=figure_last,
         ),
         versions={"python": platform.python_version(), "torch": torch.__version__,
                   "transformers": transformers.__version__, "peft": peft.__version__},

@@ -214,6 +214,7 @@ class MetricsCallback(TrainerCallback):
         self.last_tokens = 0
         self.tokens_per_second: list[float] = []
         self.final = False  # set before the closing evaluation, so its row is marked
+        self.extra_keys: tuple[str, ...] = ()  # more metrics a trainer logs (folder.PREFERENCE_METRICS), written too
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time = time.perf_counter()
@@ -225,7 +226,8 @@ class MetricsCallback(TrainerCallback):
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if self.final:
             row["final"] = True
-        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+        extra = [prefix + key for key in self.extra_keys for prefix in ("", "eval_")]
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm", *extra):
             if key in logs and logs[key] is not None and math.isfinite(float(logs[key])):
                 row[key] = float(logs[key])
         if "loss" in logs and self.last_time is not None:

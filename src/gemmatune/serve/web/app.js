@@ -275,9 +275,14 @@ async function loadEval() {
   const report = await getJsonOrNull(`/api/runs/${encodeURIComponent(name)}/eval`);
   if (report === null) return;
   if (name !== state.run) return;
-  const metrics = [["response loss", "response_loss", 4], ["perplexity", "perplexity", 2],
-    ["exact match %", "exact_match", 1], ["ROUGE-L F1 %", "rouge_l", 1],
-    ["stopped at EOS/end-of-turn %", "stopped", 1], ["mean new tokens", "mean_new_tokens", 1]];
+  // A preference run's report (kind "preference") scores pairs: accuracy and margin instead of loss and matches.
+  const metrics = report.kind === "preference"
+    ? [["preference accuracy %", "accuracy", 1], ["mean margin (nats)", "mean_margin", 3],
+      ["log p(chosen)", "chosen_log_prob", 3], ["log p(rejected)", "rejected_log_prob", 3],
+      ["stopped at EOS/end-of-turn %", "stopped", 1], ["mean new tokens", "mean_new_tokens", 1]]
+    : [["response loss", "response_loss", 4], ["perplexity", "perplexity", 2],
+      ["exact match %", "exact_match", 1], ["ROUGE-L F1 %", "rouge_l", 1],
+      ["stopped at EOS/end-of-turn %", "stopped", 1], ["mean new tokens", "mean_new_tokens", 1]];
   const table = document.createElement("table");
   table.id = "eval-table";
   const head = table.insertRow();

@@ -1,0 +1,83 @@
+"""GRPO (train.method: grpo) on a tiny model: a reward that checks a format rises; prompts and reward functions are
+checked before the model loads."""
+
+import json
+
+import pytest
+
+from gemmatune.cli import main
+from gemmatune.infer.rewards import load_reward_functions
+from gemmatune.runs.folder import read_metrics
+from gemmatune.train import train
+from gemmatune.train.grpo import completion_mask
+from tests.conftest import gemma3_config, save_tiny, tiny_config, write_jsonl
+
+REWARDS = """
+def printable(prompt, completion, row):
+    \"\"\"The format check: the share of the answer's characters that are printable ASCII (a random byte-level model
+    writes about a third of them), so a group's answers differ from the first step on.\"\"\"
+    return sum(32 <= ord(c) < 127 for c in completion) / max(1, len(completion))
+
+
+def knows_the_row(prompt, completion, row):
+    assert prompt.startswith("Write about") and row["topic"] in prompt  # the row's own fields reach the function
+    return 0.0
+"""
+
+TOPICS = ["cats", "dogs", "rain", "sun", "tea", "bread", "cars", "snow", "ink", "salt", "milk", "wool"]
+
+
+def test_a_format_reward_rises(tmp_path):
+    # The tiny Gemma 3 gets wider initial weights (0.1, as conftest's tiny Gemma 4): with the default 0.02 its logits
+    # cannot spread far enough in a few steps for the share of printable characters to move.
+    config = gemma3_config()
+    config.initializer_range = 0.1
+    model = save_tiny(config, tmp_path / "model")
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {t}.", "topic": t}
+                                                          for t in TOPICS[:8]])
+    test_file = write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"Write about {t}.", "topic": t} for t in TOPICS[8:]])
+    cfg = tiny_config(model, train_file, tmp_path / "runs", max_steps=16, method="grpo", beta=0.0,
+                      per_device_train_batch_size=2, num_generations=8, max_completion_length=4,
+                      learning_rate=1e-2, lr_scheduler_type="constant")
+    cfg.train.reward_functions = [f"{tmp_path / 'rewards.py'}:printable", f"{tmp_path / 'rewards.py'}:knows_the_row"]
+    cfg.data.test_file = str(test_file)
+    run = train(cfg).run_dir
+    logged = [m for m in read_metrics(run) if "loss" in m]
+    training = json.loads((run / "run.json").read_text())["training"]  # the method and its figure
+    assert training["train_method"] == "grpo" and training["method_figure"] == "reward"
+    assert training["method_figure_last"] == logged[-1]["reward"]
+    rewards = [m["rewards/printable"] for m in logged]
+    assert len(rewards) == 16 and all("reward_std" in m and "kl" in m for m in logged)
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.15, rewards
+    report = {v["name"]: v for v in json.loads((run / "eval.json").read_text())["variants"]}
+    assert set(report["run"]["per_function"]) == {"printable", "knows_the_row"}
+
+
+def test_completion_mask_ends_at_the_first_stop_token():
+    import torch
+
+    mask = completion_mask(torch.tensor([[7, 8, 5, 0, 0], [7, 1, 9, 5, 3], [7, 8, 9, 9, 9]]), [1, 5])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_bad_reward_specs_and_prompt_rows_exit_2(tiny_gemma3, tmp_path, capsys):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    good = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi."}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi."}, {"messages": [{"role": "user", "content": "a"},
+                                                                              {"role": "assistant", "content": "b"}]}])
+    base = ["train", "--set", f"model.name={tiny_gemma3}", "--set", "train.method=grpo", "--set",
+            f"train.output_dir={tmp_path / 'runs'}"]
+    cases = [
+        (good, f"{tmp_path}/rewards.py:nope", "has no function nope"),
+        (good, f"{tmp_path}/missing.py:printable", "missing.py not found"),
+        (good, "rewards:printable", "is not module.py:function"),
+        (bad, f"{tmp_path}/rewards.py:printable", "bad.jsonl line 2: field 'messages' must end with the user's"),
+    ]
+    for data, spec, message in cases:
+        assert main([*base, "--set", f"data.train_file={data}", "--set", f"train.reward_functions=[{spec}]"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(Exception, match="train.reward_functions"):
+        load_reward_functions([])
