@@ -36,6 +36,7 @@ def test_sft_then_dpo_on_top_through_the_cli(tmp_path, capsys):
     steps = [m for m in read_metrics(run) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all("rewards/accuracies" in m for m in steps)
+    assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-3)  # step 1: the policy is its reference, SFT
     scores = {v["name"]: v for v in json.loads((run / "eval.json").read_text())["variants"]}
     base, tuned = scores["base"], scores["dpo"]
     assert tuned["accuracy"] >= base["accuracy"] and tuned["mean_margin"] > base["mean_margin"]

@@ -54,6 +54,34 @@ def test_a_format_reward_rises(tmp_path):
     assert set(report["run"]["per_function"]) == {"printable", "knows_the_row"}
 
 
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    config = gemma3_config()
+    config.initializer_range = 0.1
+    model = save_tiny(config, tmp_path / "model")
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {t}.", "topic": t}
+                                                          for t in TOPICS[:8]])
+    cfg = tiny_config(model, train_file, tmp_path / "runs", max_steps=4, save_steps=2, method="grpo", beta=0.04,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=4,
+                      max_completion_length=4, learning_rate=1e-2)
+    cfg.train.reward_functions = [f"{tmp_path / 'rewards.py'}:printable"]
+    full = train(cfg).run_dir
+    uninterrupted = load_file(str(full / "adapter_model.safetensors"))
+    rewards = [m["reward"] for m in read_metrics(full) if "loss" in m]
+    shutil.rmtree(full / "checkpoints" / "checkpoint-4")  # as if the run had died after checkpoint-2
+    (full / "adapter_model.safetensors").unlink()
+    resumed = train(cfg, resume=True).run_dir
+    again = load_file(str(resumed / "adapter_model.safetensors"))
+    assert max((again[k] - uninterrupted[k]).abs().max().item() for k in again) <= 1e-6
+    logged = [m for m in read_metrics(resumed) if "loss" in m]
+    assert [m["step"] for m in logged[-2:]] == [3, 4]
+    assert [m["reward"] for m in logged[-2:]] == rewards[-2:]  # the same answers were sampled again
+
+
 def test_completion_mask_ends_at_the_first_stop_token():
     import torch
 
@@ -78,6 +106,10 @@ def test_bad_reward_specs_and_prompt_rows_exit_2(tiny_gemma3, tmp_path, capsys):
         assert main([*base, "--set", f"data.train_file={data}", "--set", f"train.reward_functions=[{spec}]"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    # the KL penalty's reference is the base: continuing an adapter with beta > 0 would pull towards the wrong model
+    assert main([*base, "--set", f"data.train_file={good}", "--set", f"train.reward_functions=[{tmp_path}/rewards.py:"
+                 "printable]", "--set", f"model.adapter={tmp_path}", "--set", "train.beta=0.1"]) == 2
+    assert "train.beta: must be 0 for grpo with model.adapter" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     with pytest.raises(Exception, match="train.reward_functions"):
         load_reward_functions([])

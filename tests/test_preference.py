@@ -219,6 +219,26 @@ def test_reference_is_the_base_with_the_adapter_off_or_the_sft_adapter_it_contin
             assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
 
 
+def test_at_step_1_the_policy_is_the_reference_even_with_lora_dropout_configured(tiny_gemma3, tmp_path):
+    # DPO on top of an SFT adapter trained with dropout (its adapter_config.json says so): with dropout on, the first
+    # step's policy log-probs would differ from the reference's by dropout noise (TRL's disable_dropout; so does ours).
+    sft_file = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": f"Say {w}."},
+                                                                  {"role": "assistant", "content": w}]}
+                                                    for w in WORDS[:8]])
+    sft_cfg = tiny_config(tiny_gemma3, sft_file, tmp_path / "runs", max_steps=3, run_name="sft", learning_rate=1e-2)
+    sft_cfg.lora.lora_dropout = 0.3
+    sft = train(sft_cfg).run_dir
+    assert json.loads((sft / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+    train_file = _pair_file(tmp_path / "pairs.jsonl", WORDS[:8], "blue.", "green")
+    cfg = tiny_config(tiny_gemma3, train_file, tmp_path / "runs", max_steps=2, method="dpo",
+                      per_device_train_batch_size=4)
+    cfg.model.adapter = str(sft)
+    first = next(m for m in read_metrics(train(cfg).run_dir) if "loss" in m)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    assert first["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_resume_equals_an_uninterrupted_run(tiny_gemma3, tmp_path):
     import shutil
 

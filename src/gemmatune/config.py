@@ -72,7 +72,8 @@ class ModelConfig:
 class LoraConfig:
     r: int = _f(16, "LoRA rank.")
     lora_alpha: float = _f(32, "LoRA scaling numerator: updates are scaled by lora_alpha / r.")
-    lora_dropout: float = _f(0.1, "Dropout on the LoRA input, in [0, 1).")
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input, in [0, 1); sft only: dpo, orpo and grpo train without "
+                                   "dropout, as TRL's disable_dropout does.")
     bias: str = _f("none", "Which biases train: none, all or lora_only.")
     target_modules: list[str] | str | None = _f(
         None,
@@ -379,6 +380,10 @@ def validate(cfg: Config) -> None:
     _check(t.loss_type in DPO_LOSS_TYPES, "train.loss_type",
            f"must be one of {', '.join(DPO_LOSS_TYPES)}, got {t.loss_type!r}")
     _check(t.beta > 0 or (t.method == "grpo" and t.beta == 0), "train.beta", f"must be > 0, got {t.beta}")
+    # GRPO's KL reference is the base with the adapter off; with model.adapter that is not where training starts.
+    _check(not (t.method == "grpo" and t.beta > 0 and m.adapter), "train.beta",
+           "must be 0 for grpo with model.adapter (the KL penalty is measured to the base model, not to the adapter "
+           f"training continues), got {t.beta}")
     _check(t.num_generations >= 2, "train.num_generations", f"must be >= 2 (a group), got {t.num_generations}")
     _check(t.max_completion_length > 0, "train.max_completion_length", f"must be > 0, got {t.max_completion_length}")
     _check(t.temperature > 0, "train.temperature", f"must be > 0, got {t.temperature}")

@@ -121,7 +121,7 @@ class GRPOTrainer(GemmatuneTrainer):
         self._logged["reward"].append(float(reward.mean()))
         self._logged["reward_std"].append(float(grouped.std(1).mean()))
         self._logged["completions/mean_length"].append(float(c_mask.sum(1).float().mean()))
-        self._logged["kl"].append(float((kl * token_mask).sum() / token_mask.sum().clamp(min=1)))
+        self._logged["kl"].append(float((kl.detach() * token_mask).sum() / token_mask.sum().clamp(min=1)))
         for name, _ in self.rewards:
             self._logged[reward_metric(name)].append(sum(s[name] for s in scores) / len(scores))
         return (loss, {"loss": loss}) if return_outputs else loss

@@ -58,17 +58,34 @@ class LoraDropout(nn.Module):
 def use_fast_lora_dropout(peft_model: nn.Module) -> int:
     """Replace every LoRA layer's `nn.Dropout` with a `LoraDropout` of the same rate. Layers without dropout
     (`lora_dropout: 0`: PEFT puts nn.Identity) are left exactly as they are. Returns how many were replaced."""
+    replaced = 0
+    for dropouts, adapter, dropout in _lora_dropouts(peft_model):
+        dropouts[adapter] = LoraDropout(dropout.p)
+        replaced += 1
+    return replaced
+
+
+def remove_lora_dropout(peft_model: nn.Module) -> int:
+    """Replace every LoRA layer's `nn.Dropout` with `nn.Identity`, what PEFT itself puts for `lora_dropout: 0`.
+    Preference tuning and GRPO train this way (TRL's `disable_dropout`): their losses compare the policy's log-probs
+    with the reference's, and dropout noise would enter that difference (at step 1 the policy would not equal the
+    reference it starts from). Returns how many were replaced."""
+    removed = 0
+    for dropouts, adapter, _ in _lora_dropouts(peft_model):
+        dropouts[adapter] = nn.Identity()
+        removed += 1
+    return removed
+
+
+def _lora_dropouts(peft_model: nn.Module):
+    """(the layer's dropout ModuleDict, adapter name, its nn.Dropout) for every LoRA layer whose dropout is on."""
     from peft.tuners.lora import LoraLayer
 
     from gemmatune.compat import lora_dropout_modules
 
-    replaced = 0
     for module in peft_model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        dropouts = lora_dropout_modules(module)
-        for adapter, dropout in list(dropouts.items()):
-            if isinstance(dropout, nn.Dropout) and dropout.p > 0:
-                dropouts[adapter] = LoraDropout(dropout.p)
-                replaced += 1
-    return replaced
+        if isinstance(module, LoraLayer):
+            dropouts = lora_dropout_modules(module)
+            for adapter, dropout in list(dropouts.items()):
+                if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                    yield dropouts, adapter, dropout

@@ -39,7 +39,7 @@ from gemmatune.runs.folder import (
 from gemmatune.runs.plot import plot_losses
 from gemmatune.runs.publish import open_run_dir, start_run_dir
 from gemmatune.train.allocator import allocator_note
-from gemmatune.train.lora_dropout import use_fast_lora_dropout
+from gemmatune.train.lora_dropout import remove_lora_dropout, use_fast_lora_dropout
 from gemmatune.train.norms import use_lean_rms_norm
 from gemmatune.train.preflight import check_inputs, check_lora_targets
 
@@ -242,7 +242,10 @@ def prepare_for_training(loaded: Loaded, cfg: Config):
     else:
         model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
                                     autocast=autocast)
-    use_fast_lora_dropout(model)  # PEFT's distribution at a fraction of its cost
+    if cfg.train.method == "sft":
+        use_fast_lora_dropout(model)  # PEFT's distribution at a fraction of its cost
+    else:
+        remove_lora_dropout(model)  # the policy at step 1 is exactly the reference it starts from
     return model, report
 
 
