@@ -1,6 +1,7 @@
 """Slow: through the CLI on the real Gemma 3 270M, a short SFT run on the bundled tickets, then DPO on top of it with
-the bundled preference pairs (examples/dpo.yaml): each run folder complete, the preference report moves the right
-way, the tuned answers still stop on their own."""
+the bundled preference pairs (examples/dpo.yaml), then GRPO on top of it with the bundled reward functions
+(examples/grpo.yaml): each run folder complete, each report's figure moves the right way from the adapter the run
+started from, the tuned answers still stop on their own."""
 
 import json
 from pathlib import Path
@@ -38,7 +39,21 @@ def test_sft_then_dpo_on_top_through_the_cli(tmp_path, capsys):
     assert all("rewards/accuracies" in m for m in steps)
     assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-3)  # step 1: the policy is its reference, SFT
     scores = {v["name"]: v for v in json.loads((run / "eval.json").read_text())["variants"]}
-    base, tuned = scores["base"], scores["dpo"]
-    assert tuned["accuracy"] >= base["accuracy"] and tuned["mean_margin"] > base["mean_margin"]
+    start, tuned = scores["quickstart (start)"], scores["dpo"]
+    assert tuned["accuracy"] >= start["accuracy"] and tuned["mean_margin"] > start["mean_margin"]
     assert tuned["stopped"] >= 80
     assert "| preference accuracy % |" in capsys.readouterr().out
+
+    grpo = ["train", str(EXAMPLES / "grpo.yaml"), "--set", f"train.output_dir={runs}", "--set",
+            f"model.adapter={runs / 'quickstart'}", "--set", "data.max_rows=16", "--set", "train.max_steps=4",
+            "--set", f"data.test_file={test_file}", "--set", "train.save_steps=2", "--set", "train.logging_steps=1"]
+    assert main(grpo) == 0
+    run = runs / "grpo"
+    for name in ("adapter_model.safetensors", "run.json", "metrics.jsonl", "loss.png", "eval.json", "eval.md"):
+        assert (run / name).is_file(), name
+    steps = [m for m in read_metrics(run) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert all("rewards/routing_format" in m and "rewards/right_routing" in m for m in steps)
+    scores = {v["name"]: v for v in json.loads((run / "eval.json").read_text())["variants"]}
+    start, tuned = scores["quickstart (start)"], scores["grpo"]
+    assert tuned["mean_reward"] >= start["mean_reward"] and tuned["stopped"] >= 80, scores

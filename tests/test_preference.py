@@ -348,12 +348,19 @@ def test_shipped_yamls_run_on_a_tiny_model(name, tiny_gemma3, alpaca_file, tmp_p
     from tests.conftest import EXAMPLES_DIR
 
     sft = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "runs", max_steps=1, run_name="sft")).run_dir
+    test_rows = (EXAMPLES_DIR / "preference" / "tickets_pairs_test.jsonl").read_text().splitlines()[:2]
+    (tmp_path / "test.jsonl").write_text("\n".join(test_rows) + "\n")
     cfg = load_config(EXAMPLES_DIR / name, [f"model.name={tiny_gemma3}", f"model.adapter={sft}", "data.max_rows=4",
-                                            "data.eval_ratio=0", "data.test_file=null", "train.max_steps=2",
-                                            "train.precision=fp32", f"train.output_dir={tmp_path / 'runs'}",
-                                            "train.max_completion_length=8"])
-    run = train(cfg).run_dir
+                                            "data.eval_ratio=0", f"data.test_file={tmp_path / 'test.jsonl'}",
+                                            "train.max_steps=2", "train.precision=fp32",
+                                            f"train.output_dir={tmp_path / 'runs'}", "train.max_completion_length=8"])
+    result = train(cfg)
+    run = result.run_dir
     assert (run / "adapter_model.safetensors").is_file()
+    # the report: the base, the adapter the run continued, and the run's own; the extra adapter is gone afterwards
+    variants = [v["name"] for v in json.loads((run / "eval.json").read_text())["variants"]]
+    assert variants == ["base", "sft (start)", run.name]
+    assert list(result.model.peft_config) == ["default"]
     metrics = [m for m in read_metrics(run) if "loss" in m]
     assert metrics and all(math.isfinite(m["loss"]) for m in metrics)
     assert ("rewards/right_routing" if name == "grpo.yaml" else "rewards/accuracies") in metrics[-1]

@@ -102,3 +102,20 @@ def test_overwrite_on_a_run_folder_that_does_not_exist_yet_starts_it(tiny_gemma3
     first = train(cfg, overwrite=True)
     assert (first.run_dir / "adapter_model.safetensors").is_file()
     assert (train(cfg, overwrite=True).run_dir / "adapter_model.safetensors").is_file()  # and replaces its own run
+
+
+def test_sft_continuing_an_adapter_starts_from_it_and_reports_it(tiny_gemma3, alpaca_file, tmp_path):
+    first = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "runs", max_steps=2, run_name="first")).run_dir
+    cfg = tiny_config(tiny_gemma3, alpaca_file, tmp_path / "runs", max_steps=1, run_name="second", learning_rate=1e-12)
+    cfg.model.adapter = str(first)
+    cfg.data.test_file = str(alpaca_file)
+    result = train(cfg)
+    # a learning rate of 1e-12 (Adam moves each weight by about that): the adapter saved is the one it continued
+    before, after = load_file(str(first / "adapter_model.safetensors")), load_file(
+        str(result.run_dir / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.allclose(before[k], after[k], atol=1e-9, rtol=0) for k in before)
+    report = {v["name"]: v for v in json.loads((result.run_dir / "eval.json").read_text())["variants"]}
+    assert list(report) == ["base", "first (start)", "second"]
+    assert report["first (start)"]["response_loss"] == pytest.approx(report["second"]["response_loss"], abs=1e-5)
+    assert report["base"]["response_loss"] != report["second"]["response_loss"]
+    assert list(result.model.peft_config) == ["default"]

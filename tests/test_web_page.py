@@ -135,6 +135,69 @@ def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_ada
     assert problems == []
 
 
+def write_method_runs(runs: Path) -> list[float]:
+    """A GRPO run (rewards per step, its reward report) and a DPO run (its preference report), each report written by
+    its own writer. Returns the GRPO run's rewards."""
+    from gemmatune.infer.preference import PairReport, PairScores
+    from gemmatune.infer.rewards import RewardReport, RewardScores
+
+    rewards = [0.1 * step for step in range(1, 7)]
+    for name in ("grpo", "dpo"):
+        (runs / name).mkdir(parents=True)
+    write_jsonl(runs / "grpo" / "metrics.jsonl", [{"step": step, "loss": 0.001 * step, "reward": r, "kl": 0.0}
+                                                  for step, r in enumerate(rewards, 1)])
+    RewardReport("test.jsonl", 8, 24, [RewardScores("base", 0.125, {"routing_format": 0.25, "right_routing": 0.0},
+                                                    50.0, 20.0),
+                                       RewardScores("grpo", 1.375, {"routing_format": 1.0, "right_routing": 0.375},
+                                                    100.0, 9.0)]).save(runs / "grpo")
+    write_jsonl(runs / "dpo" / "metrics.jsonl", [{"step": 1, "loss": 0.6931, "rewards/accuracies": 0.5}])
+    PairReport("pairs.jsonl", 8, "chat", 24, [PairScores("base", 37.5, -0.25, -20.0, -19.75, 50.0, 20.0),
+                                               PairScores("dpo", 87.5, 3.125, -12.0, -15.125, 100.0, 9.0)]).save(
+        runs / "dpo")
+    return rewards
+
+
+def test_page_shows_each_method_figure(two_adapters, tiny_gemma3, tmp_path):
+    """GRPO: the curve is the reward per step, the table the rewards per function; DPO: preference accuracy."""
+    require(Path(CHROMIUM).is_file(), "Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
+    require(sync_api is not None, "the playwright package (pip install -e '.[test]')")
+    rewards = write_method_runs(tmp_path / "runs")
+    server = ServerProcess(serve_args(tiny_gemma3, two_adapters, tmp_path / "runs"), tmp_path / "server.log")
+    problems: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+            context = browser.new_context(viewport={"width": 1500, "height": 900})
+            context.add_init_script(f"localStorage.setItem('gemmatune-api-key', {json.dumps(API_KEY)})")
+            page = context.new_page()
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(server.url + "/")
+            page.locator("#runs li[data-name=grpo]").click()
+            chart = page.locator("#chart")
+            sync_api.expect(chart).to_have_attribute("data-train-points", str(len(rewards)), timeout=20_000)
+            assert page.evaluate("window.gemmatune.chart.data[1]") == rewards
+            sync_api.expect(page.locator("#chart-legend .key.train")).to_have_text("train reward")
+            sync_api.expect(page.locator("#chart svg .label.y")).to_have_text("reward")
+            table = page.locator("#eval-table")
+            sync_api.expect(table).to_contain_text("mean reward")
+            sync_api.expect(table).to_contain_text("reward: right_routing")
+            sync_api.expect(table).to_contain_text("1.375")
+            sync_api.expect(table).to_contain_text("0.375")
+            page.locator("#runs li[data-name=dpo]").click()
+            sync_api.expect(page.locator("#chart-legend .key.train")).to_have_text("train loss", timeout=10_000)
+            sync_api.expect(table).to_contain_text("preference accuracy %")
+            sync_api.expect(table).to_contain_text("87.5")
+            browser.close()
+    finally:
+        server.stop()
+    assert problems == []
+
+
 def test_run_summary_progress_eta_and_finish(tmp_path):
     """What the page shows of a run: step / total (config max_steps, then run.json), tokens/s, ETA, state."""
     import os

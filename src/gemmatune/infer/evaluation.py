@@ -24,7 +24,7 @@ from gemmatune.data.media import media_features, token_types
 from gemmatune.data.rows import read_eval_rows
 from gemmatune.data.templates import content_text, tokenize_row
 from gemmatune.errors import GemmatuneError
-from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
+from gemmatune.infer.model import BASE, SamplingSettings, TunedModel, just_trained
 from gemmatune.models.loss import IGNORE, causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
 from gemmatune.models.packing import PACKED_SDPA
 from gemmatune.runs.folder import write_eval
@@ -311,11 +311,11 @@ def evaluate(
 
 
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,
-                            precision: str, processor=None) -> EvalReport:
-    """Base vs the adapter just trained (same model object, adapter switched off for the base)."""
-    tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision,
-                       processor=processor)
-    report = evaluate(tuned, test_file, labels={"default": Path(run_dir).name})
+                            precision: str, processor=None, start_adapter: str | None = None) -> EvalReport:
+    """Base (and the adapter the run continued) vs the adapter just trained, on the same model object."""
+    tuned, labels = just_trained(peft_model, tokenizer, family, template, precision, run_dir, start_adapter,
+                                 processor)
+    report = evaluate(tuned, test_file, labels=labels)
     written = report.save(run_dir)
     print(report.table(), flush=True)
     log.info("evaluation on %s written to %s (%.0f s)", Path(test_file).name, written,

@@ -306,3 +306,25 @@ class TunedModel:
             self.merged_adapter = None
 
 
+
+
+START = "start"  # the adapter a run continued (model.adapter), loaded beside the trained one for the evaluation
+
+
+def just_trained(peft_model, tokenizer, family, template: str, precision: str, run_dir, start_adapter=None,
+                 processor=None) -> tuple[TunedModel, dict[str, str]]:
+    """The model a run just trained, for the end-of-run evaluation, and the labels its report uses: the base (adapter
+    off), the adapter the run continued (`model.adapter`: loaded again beside the trained one, so the report shows
+    what this run changed, not only base vs the end) and the run's own adapter, named after the run folder."""
+    from pathlib import Path
+
+    adapters: dict[str, str | None] = {"default": template}
+    labels = {"default": Path(run_dir).name}
+    if start_adapter:
+        from gemmatune.runs.adapter_folder import read_adapter_folder
+
+        folder = read_adapter_folder(start_adapter, "config key model.adapter:")
+        peft_model.load_adapter(str(folder.path), adapter_name=START)
+        adapters = {START: template, "default": template}
+        labels[START] = f"{folder.path.name} (start)"
+    return TunedModel(peft_model, tokenizer, family, template, adapters, precision, processor=processor), labels

@@ -15,7 +15,7 @@ import torch
 
 from gemmatune.data.pairs import FORMAT, Pair, PairCollator, read_pair_rows, tokenize_pair
 from gemmatune.infer.log_probs import sequence_log_probs
-from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
+from gemmatune.infer.model import BASE, SamplingSettings, just_trained
 from gemmatune.runs.folder import write_eval
 
 log = logging.getLogger("gemmatune")
@@ -129,10 +129,11 @@ def evaluate_pairs(tuned, data: str | Path, adapters: list[str] | None = None, l
 
 
 def evaluate_pairs_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,
-                                  precision: str) -> PairReport:
-    """Base vs the adapter just trained on the run's preference test file; eval.json / eval.md in the run."""
-    tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision)
-    report = evaluate_pairs(tuned, test_file, labels={"default": Path(run_dir).name})
+                                  precision: str, start_adapter: str | None = None) -> PairReport:
+    """Base (and the adapter the run continued) vs the adapter just trained on the run's preference test file;
+    eval.json / eval.md in the run."""
+    tuned, labels = just_trained(peft_model, tokenizer, family, template, precision, run_dir, start_adapter)
+    report = evaluate_pairs(tuned, test_file, labels=labels)
     written = report.save(run_dir)
     print(report.table(), flush=True)
     log.info("preference evaluation on %s written to %s (%.0f s)", Path(test_file).name, written,

@@ -18,7 +18,7 @@ from pathlib import Path
 from gemmatune.config import Config
 from gemmatune.data.prompts import read_prompt_file
 from gemmatune.errors import GemmatuneError
-from gemmatune.infer.model import BASE, SamplingSettings, TunedModel
+from gemmatune.infer.model import BASE, SamplingSettings, just_trained
 from gemmatune.runs.folder import write_eval
 
 
@@ -129,9 +129,9 @@ def evaluate_rewards(tuned, data: str | Path, functions: list[tuple[str, Callabl
 
 def evaluate_rewards_after_training(peft_model, tokenizer, family, cfg: Config, run_dir: Path,
                                     precision: str) -> RewardReport:
-    tuned = TunedModel(peft_model, tokenizer, family, "chat", {"default": "chat"}, precision)
+    tuned, labels = just_trained(peft_model, tokenizer, family, "chat", precision, run_dir, cfg.model.adapter)
     report = evaluate_rewards(tuned, cfg.data.test_file, load_reward_functions(cfg.train.reward_functions),
-                              cfg.train.max_completion_length, labels={"default": Path(run_dir).name})
+                              cfg.train.max_completion_length, labels=labels)
     report.save(run_dir)
     print(report.table(), flush=True)
     return report

@@ -55,6 +55,12 @@ class LoraDropout(nn.Module):
         return f"p={self.p}, 16-bit draws"
 
 
+def set_lora_dropout(peft_model: nn.Module, method: str) -> int:
+    """The LoRA dropout a training method uses: sft, PEFT's distribution at a fraction of its cost; dpo, orpo and
+    grpo, none (`remove_lora_dropout`). Returns how many layers' dropouts were replaced."""
+    return use_fast_lora_dropout(peft_model) if method == "sft" else remove_lora_dropout(peft_model)
+
+
 def use_fast_lora_dropout(peft_model: nn.Module) -> int:
     """Replace every LoRA layer's `nn.Dropout` with a `LoraDropout` of the same rate. Layers without dropout
     (`lora_dropout: 0`: PEFT puts nn.Identity) are left exactly as they are. Returns how many were replaced."""

@@ -18,6 +18,7 @@ from gemmatune.data.examples import ExampleDataset, PadCollator, tokenize_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.infer.evaluation import evaluate_after_training
+from gemmatune.infer.model import START
 from gemmatune.models.loading import Loaded, load_model
 from gemmatune.models.lora import attach_lora
 from gemmatune.models.quantization import quantized_layers
@@ -39,7 +40,7 @@ from gemmatune.runs.folder import (
 from gemmatune.runs.plot import plot_losses
 from gemmatune.runs.publish import open_run_dir, start_run_dir
 from gemmatune.train.allocator import allocator_note
-from gemmatune.train.lora_dropout import remove_lora_dropout, use_fast_lora_dropout
+from gemmatune.train.lora_dropout import set_lora_dropout
 from gemmatune.train.norms import use_lean_rms_norm
 from gemmatune.train.preflight import check_inputs, check_lora_targets
 
@@ -96,7 +97,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
 
 
 def evaluate_test_file(cfg: Config, run: Setup) -> None:
-    """Base vs the adapter just trained on data.test_file, by the method's measure; eval.json / eval.md in the run."""
+    """Base (and the adapter the run continued) vs the adapter just trained on data.test_file, by the method's
+    measure; eval.json / eval.md in the run."""
     loaded, model, run_dir = run.loaded, run.model, run.run_dir
     if cfg.train.method == "grpo":
         from gemmatune.infer.rewards import evaluate_rewards_after_training
@@ -106,10 +108,12 @@ def evaluate_test_file(cfg: Config, run: Setup) -> None:
         from gemmatune.infer.preference import evaluate_pairs_after_training
 
         evaluate_pairs_after_training(model, loaded.tokenizer, loaded.family, run.data.template, cfg.data.test_file,
-                                      run_dir, loaded.precision)
+                                      run_dir, loaded.precision, cfg.model.adapter)
     else:
         evaluate_after_training(model, loaded.tokenizer, loaded.family, run.data.template, cfg.data.test_file,
-                                run_dir, loaded.precision, loaded.processor)
+                                run_dir, loaded.precision, loaded.processor, cfg.model.adapter)
+    if cfg.model.adapter:  # the starting adapter was loaded beside the trained one for the report only
+        model.delete_adapter(START)
 
 
 @dataclass
@@ -242,10 +246,7 @@ def prepare_for_training(loaded: Loaded, cfg: Config):
     else:
         model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
                                     autocast=autocast)
-    if cfg.train.method == "sft":
-        use_fast_lora_dropout(model)  # PEFT's distribution at a fraction of its cost
-    else:
-        remove_lora_dropout(model)  # the policy at step 1 is exactly the reference it starts from
+    set_lora_dropout(model, cfg.train.method)
     return model, report
 
 

@@ -121,13 +121,19 @@ function smoothed(values) {
   });
 }
 
-function seriesData() {
-  // One x per step; train and eval losses logged at the same step share it (the hover reads one step's values).
+function chartFigure() {
+  // What the train curve shows: a GRPO run's mean reward (its loss, with one update per generation, stays near 0),
+  // otherwise the loss.
+  return state.rows.some((row) => row.reward != null) ? "reward" : "loss";
+}
+
+function seriesData(figure) {
+  // One x per step; train and eval values logged at the same step share it (the hover reads one step's values).
   const byStep = new Map();
   for (const row of state.rows) {
-    if (row.loss == null && row.eval_loss == null) continue;
+    if (row[figure] == null && row.eval_loss == null) continue;
     const at = byStep.get(row.step) || { train: null, eval: null };
-    if (row.loss != null) at.train = row.loss;
+    if (row[figure] != null) at.train = row[figure];
     if (row.eval_loss != null) at.eval = row.eval_loss;
     byStep.set(row.step, at);
   }
@@ -139,13 +145,14 @@ function seriesData() {
 }
 
 function draw() {
-  const data = seriesData();
+  const figure = chartFigure();
+  const data = seriesData(figure);
   const trainPoints = data[1].filter((v) => v != null).length;
   const evalPoints = data[2].filter((v) => v != null).length;
   $("point-count").textContent = `${trainPoints} train points, ${evalPoints} eval points`;
   $("chart").dataset.trainPoints = trainPoints;
   $("chart").dataset.evalPoints = evalPoints;
-  state.chart = { data, smooth: $("smooth").checked };
+  state.chart = { data, figure, smooth: $("smooth").checked };
   drawChart(state.chart);
 }
 
@@ -154,9 +161,9 @@ function draw() {
 const SVG_NS = "http://www.w3.org/2000/svg";
 const CHART_HEIGHT = 320;
 const MARGIN = { left: 56, right: 16, top: 12, bottom: 40 };
-const SERIES = [ // [index in data, label, CSS class]
-  [1, "train loss", "train"], [2, "eval loss", "eval"], [3, `train loss, EMA ${EMA}`, "smooth"],
-];
+function chartSeries(figure) { // [index in data, label, CSS class]
+  return [[1, `train ${figure}`, "train"], [2, "eval loss", "eval"], [3, `train ${figure}, EMA ${EMA}`, "smooth"]];
+}
 
 function svg(tag, attrs, parent) {
   const el = document.createElementNS(SVG_NS, tag);
@@ -182,7 +189,8 @@ function format(value) {
 function drawChart(chart) {
   const box = $("chart");
   const [steps, ...series] = chart.data;
-  const shown = SERIES.filter(([i]) => i !== 3 || chart.smooth);
+  const all = chartSeries(chart.figure);
+  const shown = all.filter(([i]) => i !== 3 || chart.smooth);
   const width = Math.max(320, box.clientWidth || 640);
   const plotWidth = width - MARGIN.left - MARGIN.right, plotHeight = CHART_HEIGHT - MARGIN.top - MARGIN.bottom;
   const values = shown.flatMap(([i]) => series[i - 1]).filter((v) => v != null);
@@ -194,7 +202,7 @@ function drawChart(chart) {
   const x = (step) => MARGIN.left + ((step - x0) / (x1 - x0)) * plotWidth;
   const y = (v) => MARGIN.top + (1 - (v - y0) / (y1 - y0)) * plotHeight;
 
-  const root = svg("svg", { width, height: CHART_HEIGHT, role: "img", "aria-label": "loss by step" });
+  const root = svg("svg", { width, height: CHART_HEIGHT, role: "img", "aria-label": `${chart.figure} by step` });
   const axes = svg("g", { class: "axes" }, root);
   for (const v of ticks(y0, y1, 6)) {
     svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y(v), y2: y(v), class: "grid" }, axes);
@@ -207,7 +215,7 @@ function drawChart(chart) {
   svg("rect", { x: MARGIN.left, y: MARGIN.top, width: plotWidth, height: plotHeight, class: "frame" }, axes);
   svg("text", { x: MARGIN.left + plotWidth / 2, y: CHART_HEIGHT - 4, class: "label" }, axes).textContent = "step";
   svg("text", { x: 14, y: MARGIN.top + plotHeight / 2, class: "label y",
-    transform: `rotate(-90 14 ${MARGIN.top + plotHeight / 2})` }, axes).textContent = "loss";
+    transform: `rotate(-90 14 ${MARGIN.top + plotHeight / 2})` }, axes).textContent = chart.figure;
 
   for (const [i, , name] of shown) {
     // One vertex per logged value; a missing value (a step with only the other loss) is skipped, not a gap.
@@ -235,7 +243,7 @@ function drawChart(chart) {
   }));
   const overlay = svg("rect", { x: MARGIN.left, y: MARGIN.top, width: plotWidth, height: plotHeight,
     class: "overlay" }, root);
-  const label = (item) => SERIES.find(([i]) => i === Number(item.dataset.series))[1];
+  const label = (item) => all.find(([i]) => i === Number(item.dataset.series))[1];
   const showStep = (k) => {
     cursor.setAttribute("x1", x(steps[k]));
     cursor.setAttribute("x2", x(steps[k]));
@@ -270,31 +278,42 @@ function cell(text, className) {
   return td;
 }
 
+function evalMetrics(report) {
+  // [label, key or function of a variant, digits] per table row, by the report's kind: a preference run's scores
+  // pairs (accuracy and margin), a GRPO run's the rewards of its answers, a supervised run's loss and matches.
+  const stops = [["stopped at EOS/end-of-turn %", "stopped", 1], ["mean new tokens", "mean_new_tokens", 1]];
+  if (report.kind === "preference") {
+    return [["preference accuracy %", "accuracy", 1], ["mean margin (nats)", "mean_margin", 3],
+      ["log p(chosen)", "chosen_log_prob", 3], ["log p(rejected)", "rejected_log_prob", 3], ...stops];
+  }
+  if (report.kind === "grpo") {
+    const names = Object.keys(report.variants[0]?.per_function || {});
+    return [["mean reward", "mean_reward", 3], ...names.map((n) => [`reward: ${n}`, (v) => v.per_function[n], 3]),
+      ...stops];
+  }
+  return [["response loss", "response_loss", 4], ["perplexity", "perplexity", 2], ["exact match %", "exact_match", 1],
+    ["ROUGE-L F1 %", "rouge_l", 1], ...stops];
+}
+
 async function loadEval() {
   const name = state.run;
   const report = await getJsonOrNull(`/api/runs/${encodeURIComponent(name)}/eval`);
   if (report === null) return;
   if (name !== state.run) return;
-  // A preference run's report (kind "preference") scores pairs: accuracy and margin instead of loss and matches.
-  const metrics = report.kind === "preference"
-    ? [["preference accuracy %", "accuracy", 1], ["mean margin (nats)", "mean_margin", 3],
-      ["log p(chosen)", "chosen_log_prob", 3], ["log p(rejected)", "rejected_log_prob", 3],
-      ["stopped at EOS/end-of-turn %", "stopped", 1], ["mean new tokens", "mean_new_tokens", 1]]
-    : [["response loss", "response_loss", 4], ["perplexity", "perplexity", 2],
-      ["exact match %", "exact_match", 1], ["ROUGE-L F1 %", "rouge_l", 1],
-      ["stopped at EOS/end-of-turn %", "stopped", 1], ["mean new tokens", "mean_new_tokens", 1]];
+  const metrics = evalMetrics(report).map(([label, key, digits]) =>
+    [label, typeof key === "function" ? key : (v) => v[key], digits]);
   const table = document.createElement("table");
   table.id = "eval-table";
   const head = table.insertRow();
   head.append(cell("metric"), ...report.variants.map((v) => cell(v.name)));
   for (const [label, key, digits] of metrics) {
     const row = table.insertRow();
-    row.append(cell(label), ...report.variants.map((v) => cell(Number(v[key]).toFixed(digits), "num")));
+    row.append(cell(label), ...report.variants.map((v) => cell(Number(key(v)).toFixed(digits), "num")));
   }
   const note = document.createElement("p");
   note.className = "muted";
-  note.textContent = `${report.rows} rows of ${report.file}, greedy, at most ${report.max_new_tokens} new tokens, ` +
-    `template ${report.template}.`;
+  note.textContent = `${report.rows} rows of ${report.file}, greedy, at most ${report.max_new_tokens} new tokens` +
+    (report.template ? `, template ${report.template}.` : ".");
   const parts = [table, note];
   report.samples.forEach((sample, i) => {
     const h = document.createElement("h4");
