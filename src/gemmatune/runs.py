@@ -35,6 +35,9 @@ RECORD_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 CHECKPOINTS = "checkpoints"
+SWEEP = "sweep"
+"""`gemmatune sweep` keeps its trials (sweep/trial-N/, each a run folder) and its summary here, inside the run folder
+of the final run."""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OUTPUT_MARKER = ".gemmatune-output.json"
@@ -183,7 +186,8 @@ def open_run_dir(cfg: Config, resume: bool, overwrite: bool, force: bool = False
     """Check the run folder against the request before any work; nothing is created here."""
     run_dir = run_dir_for(cfg)
     _check_folder_path(run_dir, "train.output_dir/run_name")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or not any(p.name != SWEEP for p in run_dir.iterdir()):
+        # A folder holding only a sweep's trials is where that sweep's final run starts.
         if resume:
             raise GemmatuneError(f"--resume: {run_dir} has no run to resume; drop --resume to start it")
         return run_dir
@@ -221,6 +225,8 @@ _RESUMABLE_CHANGES = {
     ("train", "num_train_epochs"), ("train", "max_steps"), ("train", "logging_steps"), ("train", "save_steps"),
     ("train", "eval_steps"), ("train", "save_total_limit"), ("train", "num_threads"),
     ("train", "early_stopping_patience"), ("train", "on_nonfinite"), ("data", "test_file"),
+    ("train", "time_budget"), ("train", "early_stopping"), ("train", "early_stopping_threshold"),
+    ("train", "eval_on_start"),
 }
 
 
@@ -299,7 +305,7 @@ def check_replaceable(out: Path, kind: str, inputs: Iterable[Path] = (), what: s
                              f"only a previous {kind} output: choose another {what} or remove it yourself")
     names = {p.name for p in out.iterdir()} - {OUTPUT_MARKER}
     if kind == "run":
-        foreign = sorted(n for n in names if n != CHECKPOINTS and not n.startswith(".")
+        foreign = sorted(n for n in names if n not in (CHECKPOINTS, SWEEP) and not n.startswith(".")
                          and ((out / n).is_dir() or (out / n).is_symlink()))
     else:
         listed = marker.get("entries")

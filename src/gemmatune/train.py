@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import set_seed
 
+from gemmatune import budget as budgets
 from gemmatune import runs
 from gemmatune.allocator import allocator_note
 from gemmatune.checkpoints import is_out_of_space, latest_complete, out_of_space_error, resume_point
@@ -19,7 +20,7 @@ from gemmatune.compat import attn_implementation
 from gemmatune.config import Config
 from gemmatune.data import ExampleDataset, PadCollator, tokenize_data
 from gemmatune.errors import GemmatuneError
-from gemmatune.evaluation import evaluate_after_training
+from gemmatune.evaluation import evaluate_after_training, score_base_before_training
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.loading import Loaded, load_model
 from gemmatune.lora import attach_lora
@@ -78,6 +79,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
              t.per_device_train_batch_size * t.gradient_accumulation_steps * dist.num_processes,
              t.per_device_train_batch_size, t.gradient_accumulation_steps, dist.num_processes,
              trainer.path.describe())
+    budget, base_scores = add_time_budget(cfg, trainer, data, started, model, tokenizer, family, loaded, dist)
 
     # --- train
     if dist.is_main_process:
@@ -94,6 +96,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
         raise guard.error(latest_complete(run_dir / runs.CHECKPOINTS))
     if stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
         saved = latest_complete(run_dir / runs.CHECKPOINTS)
+        log.info("stop reason: %s", budgets.INTERRUPTED)
         return TrainResult(run_dir, model, tokenizer, {}, dist.is_main_process,
                            stopped=f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in "
                                    f"{saved}")
@@ -104,6 +107,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     record = run_record(cfg, loaded, data, report, result, final_eval, trainer.metrics.tokens_per_second,
                         threads, time.perf_counter() - started, dist.num_processes)
     record["training"]["nonfinite_steps_skipped"] = guard.skipped_steps
+    reason, why = budgets.stop_reason(False, trainer.stopping, budget)
+    record["training"]["stop_reason"], record["training"]["stop_detail"] = reason, why
+    record["training"]["early_stopping"] = trainer.stopping.summary() if trainer.stopping else None
+    record["training"]["time_budget"] = budget.summary() if budget else None
+    log.info("stop reason: %s (%s)", reason, why)
     # Under FSDP the weights are sharded: gathering them is collective, so every rank takes part.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if dist.is_main_process:
@@ -120,8 +128,31 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
     if cfg.data.test_file and dist.is_main_process:
         evaluate_after_training(model, tokenizer, family, data.template, cfg.data.test_file, run_dir, loaded.precision,
-                                loaded.processor)
+                                loaded.processor, known=base_scores)
+    if budget is not None and dist.is_main_process:
+        record["training"]["time_budget"] = budget.summary()  # now with the test report's time in it
+        runs.write_record(run_dir, record)
+        log.info("time budget %s: the run took %s", budgets.format_duration(budget.seconds),
+                 budgets.format_duration(budget.spent()))
     return TrainResult(run_dir, model, tokenizer, record, dist.is_main_process)
+
+
+def add_time_budget(cfg: Config, trainer, data, started: float, model, tokenizer, family, loaded, dist):
+    """With train.time_budget: the TimeBudget callback on `trainer`, after scoring the base half of the test report
+    (timed: the tuned half after training is planned to take as long). Returns (budget or None, base scores)."""
+    if cfg.train.time_budget is None:
+        return None, None
+    budgets.warm_plotting()
+    base_scores, after = None, 1.5  # the adapter save, loss.png and run.json: about a second on a small adapter
+    if cfg.data.test_file and dist.is_main_process:
+        base_scores, took = score_base_before_training(model, tokenizer, family, data.template, cfg.data.test_file,
+                                                       loaded.precision, loaded.processor)
+        after += 1.1 * took
+    eval_tokens = sum(len(e.input_ids) for e in data.eval.examples) if data.eval else 0
+    budget = budgets.TimeBudget(budgets.parse_duration(cfg.train.time_budget), started, eval_tokens, after,
+                                trainer.progress)
+    trainer.add_callback(budget)
+    return budget, base_scores
 
 
 def distributed_state():
@@ -156,7 +187,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
                   processor=None) -> GemmatuneTrainer:
     """The Trainer for `cfg`, writing checkpoints and metrics.jsonl into `run_dir`; with a multimodal
     `processor`, batches also carry the image and audio tensors of their examples (media.MediaCollator)."""
-    from transformers import EarlyStoppingCallback, TrainingArguments
+    from transformers import TrainingArguments
 
     from gemmatune.packing import PackCollator
     from gemmatune.trainer import GemmatuneTrainer
@@ -169,10 +200,6 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         raise GemmatuneError(
             f"config key train.eval_steps: with load_best_model_at_end, save_steps ({t.save_steps}) must be a "
             f"multiple of eval_steps ({eval_steps})"
-        )
-    if t.early_stopping_patience and not has_eval:
-        raise GemmatuneError(
-            "config key train.early_stopping_patience: needs an eval set (data.eval_file or data.eval_ratio)"
         )
     args = TrainingArguments(
         output_dir=str(run_dir / runs.CHECKPOINTS),
@@ -196,7 +223,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
-        eval_on_start=has_eval,
+        eval_on_start=has_eval and t.eval_on_start,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # retention is GemmatuneTrainer's (keep_checkpoints): it counts only complete ones
@@ -213,14 +240,13 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         use_cpu=device_kind() == "cpu",
         disable_tqdm=False,
     )
-    early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
-                      if t.early_stopping_patience else [])
+    stopping = budgets.stopping_callback(t, has_eval, best_at_end)
     collator = PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id)
     if processor is not None:
         from gemmatune.media import MediaCollator
 
         collator = MediaCollator(collator, processor)
-    return GemmatuneTrainer(
+    trainer = GemmatuneTrainer(
         run_dir=run_dir,
         packing=t.packing,
         on_nonfinite=t.on_nonfinite,
@@ -231,8 +257,10 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, precision:
         eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=early_stopping,
+        callbacks=[stopping] if stopping else [],
     )
+    trainer.stopping = stopping
+    return trainer
 
 
 def run_record(cfg, loaded, data, report, result, final_eval, tokens_per_second, threads, wall, processes) -> dict:
