@@ -101,9 +101,9 @@ class Costs:
 
 
 def steps_that_fit(remaining: float, costs: Costs, step: int, eval_every: int | None, save_every: int | None,
-                   limit: int) -> int:
+                   limit: int, closing_evals: int = 2) -> int:
     """The most steps after `step` (at most up to `limit`) whose training, evaluations and saves, plus what comes
-    after training, fit in `remaining` seconds."""
+    after training (`closing_evals` evaluations when the run has an eval split), fit in `remaining` seconds."""
     per_step = costs.step or 0.0
 
     def cost(k: int) -> float:
@@ -112,7 +112,7 @@ def steps_that_fit(remaining: float, costs: Costs, step: int, eval_every: int | 
         saves = (end // save_every - step // save_every) if save_every else 0
         # The end of training evaluates and saves once more (the Trainer's last step; train()'s final evaluation).
         return k * per_step + evals * (costs.eval or 0) + (saves + 1) * costs.save \
-            + (2 * (costs.eval or 0) if eval_every else 0) + costs.after
+            + closing_evals * (costs.eval or 0) + costs.after
 
     if per_step <= 0:
         return max(0, limit - step)
@@ -182,8 +182,12 @@ class TimeBudget(TrainerCallback, ExportableState):
     train(); `eval_tokens` the eval split's tokens (for the eval estimate before one is measured); `after`
     seconds measured or estimated for what train() does after training."""
 
-    def __init__(self, seconds: float, started: float, eval_tokens: int = 0, after: float = 0.0, progress=None):
+    def __init__(self, seconds: float, started: float, eval_tokens: int = 0, after: float = 0.0, progress=None,
+                 picks_best: bool = True):
         self.seconds = seconds
+        # Without a best checkpoint to pick, the Trainer's evaluation of the last step repeats train()'s closing
+        # one on the same weights: it is skipped, and not planned for.
+        self.picks_best = picks_best
         self.started = started
         self.eval_tokens = eval_tokens
         self.costs = Costs(after=after)
@@ -248,6 +252,8 @@ class TimeBudget(TrainerCallback, ExportableState):
             control.should_training_stop = True
             if args.save_strategy == "steps":
                 control.should_save = True  # the last step is saved, as the Trainer's own last step is
+            if not self.picks_best:
+                control.should_evaluate = False
         self._show(state)
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -269,7 +275,7 @@ class TimeBudget(TrainerCallback, ExportableState):
         if self.costs.eval is None and self._eval_every and self._tokens_per_second:
             self.costs.eval = self.eval_tokens / (EVAL_SPEEDUP * self._tokens_per_second)
         fit = state.global_step + steps_that_fit(self.remaining(), self.costs, state.global_step, self._eval_every,
-                                                 self._save_every, self.limit)
+                                                 self._save_every, self.limit, 2 if self.picks_best else 1)
         fit = max(fit, state.global_step)
         if self.planned is not None and fit > self.planned and fit - self.planned <= REPLAN_TOLERANCE * self.planned:
             return  # a little more time than planned: keep the schedule, end a little early

@@ -1,7 +1,7 @@
 """Command line: argv -> config or arguments -> one library call per subcommand. No logic of its own.
 
-Every subcommand is here (train, plan, generate, chat, eval, merge, export, serve). The options several commands share
-(--debug, the config and --set, the model options, the sampling options) are each declared once, in a
+Every subcommand is here (train, sweep, plan, generate, chat, eval, merge, export, serve). The options several
+commands share (--debug, the config and --set, the model options, the sampling options) are each declared once, in a
 parent parser that those commands list.
 """
 
@@ -97,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not restart with tcmalloc preloaded (by default the command restarts itself once "
                         "with LD_PRELOAD set to an installed tcmalloc: ~20%% faster CPU training)")
     p.set_defaults(func=cmd_train)
+
+    p = command("sweep", "config", help="pick the learning rate (and rank) with short trials, then train the winner, "
+                "all within train.time_budget", formatter_class=RAW,
+                description="A few short trials (learning rates, and ranks with a longer budget, chosen from the data "
+                            "size; successive halving) ranked on a held-out split carved from the training rows, then "
+                            "the full run with the winner, all within train.time_budget. The trials are kept in "
+                            "RUN/sweep/trial-N/ with a summary (sweep/summary.md, sweep/sweep.json); the final run "
+                            "is RUN itself. `gemmatune plan` shows the trials the sweep would run.",
+                epilog="example:\n  gemmatune sweep examples/quickstart.yaml --set train.time_budget=10m")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--no-tcmalloc", action="store_true", help="as for train")
+    p.set_defaults(func=cmd_sweep)
 
     p = command("plan", "config", help="show what a config trains and the memory it needs, without loading weights",
                 description="Count wrapped modules and trainable parameters exactly (model on the meta device) and "
@@ -248,6 +260,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gemmatune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    from gemmatune.sweep import summary_markdown, sweep
+
+    result = sweep(cfg, overwrite=args.overwrite)
+    print(summary_markdown(result))
+    print(f"run folder: {result.run_dir} (trials in {result.run_dir / 'sweep'})")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from gemmatune.config import load_config
     from gemmatune.plan import make_plan, parse_size
@@ -255,7 +280,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     memory = parse_size(args.device_memory) if args.device_memory else None
     plan = make_plan(cfg, memory, args.world_size, args.device, args.seq_len)
-    print("\n".join(plan.lines()))
+    from gemmatune.sweep import plan_lines
+
+    print("\n".join(plan.lines() + plan_lines(cfg)))
     return 0
 
 
@@ -424,7 +451,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `gemmatune` command; returns the exit code (2 for a GemmatuneError, printed as one line)."""
-    if argv is None and "train" in sys.argv[1:3]:
+    if argv is None and ("train" in sys.argv[1:3] or "sweep" in sys.argv[1:3]):
         # Only a real `gemmatune train` process restarts itself; library calls with an argv never do.
         from gemmatune.allocator import limit_onednn_cache, reexec_with_tcmalloc
 

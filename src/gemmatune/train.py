@@ -150,7 +150,7 @@ def add_time_budget(cfg: Config, trainer, data, started: float, model, tokenizer
         after += 1.1 * took
     eval_tokens = sum(len(e.input_ids) for e in data.eval.examples) if data.eval else 0
     budget = budgets.TimeBudget(budgets.parse_duration(cfg.train.time_budget), started, eval_tokens, after,
-                                trainer.progress)
+                                trainer.progress, picks_best=trainer.args.load_best_model_at_end)
     trainer.add_callback(budget)
     return budget, base_scores
 
