@@ -2,9 +2,9 @@
 through the real `gemmatune` CLI, each run in its own process.
 
   format   a format-learning task made here (short order text -> one exact JSON line; `make_format_rows`, fixed
-           seed, 400 train / 100 test rows, written into --out at run time): the fixed recipe (2 epochs, batch 8,
+           seed, 240 train / 80 test rows, written into --out at run time): the fixed recipe (2 epochs, batch 8,
            lr 5e-4, no eval split) timed end to end, then the same config with train.time_budget = a third of that
-           time. Compares exact match and stop rate on the 100 test rows (gemmatune's own eval.json).
+           time. Compares exact match and stop rate on the 80 test rows (gemmatune's own eval.json).
   alpaca   480 Alpaca rows (240 EN + 240 ZH, from ../shared/data/alpaca or --alpaca-dir) and 400 held-out rows
            (200 + 200, rows 400-599 of each file): the tutorial recipe (batch 4 x accumulation 4, lr 2e-4, 1 epoch)
            against `gemmatune sweep` with train.time_budget=300s, on the held-out rows' response loss (training's
@@ -112,8 +112,8 @@ def part_format(args) -> dict:
     out = args.out
     data = out / "format-data"
     data.mkdir(parents=True, exist_ok=True)
-    rows = make_format_rows(500, seed=30)
-    train_file, test_file = write_jsonl(data / "train.jsonl", rows[:400]), write_jsonl(data / "test.jsonl", rows[400:])
+    rows = make_format_rows(320, seed=30)
+    train_file, test_file = write_jsonl(data / "train.jsonl", rows[:240]), write_jsonl(data / "test.jsonl", rows[240:])
     common = [f"data.train_file={train_file}", f"data.test_file={test_file}", "data.template=alpaca-en",
               "data.max_length=256", "train.num_train_epochs=2", "train.per_device_train_batch_size=8",
               "train.gradient_accumulation_steps=1", "train.learning_rate=5e-4", "train.warmup_steps=0.1",

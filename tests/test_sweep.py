@@ -18,7 +18,7 @@ from tests.cli_subprocess import ENV
 from tests.conftest import tiny_config, write_jsonl
 
 # An echo-like task the tiny model can learn in seconds: the answer is a function of the input.
-ROWS = [{"instruction": "Repeat the code.", "input": f"code {i:03d}", "output": f"{i:03d}"} for i in range(160)]
+ROWS = [{"instruction": "Repeat the code.", "input": f"code {i:03d}", "output": f"{i:03d}"} for i in range(64)]
 
 
 def test_design_follows_budget_and_data_size():

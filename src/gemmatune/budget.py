@@ -44,10 +44,10 @@ _PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(h|min|m|sec|s)")
 
 # The run aims to end this share of the budget early: the plan's own error (a slower step, a longer eval) then
 # still ends inside the budget, and the 10% the tests allow is not used up by design.
-MARGIN = 0.03
+MARGIN = 0.02
 # Steps whose time is known before the plan trusts the median; until then the first step (kernel compilation,
 # allocator warm-up: often 2-3x a later step) is all there is, which plans short, never long.
-RECENT_STEPS = 15
+RECENT_STEPS = 50
 # A plan that moves by less than this share of its steps is not applied: the schedule stays put on noise.
 REPLAN_TOLERANCE = 0.02
 # Evaluation costs about half a training token per token (forward only, no backward; README's 2.15x).
@@ -97,7 +97,7 @@ class Costs:
     step: float | None = None  # median of the recent optimizer steps
     eval: float | None = None  # one evaluation on the eval split
     save: float = 1.0  # one checkpoint save (measured at the first save)
-    after: float = 0.0  # after training: the adapter save, the record, the tuned half of the test report
+    after: float = 0.0  # after training, besides evaluations and saves: loss.png, run.json, the tuned test report
 
 
 def steps_that_fit(remaining: float, costs: Costs, step: int, eval_every: int | None, save_every: int | None,
@@ -110,8 +110,9 @@ def steps_that_fit(remaining: float, costs: Costs, step: int, eval_every: int | 
         end = step + k
         evals = (end // eval_every - step // eval_every) if eval_every else 0
         saves = (end // save_every - step // save_every) if save_every else 0
-        # The end of training evaluates and saves once more (the Trainer's last step; train()'s final evaluation).
-        return k * per_step + evals * (costs.eval or 0) + (saves + 1) * costs.save \
+        # The end of training evaluates (the Trainer's last step, train()'s final evaluation) and saves twice (the
+        # last checkpoint, then the adapter into the run folder).
+        return k * per_step + evals * (costs.eval or 0) + (saves + 2) * costs.save \
             + closing_evals * (costs.eval or 0) + costs.after
 
     if per_step <= 0:
@@ -155,12 +156,12 @@ class _Schedule:
 
 def replannable(lr_scheduler, args, total: int) -> _Schedule | None:
     """Point a LambdaLR at a schedule whose total steps can be changed; None (schedule left as it is, the run still
-    ends on time) for a scheduler that is not a LambdaLR with one function (e.g. reduce_lr_on_plateau)."""
+    ends on time) for a scheduler that is not a LambdaLR (e.g. reduce_lr_on_plateau)."""
     import torch
 
     # The Trainer holds accelerate's AcceleratedScheduler around the torch scheduler (its public `scheduler`).
     lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR) or len(lr_scheduler.lr_lambdas) != 1:
+    if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
         return None
     schedule = _Schedule(args, total)
 
@@ -169,7 +170,8 @@ def replannable(lr_scheduler, args, total: int) -> _Schedule | None:
     def lr_lambda(step: int) -> float:
         return schedule.fn(step)
 
-    lr_scheduler.lr_lambdas = [lr_lambda]
+    # One function per parameter group (the Trainer makes two: with and without weight decay), all the same one.
+    lr_scheduler.lr_lambdas = [lr_lambda] * len(lr_scheduler.lr_lambdas)
     # The scheduler set each group's lr for its current step with the old total; set it with this one.
     for group, base in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, strict=True):
         group["lr"] = base * lr_lambda(lr_scheduler.last_epoch)
@@ -183,11 +185,12 @@ class TimeBudget(TrainerCallback, ExportableState):
     seconds measured or estimated for what train() does after training."""
 
     def __init__(self, seconds: float, started: float, eval_tokens: int = 0, after: float = 0.0, progress=None,
-                 picks_best: bool = True):
+                 picks_best: bool = True, trainer=None):
         self.seconds = seconds
         # Without a best checkpoint to pick, the Trainer's evaluation of the last step repeats train()'s closing
         # one on the same weights: it is skipped, and not planned for.
         self.picks_best = picks_best
+        self.trainer = trainer  # for its lr_scheduler: transformers 5.25 hands callbacks lr_scheduler=None
         self.started = started
         self.eval_tokens = eval_tokens
         self.costs = Costs(after=after)
@@ -199,6 +202,8 @@ class TimeBudget(TrainerCallback, ExportableState):
         self.cut = False  # the budget, not the config, set the last step
         self.schedule: _Schedule | None = None
         self._steps: list[float] = []
+        self._evals: list[float] = []
+        self._saves: list[float] = []
         self._mark: float | None = None
         self._tokens_per_second: float | None = None
         self._last_tokens = 0
@@ -216,6 +221,7 @@ class TimeBudget(TrainerCallback, ExportableState):
         return self.seconds * (1 - MARGIN) - self.spent()
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        lr_scheduler = lr_scheduler or getattr(self.trainer, "lr_scheduler", None)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step else None
         if isinstance(saved, dict):
             self.spent_before = float(saved.get("attributes", {}).get("spent_seconds", 0.0))
@@ -259,14 +265,16 @@ class TimeBudget(TrainerCallback, ExportableState):
     def on_evaluate(self, args, state, control, **kwargs):
         now = time.perf_counter()
         if self._mark is not None:
-            took = now - self._mark
-            self.costs.eval = took if self.costs.eval is None else max(took, 0.5 * (self.costs.eval + took))
+            # Medians, here and for saves and steps: one evaluation slowed by another process must not cut the plan.
+            self._evals.append(now - self._mark)
+            self.costs.eval = statistics.median(self._evals)
         self._mark = now
 
     def on_save(self, args, state, control, **kwargs):
         now = time.perf_counter()
         if self._mark is not None:
-            self.costs.save = now - self._mark
+            self._saves.append(now - self._mark)
+            self.costs.save = statistics.median(self._saves)
         self._mark = now
 
     def _replan(self, state) -> None:
@@ -283,6 +291,8 @@ class TimeBudget(TrainerCallback, ExportableState):
             if self.planned is not None and fit < self.planned and self.planned - fit <= REPLAN_TOLERANCE \
                     * self.planned and fit > state.global_step:
                 return  # a little short: the margin absorbs it; stop moving the schedule on noise
+            log.debug("time budget: step %d, %.1f s left: plan %s -> %d steps (%s)", state.global_step,
+                      self.remaining(), self.planned, fit, self.costs)
             self.planned = fit
             self.first_plan = self.first_plan or fit
             self.cut = fit < self.limit
