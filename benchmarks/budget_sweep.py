@@ -5,10 +5,10 @@ through the real `gemmatune` CLI, each run in its own process.
            seed, 240 train / 80 test rows, written into --out at run time): the fixed recipe (2 epochs, batch 8,
            lr 5e-4, no eval split) timed end to end, then the same config with train.time_budget = a third of that
            time. Compares exact match and stop rate on the 80 test rows (gemmatune's own eval.json).
-  alpaca   480 Alpaca rows (240 EN + 240 ZH, from ../shared/data/alpaca or --alpaca-dir) and 400 held-out rows
-           (200 + 200, rows 400-599 of each file): the tutorial recipe (batch 4 x accumulation 4, lr 2e-4, 1 epoch)
-           against `gemmatune sweep` with train.time_budget=300s, on the held-out rows' response loss (training's
-           masking; gemmatune.evaluation.response_loss), base model included.
+  alpaca   480 Alpaca rows (240 EN + 240 ZH, from ../shared/data/alpaca or --alpaca-dir) and --held-out rows
+           (default 200: half EN, half ZH, from rows 400 on of each file): the tutorial recipe (batch 4 x accumulation
+           4, lr 2e-4, 1 epoch) against `gemmatune sweep` with train.time_budget=300s, on the held-out rows' response
+           loss (training's masking; gemmatune.evaluation.response_loss); --with-base adds the base model's.
   tickets  the bundled tickets (examples/quickstart.yaml) under `gemmatune sweep` with a budget: what it picks.
 
 Each part writes its runs under --out and prints one JSON line of figures at the end (also results-PART.json).
@@ -139,13 +139,14 @@ def part_format(args) -> dict:
 # --- alpaca
 
 
-def alpaca_rows(folder: Path) -> tuple[list[dict], list[dict]]:
+def alpaca_rows(folder: Path, held_out: int) -> tuple[list[dict], list[dict]]:
     en = json.loads((folder / "alpaca_en_demo.json").read_text(encoding="utf-8"))
     zh = json.loads((folder / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
-    return en[:240] + zh[:240], en[400:600] + zh[400:600]
+    half = held_out // 2
+    return en[:240] + zh[:240], en[400:400 + half] + zh[400:400 + held_out - half]
 
 
-def response_losses(run_dirs: dict[str, Path], held_out: Path) -> dict[str, float]:
+def response_losses(run_dirs: dict[str, Path], held_out: Path, with_base: bool) -> dict[str, float]:
     """Held-out response loss of the base model and each run's adapter (one model load, adapters switched)."""
     import gemmatune
     from gemmatune.evaluation import read_eval_rows, response_loss
@@ -153,7 +154,7 @@ def response_losses(run_dirs: dict[str, Path], held_out: Path) -> dict[str, floa
     tuned = gemmatune.load([f"{name}={path}" for name, path in run_dirs.items()])
     rows = read_eval_rows(held_out)
     losses = {}
-    for name in ["base", *run_dirs]:
+    for name in ["base", *run_dirs] if with_base else list(run_dirs):
         losses[name] = round(response_loss(tuned, rows, name)[0], 4)
         print(f"held-out response loss {name}: {losses[name]}", file=sys.stderr, flush=True)
     return losses
@@ -163,7 +164,7 @@ def part_alpaca(args) -> dict:
     out = args.out
     data = out / "alpaca-data"
     data.mkdir(parents=True, exist_ok=True)
-    train_rows, held = alpaca_rows(args.alpaca_dir)
+    train_rows, held = alpaca_rows(args.alpaca_dir, args.held_out)
     train_file, held_file = write_jsonl(data / "train.jsonl", train_rows), write_jsonl(data / "heldout.jsonl", held)
     common = [f"data.train_file={train_file}", "data.max_length=512", f"train.output_dir={out}/runs",
               "train.logging_steps=2"]
@@ -187,7 +188,8 @@ def part_alpaca(args) -> dict:
         save(out, "alpaca", res)
     if args.only in (None, "losses"):
         res["held_out_response_loss"] = response_losses(
-            {"tutorial": out / "runs" / "alpaca-tutorial", "sweep": out / "runs" / "alpaca-sweep"}, held_file)
+            {"tutorial": out / "runs" / "alpaca-tutorial", "sweep": out / "runs" / "alpaca-sweep"}, held_file,
+            args.with_base)
         save(out, "alpaca", res)
     return res
 
@@ -213,6 +215,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/gemmatune-budget-bench"))
     parser.add_argument("--only", help="one stage: format: fixed, budget; alpaca: tutorial, sweep, losses")
     parser.add_argument("--alpaca-dir", type=Path, default=ALPACA_DIR)
+    parser.add_argument("--held-out", type=int, default=200, help="alpaca: held-out rows (default 200)")
+    parser.add_argument("--with-base", action="store_true", help="alpaca: the base model's held-out loss too")
     parser.add_argument("--budget", default="6m", help="tickets: the sweep's train.time_budget (default 6m)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
