@@ -337,6 +337,7 @@ class StopWhenLearnt(TrainerCallback):
         self.keep_best = keep_best  # save a checkpoint at each new best (the Trainer restores the best at the end)
         self.best: float | None = None
         self.best_step: int | None = None
+        self.lowest: float | None = None  # the lowest eval loss so far, improved by any amount
         self.bad = 0
         self.stopped_at: int | None = None
         self.history: list[tuple[int, float]] = []
@@ -352,9 +353,14 @@ class StopWhenLearnt(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.mode != "eval_loss" or not self._active or not metrics or "eval_loss" not in metrics:
             return
-        improved = self._check(state.global_step, float(metrics["eval_loss"]), control)
-        if improved and self.keep_best and state.global_step > 0:
-            control.should_save = True
+        loss = float(metrics["eval_loss"])
+        self._check(state.global_step, loss, control)
+        if self.lowest is None or loss < self.lowest:
+            self.lowest = loss
+            # A checkpoint at every new lowest eval loss, so that the Trainer's best (the lowest) can be restored
+            # wherever it falls, not only at save_steps.
+            if self.keep_best and state.global_step > 0:
+                control.should_save = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.mode != "train_loss" or not self._active or not logs or "loss" not in logs:
@@ -394,6 +400,8 @@ def early_stopping_mode(train_cfg, has_eval: bool) -> str:
     """eval_loss, train_loss or off, from train.early_stopping (auto: eval_loss with an eval split, else off unless
     a patience is set). Raises naming the key when eval_loss is asked for without an eval split."""
     mode = train_cfg.early_stopping
+    if mode == "on":
+        return "eval_loss" if has_eval else "train_loss"
     if mode == "auto":
         if has_eval:
             return "eval_loss"

@@ -21,7 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TEMPLATES = ("auto", "alpaca-zh", "alpaca-en", "chat", "text")
 FORMATS = ("auto", "alpaca", "messages", "text")
 TOWERS = ("audio", "vision")
-EARLY_STOPPING = ("auto", "eval_loss", "train_loss", "off")
+EARLY_STOPPING = ("auto", "on", "eval_loss", "train_loss", "off")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -159,12 +159,13 @@ class TrainConfig:
         None, "Stop after this many checks in a row without improvement (see early_stopping); None means 3 when "
         "early stopping is on. Setting it turns early stopping on also without an eval set (on the training loss).",
     )
-    early_stopping: str = _f(
+    early_stopping: str | bool = _f(
         "auto",
         "Stop when learnt: eval_loss (stop when the eval split's loss has not improved by early_stopping_threshold "
         "for early_stopping_patience evaluations; the best checkpoint is restored), train_loss (the same on the "
         "mean training loss of each eval_steps window, for runs without an eval split; the last weights are kept), "
-        "off, or auto (eval_loss when the run has an eval split, else off unless early_stopping_patience is set).",
+        "on (eval_loss with an eval split, else train_loss), off, or auto (eval_loss when the run has an eval split, "
+        "else off unless early_stopping_patience is set). YAML's true/false mean on/off.",
     )
     early_stopping_threshold: float = _f(
         0.01,
@@ -362,6 +363,8 @@ def validate(cfg: Config) -> None:
            f"must be > 0, got {t.save_total_limit}")
     _check(t.early_stopping_patience is None or t.early_stopping_patience > 0, "train.early_stopping_patience",
            f"must be > 0, got {t.early_stopping_patience}")
+    if isinstance(t.early_stopping, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+        t.early_stopping = "on" if t.early_stopping else "off"
     _check(t.early_stopping in EARLY_STOPPING, "train.early_stopping",
            f"must be one of {', '.join(EARLY_STOPPING)}, got {t.early_stopping!r}")
     _check(t.early_stopping_threshold >= 0, "train.early_stopping_threshold",
