@@ -101,9 +101,29 @@ def run_summary(run_dir: Path, root: Path | None = None) -> dict:
     if training and total and step and started.is_file() and changed is not None:
         per_step = max(changed - started.stat().st_mtime, 0.0) / step
         eta = round(per_step * max(total - step, 0))
+    budget, budget_left = _time_budget(run_dir, root), None
+    if budget is not None and training and started.is_file():
+        # A budgeted run ends on time: what is left of its budget (counted from config.yaml, written when training
+        # starts, so the model's loading is not in it) is its ETA.
+        budget_left = max(0, round(budget - (time.time() - started.stat().st_mtime)))
+        eta = budget_left if eta is None else min(eta, budget_left)
+    training_record = record.get("training") if isinstance(record.get("training"), dict) else {}
+    reason = training_record.get("stop_reason")
     return {"name": run_dir.name, "state": "finished" if finished else "training" if training else "stopped",
             "step": step, "total": total, "tokens_per_second": tps, "eta_seconds": eta,
-            "has_eval": _readable(run_dir / EVAL_JSON, root)}
+            "has_eval": _readable(run_dir / EVAL_JSON, root), "time_budget_seconds": budget,
+            "budget_left_seconds": budget_left, "stop_reason": reason if isinstance(reason, str) else None}
+
+
+def _time_budget(run_dir: Path, root: Path) -> float | None:
+    """The run's train.time_budget in seconds, or None (none set, or a config.yaml that cannot be read)."""
+    from gemmatune.budget import parse_duration
+
+    try:
+        cfg = runs.read_run_config(run_dir, root)
+        return parse_duration(cfg.train.time_budget) if cfg is not None and cfg.train.time_budget else None
+    except GemmatuneError:
+        return None
 
 
 def _readable(path: Path, root: Path) -> bool:
@@ -122,7 +142,8 @@ def list_summaries(runs_dir: Path) -> list[dict]:
             out.append(run_summary(path, runs_dir))
         except (GemmatuneError, OSError, ValueError, RecursionError) as exc:
             out.append({"name": path.name, "state": "error", "error": str(exc), "step": 0, "total": None,
-                        "tokens_per_second": None, "eta_seconds": None, "has_eval": False})
+                        "tokens_per_second": None, "eta_seconds": None, "has_eval": False,
+                        "time_budget_seconds": None, "budget_left_seconds": None, "stop_reason": None})
     return out
 
 
