@@ -239,6 +239,9 @@ def sweep(cfg: Config, overwrite: bool = False) -> SweepResult:
                              "sweep (e.g. --set train.time_budget=10m)")
     budget = parse_duration(cfg.train.time_budget)
     run_dir = runs.open_run_dir(cfg, resume=False, overwrite=overwrite)
+    if (run_dir / runs.SWEEP).exists() and not overwrite:
+        raise GemmatuneError(f"{run_dir} already holds a sweep; add --overwrite to replace it, or --set "
+                             "train.run_name=NEW")
     train_rows, eval_rows = count_rows(cfg)  # a bad data file fails here, before any trial
     d = design(budget, train_rows, eval_rows, cfg.lora.r)
     for line in d.lines():

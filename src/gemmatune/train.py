@@ -142,6 +142,10 @@ def add_time_budget(cfg: Config, trainer, data, started: float, model, tokenizer
     (timed: the tuned half after training is planned to take as long). Returns (budget or None, base scores)."""
     if cfg.train.time_budget is None:
         return None, None
+    if dist.num_processes > 1:
+        # Each rank would plan from its own clock and could stop at another step than the others: a hang.
+        raise GemmatuneError("config key train.time_budget: not supported with several processes yet; drop it or "
+                             "train in one process")
     budgets.warm_plotting()
     base_scores, after = None, 0.3  # loss.png and run.json (matplotlib is imported already)
     if cfg.data.test_file and dist.is_main_process:
