@@ -45,6 +45,8 @@ HELD_OUT = (8, 32)  # rows: fewer rank by noise; more cost every trial an evalua
 SUMMARY_JSON = "sweep.json"
 SUMMARY_MD = "summary.md"
 NEVER = 10**9  # eval/save steps of a trial: it evaluates once, after training
+MIN_TRIAL_STEPS = 8  # fewer optimizer steps rank learning rates by noise: a round that cannot give each trial that
+# many (measured on its first trial: the model load and the evaluation come off each trial's time) tries fewer rates
 
 
 @dataclass
@@ -140,7 +142,8 @@ def trial_config(cfg: Config, d: Design, trial: Trial, sweep_dir: Path) -> Confi
     c.train.learning_rate, c.lora.r, c.lora.lora_alpha = trial.learning_rate, trial.r, _lora_alpha(cfg, trial.r)
     c.train.time_budget = f"{trial.seconds:.1f}s"
     c.train.num_train_epochs, c.train.max_steps = d.final_epochs, -1
-    c.train.gradient_accumulation_steps, c.train.warmup_steps = 1, 0.1
+    # No warmup in a trial: with a few steps, a warmup's first step (learning rate 0) would be a share of it.
+    c.train.gradient_accumulation_steps, c.train.warmup_steps = 1, 0
     c.train.eval_on_start, c.train.early_stopping, c.train.load_best_model_at_end = False, "off", False
     c.train.eval_steps, c.train.save_steps = NEVER, NEVER
     c.data.test_file = None
@@ -179,6 +182,21 @@ def _trial_figures(trial: Trial, record: dict) -> None:
     trial.step_seconds = budget.get("step_seconds")
     trial.tokens_per_second = training.get("tokens_per_second_median")
     trial.eval_tokens = ((record.get("data") or {}).get("eval") or {}).get("tokens")
+
+
+def _fit_round(queue: list[tuple[float, int]], first: Trial, seconds_left: float) -> list[tuple[float, int]]:
+    """The trials of `queue` that can each get MIN_TRIAL_STEPS steps in `seconds_left`, judged by the round's first
+    trial (its time outside training steps, its step time); at least one."""
+    if not first.step_seconds or first.wall_seconds is None or first.steps is None:
+        return queue
+    overhead = max(0.0, first.wall_seconds - first.steps * first.step_seconds)
+    need = overhead + MIN_TRIAL_STEPS * first.step_seconds
+    fit = max(1, min(len(queue), int(max(seconds_left, 0) // need)))
+    if fit < len(queue):
+        log.info("sweep: %s per trial outside training and %.1f s a step leave time for %d more trial(s) of %d steps "
+                 "in this round; left out: %s", format_duration(overhead), first.step_seconds, fit, MIN_TRIAL_STEPS,
+                 ", ".join(f"lr {lr:g} r {r}" for lr, r in queue[fit:]))
+    return queue[:fit]
 
 
 def summary_markdown(result: SweepResult) -> str:
@@ -251,12 +269,21 @@ def sweep(cfg: Config, overwrite: bool = False) -> SweepResult:
     sweep_dir = run_dir / runs.SWEEP
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
-    candidates = [(lr, r) for r in d.ranks for lr in d.learning_rates]
+    # The middle rate first: if the first trial shows that fewer trials fit, the edges are the ones left out.
+    middle = sorted(d.learning_rates, key=lambda lr: abs(math.log(lr) - math.log(d.learning_rates[
+        len(d.learning_rates) // 2])))
+    candidates = [(lr, r) for r in d.ranks for lr in middle]
     trials: list[Trial] = []
     result = SweepResult(run_dir, d, trials, None)  # type: ignore[arg-type]
     for round_index, (count, seconds) in enumerate(d.rounds, start=1):
-        this_round = []
-        for lr, r in candidates[:count]:
+        this_round: list[Trial] = []
+        queue = candidates[:count]
+        round_left = count * seconds
+        while queue:
+            if this_round:
+                queue = _fit_round(queue, this_round[0], round_left)
+                seconds = round_left / len(queue)
+            lr, r = queue.pop(0)
             trial = Trial(len(trials) + 1, round_index, lr, r, seconds)
             log.info("sweep trial %d (round %d): learning rate %g, r %d, %s", trial.number, round_index, lr, r,
                      format_duration(seconds))
@@ -267,6 +294,7 @@ def sweep(cfg: Config, overwrite: bool = False) -> SweepResult:
             shutil.rmtree(done.run_dir / runs.CHECKPOINTS, ignore_errors=True)  # a trial is never resumed
             trials.append(trial)
             this_round.append(trial)
+            round_left -= trial.wall_seconds
             log.info("sweep trial %d: held-out loss %s after %s steps", trial.number, trial.eval_loss, trial.steps)
             result.winner = min((t for t in trials if t.eval_loss is not None), key=lambda t: t.eval_loss,
                                 default=trial)
