@@ -145,6 +145,8 @@ def test_resume_spends_what_is_left_of_the_budget(tiny_gemma3, tmp_path):
         timer.cancel()
     first_wall = time.perf_counter() - started
     assert first.stopped and "SIGINT" in first.stopped
+    interrupted = json.loads((first.run_dir / "run.json").read_text())
+    assert "finished" not in interrupted and interrupted["training"]["stop_reason"] == "interrupted"
     started = time.perf_counter()
     second = train(cfg, resume=True)
     second_wall = time.perf_counter() - started

@@ -97,6 +97,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     if stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
         saved = latest_complete(run_dir / runs.CHECKPOINTS)
         log.info("stop reason: %s", budgets.INTERRUPTED)
+        if dist.is_main_process:
+            # No "finished" key: the run is not over (the page lists it as stopped); --resume replaces this record.
+            runs.write_record(run_dir, {"interrupted": runs.now(), "training": {
+                "stop_reason": budgets.INTERRUPTED, "stop_detail": f"{stop.received} at step {result.global_step}",
+                "steps_done": result.global_step, "checkpoint": str(saved) if saved else None,
+                "time_budget": budget.summary() if budget else None}})
         return TrainResult(run_dir, model, tokenizer, {}, dist.is_main_process,
                            stopped=f"stopped by {stop.received} at step {result.global_step}, checkpoint saved in "
                                    f"{saved}")

@@ -53,7 +53,7 @@ function progressText(run) {
     const left = run.budget_left_seconds != null ? `, ${duration(run.budget_left_seconds)} left` : "";
     parts.push(`budget ${duration(Math.round(run.time_budget_seconds))}${left}`);
   }
-  if (run.state === "finished" && run.stop_reason) parts.push(`stop: ${run.stop_reason.replace("_", " ")}`);
+  if (run.state !== "training" && run.stop_reason) parts.push(`stop: ${run.stop_reason.replace("_", " ")}`);
   return parts.join(" · ");
 }
 
