@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TEMPLATES = ("auto", "alpaca-zh", "alpaca-en", "chat", "text")
 FORMATS = ("auto", "alpaca", "messages", "text")
 TOWERS = ("audio", "vision")
+EARLY_STOPPING = ("auto", "on", "eval_loss", "train_loss", "off")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -155,7 +156,33 @@ class TrainConfig:
         True, "With an eval set, finish with the checkpoint that had the lowest eval loss."
     )
     early_stopping_patience: int | None = _f(
-        None, "With an eval set, stop after this many evaluations without improvement."
+        None, "Stop after this many checks in a row without improvement (see early_stopping); None means 3 when "
+        "early stopping is on. Setting it turns early stopping on also without an eval set (on the training loss).",
+    )
+    early_stopping: str | bool = _f(
+        "auto",
+        "Stop when learnt: eval_loss (stop when the eval split's loss has not improved by early_stopping_threshold "
+        "for early_stopping_patience evaluations; the best checkpoint is restored), train_loss (the same on the "
+        "mean training loss of each eval_steps window, for runs without an eval split; the last weights are kept), "
+        "on (eval_loss with an eval split, else train_loss), off, or auto (eval_loss when the run has an eval split, "
+        "else off unless early_stopping_patience is set). YAML's true/false mean on/off.",
+    )
+    early_stopping_threshold: float = _f(
+        0.01,
+        "Smallest loss decrease, in nats per response token, that counts as an improvement for early stopping "
+        "(0.01 nats is 1% perplexity).",
+    )
+    time_budget: str | float | None = _f(
+        None,
+        "Wall-clock time for the whole run, e.g. 90s, 5m, 1h30m (a bare number is seconds): the run measures its "
+        "first steps, plans the number of steps (and the learning-rate schedule) so that training, the final save "
+        "and the end-of-run evaluations end on time, and never runs more steps than num_train_epochs/max_steps "
+        "ask. On --resume the time already spent counts: the budget is for the run, not for each invocation. "
+        "gemmatune sweep shares it between its trials and the final run.",
+    )
+    eval_on_start: bool = _f(
+        True, "With an eval set, evaluate once before the first step (the base model's eval loss, the reference "
+        "for early stopping and the curve)."
     )
     seed: int = _f(42, "Seed for data order, dropout and the validation split.")
     num_threads: int | None = _f(None, "CPU threads for torch; None uses the cores this process may use.")
@@ -336,6 +363,16 @@ def validate(cfg: Config) -> None:
            f"must be > 0, got {t.save_total_limit}")
     _check(t.early_stopping_patience is None or t.early_stopping_patience > 0, "train.early_stopping_patience",
            f"must be > 0, got {t.early_stopping_patience}")
+    if isinstance(t.early_stopping, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+        t.early_stopping = "on" if t.early_stopping else "off"
+    _check(t.early_stopping in EARLY_STOPPING, "train.early_stopping",
+           f"must be one of {', '.join(EARLY_STOPPING)}, got {t.early_stopping!r}")
+    _check(t.early_stopping_threshold >= 0, "train.early_stopping_threshold",
+           f"must be >= 0, got {t.early_stopping_threshold}")
+    if t.time_budget is not None:
+        from gemmatune.durations import parse_duration
+
+        parse_duration(t.time_budget)  # raises naming train.time_budget
     _check(t.num_threads is None or t.num_threads > 0, "train.num_threads", f"must be > 0, got {t.num_threads}")
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}")
     _check(bool(t.run_name) or t.run_name is None, "train.run_name", "must not be empty")

@@ -15,6 +15,7 @@ from transformers import set_seed
 from gemmatune.compat import attn_implementation
 from gemmatune.config import Config
 from gemmatune.data.examples import ExampleDataset, PadCollator, tokenize_data
+from gemmatune.durations import format_duration
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.infer.evaluation import evaluate_after_training
@@ -27,6 +28,7 @@ from gemmatune.runs.checkpoints import latest_complete, out_of_space_error, resu
 from gemmatune.runs.files import is_out_of_space, now
 from gemmatune.runs.folder import (
     CHECKPOINTS,
+    STOP_INTERRUPTED,
     BaseModelRecord,
     DataRecord,
     LoraRecord,
@@ -39,6 +41,8 @@ from gemmatune.runs.folder import (
 from gemmatune.runs.plot import plot_losses
 from gemmatune.runs.publish import open_run_dir, start_run_dir
 from gemmatune.train.allocator import allocator_note
+from gemmatune.train.budget import TimeBudget, add_time_budget
+from gemmatune.train.early_stopping import stop_reason, stopping_callback
 from gemmatune.train.lora_dropout import use_fast_lora_dropout
 from gemmatune.train.norms import use_lean_rms_norm
 from gemmatune.train.preflight import check_inputs
@@ -70,6 +74,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     started = time.perf_counter()
     run = set_up(cfg, resume, overwrite, force)
     dist, run_dir, trainer, tokenizer = run.dist, run.run_dir, run.trainer, run.loaded.tokenizer
+    budget, base_scores = add_time_budget(cfg, trainer, run.data, started, run.model, run.loaded, dist)
 
     # --- train
     if dist.is_main_process:
@@ -77,22 +82,36 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     dist.wait_for_everyone()
     result = run_trainer(trainer, run_dir, resume, dist.is_main_process)
     if trainer.stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
-        saved = latest_complete(run_dir / CHECKPOINTS)
-        return TrainResult(run_dir, run.model, tokenizer, {}, dist.is_main_process,
-                           stopped=f"stopped by {trainer.stop.received} at step {result.global_step}, checkpoint "
-                                   f"saved in {saved}")
+        return stopped_by_signal(run, result.global_step, budget)
     trainer.metrics.final = True
     final_eval = trainer.evaluate() if run.data.eval else {}
 
     # --- save (rank 0 only; the others wait so no process exits while files are being written)
-    record = run_record(cfg, run, result, final_eval, time.perf_counter() - started)
+    record = run_record(cfg, run, result, final_eval, time.perf_counter() - started, budget)
     save_run(run, record)
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
     if cfg.data.test_file and dist.is_main_process:
         evaluate_after_training(run.model, tokenizer, run.loaded.family, run.data.template, cfg.data.test_file,
-                                run_dir, run.loaded.precision, run.loaded.processor)
+                                run_dir, run.loaded.precision, run.loaded.processor, known=base_scores)
+    if budget is not None and dist.is_main_process:
+        record.training.time_budget = budget.summary()  # now with the test report's time in it
+        write_record(run_dir, record)
+        log.info("time budget %s: the run took %s", format_duration(budget.seconds), format_duration(budget.spent()))
     return TrainResult(run_dir, run.model, tokenizer, record.to_dict(), dist.is_main_process)
+
+
+def stopped_by_signal(run: Setup, step: int, budget: TimeBudget | None) -> TrainResult:
+    """A run a signal stopped: run.json says so (no finished key: the page lists it as stopped; --resume replaces
+    it), and the result says where the checkpoint is."""
+    saved = latest_complete(run.run_dir / CHECKPOINTS)
+    log.info("stop reason: %s", STOP_INTERRUPTED)
+    if run.dist.is_main_process:
+        write_record(run.run_dir, RunRecord(interrupted=now(), training=TrainingRecord(
+            stop_reason=STOP_INTERRUPTED, stop_detail=f"{run.trainer.stop.received} at step {step}", steps_done=step,
+            checkpoint=str(saved) if saved else None, time_budget=budget.summary() if budget else None)))
+    return TrainResult(run.run_dir, run.model, run.loaded.tokenizer, {}, run.dist.is_main_process,
+                       stopped=f"stopped by {run.trainer.stop.received} at step {step}, checkpoint saved in {saved}")
 
 
 @dataclass
@@ -212,22 +231,19 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
                   processor=None) -> GemmatuneTrainer:
     """The Trainer for `cfg`, writing checkpoints and metrics.jsonl into `run_dir`; with a multimodal
     `processor`, batches also carry the image and audio tensors of their examples (media.MediaCollator)."""
-    from transformers import EarlyStoppingCallback
-
     from gemmatune.data.examples import PackCollator
     from gemmatune.train.trainer import GemmatuneTrainer
 
     t = cfg.train
     has_eval = data.eval is not None
     args = training_arguments(cfg, run_dir, precision, has_eval)
-    early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
-                      if t.early_stopping_patience else [])
+    stopping = stopping_callback(t, has_eval, args.load_best_model_at_end)
     collator = PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id)
     if processor is not None:
         from gemmatune.data.media import MediaCollator
 
         collator = MediaCollator(collator, processor)
-    return GemmatuneTrainer(
+    trainer = GemmatuneTrainer(
         run_dir=run_dir,
         packing=t.packing,
         on_nonfinite=t.on_nonfinite,
@@ -238,8 +254,10 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
         eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=early_stopping,
+        callbacks=[stopping] if stopping else [],
     )
+    trainer.stopping = stopping  # read back for run.json's stop reason
+    return trainer
 
 
 def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
@@ -253,10 +271,6 @@ def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: boo
         raise GemmatuneError(
             f"config key train.eval_steps: with load_best_model_at_end, save_steps ({t.save_steps}) must be a "
             f"multiple of eval_steps ({eval_steps})"
-        )
-    if t.early_stopping_patience and not has_eval:
-        raise GemmatuneError(
-            "config key train.early_stopping_patience: needs an eval set (data.eval_file or data.eval_ratio)"
         )
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -298,14 +312,18 @@ def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: boo
         disable_tqdm=False,
     )
 
-def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, wall: float) -> RunRecord:
-    """run.json of a finished run."""
+def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, wall: float,
+               budget: TimeBudget | None = None) -> RunRecord:
+    """run.json of a finished run, with why it stopped (the steps asked, the time budget, early stopping)."""
     import peft
     import transformers
 
     train_losses, eval_losses = loss_points(read_metrics(run.run_dir))
     tps = sorted(run.trainer.metrics.tokens_per_second)
     loaded, data, report, processes = run.loaded, run.data, run.report, run.dist.num_processes
+    stopping = run.trainer.stopping
+    reason, why = stop_reason(False, stopping, budget)
+    log.info("stop reason: %s (%s)", reason, why)
     return RunRecord(
         finished=now(),
         base_model=BaseModelRecord(
@@ -327,7 +345,9 @@ def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, w
             eval_loss_first=eval_losses[0][1] if eval_losses else None,
             eval_loss_final=final_eval.get("eval_loss"),
             tokens_per_second_median=round(tps[len(tps) // 2], 1) if tps else None,
-            wall_seconds=round(wall, 1),
+            wall_seconds=round(wall, 1), stop_reason=reason, stop_detail=why,
+            early_stopping=stopping.summary() if stopping else None,
+            time_budget=budget.summary() if budget else None,
         ),
         versions={"python": platform.python_version(), "torch": torch.__version__,
                   "transformers": transformers.__version__, "peft": peft.__version__},
