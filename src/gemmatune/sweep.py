@@ -163,6 +163,9 @@ def final_config(cfg: Config, d: Design, winner: Trial, seconds: float) -> Confi
         c.data.eval_ratio = d.carve_ratio
     c.train.early_stopping = "eval_loss"
     c.train.load_best_model_at_end = True
+    # The trials measured the held-out loss already; an evaluation of the untrained adapter would only take time
+    # from training (under load, an evaluation of 32 Alpaca rows took as long as 5 steps).
+    c.train.eval_on_start = False
     # Evaluations every `every` steps, as many as fit in EVAL_SHARE of the time (2 to 10), from the winner's
     # measured step time and an evaluation's cost (forward only: ~2x the training tokens/s).
     step = winner.step_seconds or 1.0
