@@ -34,6 +34,18 @@ def test_design_follows_budget_and_data_size():
         design(300, 8, 0, 16)
 
 
+def test_a_round_keeps_only_the_trials_that_can_get_enough_steps():
+    from gemmatune.plan.sweep import MIN_TRIAL_STEPS, Trial, _fit_round
+
+    # The first trial spent 30 s outside its 10 steps of 2 s: each further trial needs 30 + 8 x 2 = 46 s.
+    first = Trial(1, 1, 1e-3, 16, 50.0, steps=10, wall_seconds=50.0, step_seconds=2.0)
+    queue = [(5e-4, 16), (2e-3, 16)]
+    assert MIN_TRIAL_STEPS == 8
+    assert _fit_round(queue, first, 100.0) == queue
+    assert _fit_round(queue, first, 60.0) == queue[:1]  # the edge rate last in the queue is left out
+    assert _fit_round(queue, first, -6.0) == []  # the first trial overran the round: none (was a negative budget)
+
+
 def test_sweep_needs_a_budget(tiny_gemma3, tmp_path):
     cfg = tiny_config(tiny_gemma3, write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "runs")
     with pytest.raises(GemmatuneError, match="train.time_budget: gemmatune sweep needs one"):

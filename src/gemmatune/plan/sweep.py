@@ -180,6 +180,9 @@ def final_config(cfg: Config, d: Design, winner: Trial, seconds: float) -> Confi
         c.data.eval_ratio = d.carve_ratio
     c.train.early_stopping = "eval_loss"
     c.train.load_best_model_at_end = True
+    # The trials measured the held-out loss already; an evaluation of the untrained adapter would only take time
+    # from training (under load, an evaluation of 32 Alpaca rows took as long as 5 steps).
+    c.train.eval_on_start = False
     # Evaluations every `every` steps, as many as fit in EVAL_SHARE of the time (2 to 10), from the winner's
     # measured step time and an evaluation's cost (forward only: ~2x the training tokens/s).
     step = winner.step_seconds or 1.0
@@ -205,12 +208,12 @@ def _trial_figures(trial: Trial, record: dict) -> None:
 
 def _fit_round(queue: list[tuple[float, int]], first: Trial, seconds_left: float) -> list[tuple[float, int]]:
     """The trials of `queue` that can each get MIN_TRIAL_STEPS steps in `seconds_left`, judged by the round's first
-    trial (its time outside training steps, its step time); at least one."""
+    trial (its time outside training steps, its step time); none when not even one can."""
     if not first.step_seconds or first.wall_seconds is None or first.steps is None:
         return queue
     overhead = max(0.0, first.wall_seconds - first.steps * first.step_seconds)
     need = overhead + MIN_TRIAL_STEPS * first.step_seconds
-    fit = max(1, min(len(queue), int(max(seconds_left, 0) // need)))
+    fit = min(len(queue), int(max(seconds_left, 0) // need))
     if fit < len(queue):
         log.info("sweep: %s per trial outside training and %.1f s a step leave time for %d more trial(s) of %d steps "
                  "in this round; left out: %s", format_duration(overhead), first.step_seconds, fit, MIN_TRIAL_STEPS,
@@ -318,6 +321,8 @@ def _run_trials(cfg: Config, result: SweepResult) -> None:
         while queue:
             if this_round:
                 queue = _fit_round(queue, this_round[0], round_left)
+                if not queue:
+                    break  # no time left in this round for a trial worth ranking
                 seconds = round_left / len(queue)
             lr, r = queue.pop(0)
             trial = Trial(len(trials) + 1, round_index, lr, r, seconds)
