@@ -11,7 +11,7 @@ from pathlib import Path
 from gemmatune.config import Config
 from gemmatune.errors import GemmatuneError
 from gemmatune.models import ModelFamily
-from gemmatune.models.loading import build_on_meta, choose_model_class, resolve_source
+from gemmatune.models.loading import resolve_source
 from gemmatune.models.registry import all_known_ids, bundled_config_file, family_for
 
 
@@ -76,20 +76,3 @@ def attach_lora_on_meta(model, cfg: Config, family: ModelFamily):
         return get_peft_model(model, peft_lora_config(cfg.lora, family))
     except ValueError as exc:
         raise GemmatuneError(f"config key lora.target_modules: {str(exc).splitlines()[0]}") from None
-
-
-def check_lora_targets(cfg: Config) -> None:
-    """Raise GemmatuneError when the user's lora.target_modules match no module of the model, before any weights
-    load: the same meta-device build as `gemmatune plan`, so a typo costs a second, not the model load.
-
-    Skipped where the architecture is not on this machine without the weights (a hub id neither bundled nor
-    cached): the load checks the targets then, as before."""
-    if cfg.lora.target_modules is None:  # the family's own targets: known to match
-        return
-    try:
-        config, where = load_architecture(cfg)
-    except GemmatuneError:
-        return
-    family = family_for(config.model_type)
-    model = build_on_meta(choose_model_class(cfg.model, config.model_type, family, where), config)
-    attach_lora_on_meta(model, cfg, family)

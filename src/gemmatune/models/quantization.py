@@ -131,12 +131,3 @@ def cast_unquantized_(model: torch.nn.Module, dtype: torch.dtype) -> None:
         for key, buf in module.named_buffers(recurse=False):
             if buf.is_floating_point() and buf.dtype != dtype:
                 setattr(module, key, buf.to(dtype))
-
-
-def describe_weights(model: torch.nn.Module) -> str:
-    """'bf16', or '4-bit nf4 in 120 Linear layers, the rest bf16' for a quantized model (for the log)."""
-    dtype = str(model.dtype).removeprefix("torch.")
-    layers = quantized_layers(model)
-    if not layers:
-        return dtype
-    return f"4-bit nf4 in {len(layers)} Linear layers, the rest {dtype}"

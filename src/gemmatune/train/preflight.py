@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from gemmatune.config import Config
 from gemmatune.data.rows import CheckedRows, read_data, read_eval_rows, require_multimodal
+from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import resolve_precision
-from gemmatune.models.loading import resolve_source
+from gemmatune.models.loading import build_on_meta, choose_model_class, resolve_source
+from gemmatune.models.meta import attach_lora_on_meta, load_architecture
+from gemmatune.models.registry import family_for
 
 
 def check_inputs(cfg: Config) -> CheckedRows:
@@ -26,3 +29,20 @@ def check_inputs(cfg: Config) -> CheckedRows:
     if cfg.data.test_file:
         read_eval_rows(cfg.data.test_file)  # the rule evaluation after training applies, checked now
     return rows
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """Raise GemmatuneError when the user's lora.target_modules match no module of the model, before any weights
+    load: the same meta-device build as `gemmatune plan`, so a typo costs a second, not the model load.
+
+    Skipped where the architecture is not on this machine without the weights (a hub id neither bundled nor
+    cached): the load checks the targets then, as before."""
+    if cfg.lora.target_modules is None:  # the family's own targets: known to match
+        return
+    try:
+        config, where = load_architecture(cfg)
+    except GemmatuneError:
+        return
+    family = family_for(config.model_type)
+    model = build_on_meta(choose_model_class(cfg.model, config.model_type, family, where), config)
+    attach_lora_on_meta(model, cfg, family)

@@ -21,8 +21,7 @@ from gemmatune.hardware import device_kind, set_threads
 from gemmatune.infer.evaluation import evaluate_after_training
 from gemmatune.models.loading import Loaded, load_model
 from gemmatune.models.lora import attach_lora
-from gemmatune.models.meta import check_lora_targets
-from gemmatune.models.quantization import describe_weights, quantized_layers
+from gemmatune.models.quantization import quantized_layers
 from gemmatune.runs.adapter_folder import save_adapter
 from gemmatune.runs.checkpoints import latest_complete, out_of_space_error, resume_point
 from gemmatune.runs.files import is_out_of_space, now
@@ -45,7 +44,7 @@ from gemmatune.train.budget import TimeBudget, add_time_budget
 from gemmatune.train.early_stopping import stop_reason, stopping_callback
 from gemmatune.train.lora_dropout import use_fast_lora_dropout
 from gemmatune.train.norms import use_lean_rms_norm
-from gemmatune.train.preflight import check_inputs
+from gemmatune.train.preflight import check_inputs, check_lora_targets
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -164,6 +163,15 @@ def _log_inputs(cfg: Config, loaded: Loaded, data: Prepared, threads: int) -> No
     log.info(data.train.report.line("train", cfg.data.max_length))
     if data.eval:
         log.info(data.eval.report.line("eval", cfg.data.max_length))
+
+
+def describe_weights(model: torch.nn.Module) -> str:
+    """'bf16', or '4-bit nf4 in 120 Linear layers, the rest bf16' for a quantized model (for the log)."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    layers = quantized_layers(model)
+    if not layers:
+        return dtype
+    return f"4-bit nf4 in {len(layers)} Linear layers, the rest {dtype}"
 
 
 def run_trainer(trainer: GemmatuneTrainer, run_dir: Path, resume: bool, is_main: bool) -> TrainOutput:
