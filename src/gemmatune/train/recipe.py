@@ -302,7 +302,7 @@ def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: boo
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
-        eval_on_start=has_eval,
+        eval_on_start=has_eval and t.eval_on_start,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # retention is GemmatuneTrainer's (keep_checkpoints): it counts only complete ones
