@@ -224,6 +224,31 @@ def test_run_summary_progress_eta_and_finish(tmp_path):
     write_record(run_dir, RunRecord(finished="2026-12-02T00:00:00", training=TrainingRecord(global_steps=58)))
     summary = run_summary(run_dir)
     assert summary["state"] == "finished" and summary["total"] == 58 and summary["eta_seconds"] is None
+    assert summary["time_budget_seconds"] is None and summary["stop_reason"] is None
+
+
+def test_run_summary_shows_the_time_budget(tmp_path):
+    """A budgeted run: its budget, what is left of it (its ETA: it ends on time), then why it stopped."""
+    import os
+    import time
+
+    from gemmatune.config import dump_config, load_config
+    from gemmatune.runs.folder import RunRecord, TrainingRecord, write_record
+    from gemmatune.serve.page import run_summary
+
+    run_dir = tmp_path / "run"
+    write_run(run_dir)
+    (run_dir / "config.yaml").write_text(dump_config(load_config(None, ["train.max_steps=600",
+                                                                         "train.time_budget=10m"])), encoding="utf-8")
+    now = time.time()
+    os.utime(run_dir / "config.yaml", (now - 300, now - 300))  # 300 s of 600 spent; 30 of 600 steps: ETA 2850 s
+    os.utime(run_dir / "metrics.jsonl", (now, now))
+    summary = run_summary(run_dir)
+    assert summary["time_budget_seconds"] == 600 and abs(summary["budget_left_seconds"] - 300) <= 2
+    assert abs(summary["eta_seconds"] - 300) <= 2  # the budget, not the steps asked, ends it
+    write_record(run_dir, RunRecord(finished="x", training=TrainingRecord(global_steps=40, stop_reason="time_budget")))
+    summary = run_summary(run_dir)
+    assert summary["stop_reason"] == "time_budget" and summary["budget_left_seconds"] is None
 
 
 BAD_RUNS = {  # issue 28 case 3: each broke run_summary, so /api/runs answered 500 for every run

@@ -15,14 +15,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from gemmatune.config_checks import validate
 from gemmatune.errors import GemmatuneError
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-TEMPLATES = ("auto", "alpaca-zh", "alpaca-en", "chat", "text")
-FORMATS = ("auto", "alpaca", "messages", "text")
-METHODS = ("sft", "dpo", "orpo", "grpo")
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-TOWERS = ("audio", "vision")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -164,7 +158,33 @@ class TrainConfig:
         True, "With an eval set, finish with the checkpoint that had the lowest eval loss."
     )
     early_stopping_patience: int | None = _f(
-        None, "With an eval set, stop after this many evaluations without improvement."
+        None, "Stop after this many checks in a row without improvement (see early_stopping); None means 3 when "
+        "early stopping is on. Setting it turns early stopping on also without an eval set (on the training loss).",
+    )
+    early_stopping: str | bool = _f(
+        "auto",
+        "Stop when learnt: eval_loss (stop when the eval split's loss has not improved by early_stopping_threshold "
+        "for early_stopping_patience evaluations; the best checkpoint is restored), train_loss (the same on the "
+        "mean training loss of each eval_steps window, for runs without an eval split; the last weights are kept), "
+        "on (eval_loss with an eval split, else train_loss), off, or auto (eval_loss when the run has an eval split, "
+        "else off unless early_stopping_patience is set). YAML's true/false mean on/off.",
+    )
+    early_stopping_threshold: float = _f(
+        0.01,
+        "Smallest loss decrease, in nats per response token, that counts as an improvement for early stopping "
+        "(0.01 nats is 1% perplexity).",
+    )
+    time_budget: str | float | None = _f(
+        None,
+        "Wall-clock time for the whole run, e.g. 90s, 5m, 1h30m (a bare number is seconds): the run measures its "
+        "first steps, plans the number of steps (and the learning-rate schedule) so that training, the final save "
+        "and the end-of-run evaluations end on time, and never runs more steps than num_train_epochs/max_steps "
+        "ask. On --resume the time already spent counts: the budget is for the run, not for each invocation. "
+        "gemmatune sweep shares it between its trials and the final run.",
+    )
+    eval_on_start: bool = _f(
+        True, "With an eval set, evaluate once before the first step (the base model's eval loss, the reference "
+        "for early stopping and the curve)."
     )
     seed: int = _f(42, "Seed for data order, dropout and the validation split.")
     num_threads: int | None = _f(None, "CPU threads for torch; None uses the cores this process may use.")
@@ -329,70 +349,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set(cfg, key, value)
     validate(cfg)
     return cfg
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise GemmatuneError(f"config key {key}: {message}")
-
-
-def validate(cfg: Config) -> None:
-    """Range and choice checks; each failure names the key."""
-    m, lo, d, t = cfg.model, cfg.lora, cfg.data, cfg.train
-    _check(m.dtype in PRECISIONS, "model.dtype", f"must be one of {', '.join(PRECISIONS)}, got {m.dtype!r}")
-    _check(m.quantization in ("none", "4bit"), "model.quantization", f"must be none or 4bit, got {m.quantization!r}")
-    _check(lo.r > 0, "lora.r", f"must be > 0, got {lo.r}")
-    _check(lo.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lo.lora_alpha}")
-    _check(0 <= lo.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {lo.lora_dropout}")
-    _check(lo.bias in ("none", "all", "lora_only"), "lora.bias", f"must be none, all or lora_only, got {lo.bias!r}")
-    for tower in lo.towers:
-        _check(tower in TOWERS, "lora.towers", f"each must be one of {', '.join(TOWERS)}, got {tower!r}")
-    _check(not lo.towers or m.multimodal, "lora.towers", "needs model.multimodal: true (the towers load only then)")
-    # PEFT's parameter LoRA (what reaches the 3-D expert weights) cannot apply dropout to its input.
-    _check(not lo.experts or lo.lora_dropout == 0, "lora.experts",
-           f"needs lora.lora_dropout: 0 (PEFT applies no dropout to expert weights), got {lo.lora_dropout}")
-    _check(d.format in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}, got {d.format!r}")
-    _check(d.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}, got {d.template!r}")
-    _check(0 <= d.eval_ratio < 1, "data.eval_ratio", f"must be in [0, 1), got {d.eval_ratio}")
-    _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
-    _check(d.overlong in ("truncate", "drop"), "data.overlong", f"must be truncate or drop, got {d.overlong!r}")
-    _check(d.max_rows is None or d.max_rows > 0, "data.max_rows", f"must be > 0, got {d.max_rows}")
-    _check(t.num_train_epochs > 0, "train.num_train_epochs", f"must be > 0, got {t.num_train_epochs}")
-    _check(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", f"must be -1 or > 0, got {t.max_steps}")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "save_steps"):
-        _check(getattr(t, key) > 0, f"train.{key}", f"must be > 0, got {getattr(t, key)}")
-    _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
-    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    _check(t.warmup_steps < 1 or float(t.warmup_steps).is_integer(), "train.warmup_steps",
-           f"must be a whole number of steps or a ratio in (0, 1), got {t.warmup_steps}")
-    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-    _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
-    _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-    _check(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", f"must be > 0, got {t.eval_steps}")
-    _check(t.save_total_limit is None or t.save_total_limit > 0, "train.save_total_limit",
-           f"must be > 0, got {t.save_total_limit}")
-    _check(t.early_stopping_patience is None or t.early_stopping_patience > 0, "train.early_stopping_patience",
-           f"must be > 0, got {t.early_stopping_patience}")
-    _check(t.num_threads is None or t.num_threads > 0, "train.num_threads", f"must be > 0, got {t.num_threads}")
-    _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}")
-    _check(t.method in METHODS, "train.method", f"must be one of {', '.join(METHODS)}, got {t.method!r}")
-    _check(t.loss_type in DPO_LOSS_TYPES, "train.loss_type",
-           f"must be one of {', '.join(DPO_LOSS_TYPES)}, got {t.loss_type!r}")
-    _check(t.beta > 0 or (t.method == "grpo" and t.beta == 0), "train.beta", f"must be > 0, got {t.beta}")
-    # GRPO's KL reference is the base with the adapter off; with model.adapter that is not where training starts.
-    _check(not (t.method == "grpo" and t.beta > 0 and m.adapter), "train.beta",
-           "must be 0 for grpo with model.adapter (the KL penalty is measured to the base model, not to the adapter "
-           f"training continues), got {t.beta}")
-    _check(t.num_generations >= 2, "train.num_generations", f"must be >= 2 (a group), got {t.num_generations}")
-    _check(t.max_completion_length > 0, "train.max_completion_length", f"must be > 0, got {t.max_completion_length}")
-    _check(t.temperature > 0, "train.temperature", f"must be > 0, got {t.temperature}")
-    _check(t.method == "sft" or not m.multimodal, "train.method",
-           f"{t.method} trains on text preference pairs; model.multimodal must be false")
-    _check(bool(t.run_name) or t.run_name is None, "train.run_name", "must not be empty")
-    if t.run_name:
-        _check("/" not in t.run_name and t.run_name not in (".", ".."), "train.run_name",
-               f"must be a plain folder name, got {t.run_name!r}")
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,7 +1,7 @@
 """Command line: argv -> config or arguments -> one library call per subcommand. No logic of its own.
 
-Every subcommand's call is here (train, plan, generate, chat, eval, merge, export, serve); their options are in
-parser.py.
+Every subcommand's call is here (train, sweep, plan, generate, chat, eval, merge, export, serve); their options
+are in parser.py.
 """
 
 from __future__ import annotations
@@ -38,14 +38,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gemmatune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    from gemmatune.plan.sweep import summary_markdown, sweep
+
+    result = sweep(cfg, overwrite=args.overwrite)
+    print(summary_markdown(result))
+    print(f"run folder: {result.run_dir} (trials in {result.trials_dir})")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from gemmatune.config import load_config
     from gemmatune.plan.memory import make_plan, parse_size
+    from gemmatune.plan.sweep import plan_lines
 
     cfg = load_config(args.config, args.overrides)
     memory = parse_size(args.device_memory) if args.device_memory else None
     plan = make_plan(cfg, memory, args.world_size, args.device, args.seq_len)
-    print("\n".join(plan.lines()))
+    print("\n".join(plan.lines() + plan_lines(cfg)))
     return 0
 
 
@@ -206,14 +220,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "plan": cmd_plan, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
-            "merge": cmd_merge, "serve": cmd_serve, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "plan": cmd_plan, "generate": cmd_generate, "chat": cmd_chat,
+            "eval": cmd_eval, "merge": cmd_merge, "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `gemmatune` command; returns the exit code (2 for a GemmatuneError, printed as one line)."""
-    if argv is None and "train" in sys.argv[1:3]:
-        # Only a real `gemmatune train` process restarts itself; library calls with an argv never do.
+    if argv is None and ("train" in sys.argv[1:3] or "sweep" in sys.argv[1:3]):
+        # Only a real `gemmatune train` / `sweep` process restarts itself; library calls with an argv never do.
         from gemmatune.train.allocator import limit_onednn_cache, reexec_with_tcmalloc
 
         limit_onednn_cache()  # before the restart, so the restarted process inherits it
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
 
 

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, *groups: str, **kw) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[shared[g] for g in ("debug", *groups)], **kw)
 
-    for add in (_train, _plan, _generate, _chat, _eval, _merge, _serve, _export):
+    for add in (_train, _sweep, _plan, _generate, _chat, _eval, _merge, _serve, _export):
         add(command)
     return parser
 
@@ -94,6 +94,19 @@ def _train(command) -> None:
     p.add_argument("--no-tcmalloc", action="store_true",
                    help="do not restart with tcmalloc preloaded (by default the command restarts itself once "
                         "with LD_PRELOAD set to an installed tcmalloc: ~20%% faster CPU training)")
+
+
+def _sweep(command) -> None:
+    p = command("sweep", "config", help="pick the learning rate (and rank) with short trials, then train the winner, "
+                "all within train.time_budget", formatter_class=RAW,
+                description="A few short trials (learning rates, and ranks with a longer budget, chosen from the data "
+                            "size; successive halving) ranked on a held-out split carved from the training rows, then "
+                            "the full run with the winner, all within train.time_budget. The trials are kept in "
+                            "RUN/sweep/trial-N/ with a summary (sweep/summary.md, sweep/sweep.json); the final run "
+                            "is RUN itself. `gemmatune plan` shows the trials the sweep would run.",
+                epilog="example:\n  gemmatune sweep examples/quickstart.yaml --set train.time_budget=10m")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--no-tcmalloc", action="store_true", help="as for train")
 
 
 def _plan(command) -> None:

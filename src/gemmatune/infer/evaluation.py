@@ -263,6 +263,7 @@ def evaluate(
     samples: int = 3,
     labels: dict[str, str] | None = None,
     progress_stream=None,
+    known: dict[str, tuple[VariantScores, list[str]]] | None = None,
 ) -> EvalReport:
     """Score the base model and each adapter (default: all loaded) on `data` (a file of Alpaca or chat rows).
 
@@ -270,6 +271,8 @@ def evaluate(
     right answer, and a cap on how long a model that never stops can run (it dominates the cost of scoring a
     base model). Decoding is greedy. Progress (rows, tokens/s, ETA per pass) goes to `progress_stream`
     (default stderr). An adapter runs merged into the base weights where that is exact (TunedModel.merged).
+    `known`: variants already scored on the same rows, by name, with their generations (reused, not rerun); the
+    variants scored here are added to it. A budgeted run scores the base before training this way, timed.
     """
     started = time.perf_counter()
     rows = read_eval_rows(data, limit)
@@ -283,26 +286,14 @@ def evaluate(
     variants, outputs = [], {}
     for name in names:
         label = labels.get(name, name)
-        with tuned.merged(name):
-            progress = Progress(f"eval {label} loss", len(rows), progress_stream)
-            loss, tokens = response_loss(tuned, rows, name, progress=progress)  # batches bounded by tokens
-            progress.close()
-            progress = Progress(f"eval {label} generate", len(rows), progress_stream)
-            gens = tuned.generate(rows, adapter=name, settings=settings, batch_size=batch_size,
-                                  on_batch=progress.update)
-            progress.close()
-        outputs[label] = [g.text for g in gens]
-        variants.append(VariantScores(
-            name=label,
-            response_loss=loss,
-            perplexity=math.exp(min(loss, 50.0)),
-            exact_match=100 * sum(g.text.strip() == r.strip() for g, r in zip(gens, refs, strict=True)) / len(rows),
-            rouge_l=100 * sum(rouge_l(g.text, r) for g, r in zip(gens, refs, strict=True)) / len(rows),
-            stopped=100 * sum(g.stopped for g in gens) / len(rows),
-            mean_new_tokens=sum(g.new_tokens for g in gens) / len(rows),
-            response_tokens=tokens,
-        ))
-        log.info("eval %s: loss %.4f, exact match %.1f%%", label, loss, variants[-1].exact_match)
+        if known is not None and name in known:
+            scores, texts = known[name]
+        else:
+            scores, texts = _score_variant(tuned, rows, refs, name, label, settings, batch_size, progress_stream)
+            if known is not None:
+                known[name] = (scores, texts)
+        variants.append(scores)
+        outputs[label] = texts
     shown = [{"prompt": _prompt_summary(rows[i]), "reference": refs[i], **{k: v[i] for k, v in outputs.items()}}
              for i in range(min(samples, len(rows)))]
     template = tuned.template_for(names[-1])
@@ -310,14 +301,52 @@ def evaluate(
                       round(time.perf_counter() - started, 1))
 
 
+def _score_variant(tuned: TunedModel, rows: list[dict], refs: list[str], name: str, label: str,
+                   settings: SamplingSettings, batch_size: int, progress_stream) -> tuple[VariantScores, list[str]]:
+    """One variant's scores on `rows` and its generations."""
+    with tuned.merged(name):
+        progress = Progress(f"eval {label} loss", len(rows), progress_stream)
+        loss, tokens = response_loss(tuned, rows, name, progress=progress)  # batches bounded by tokens
+        progress.close()
+        progress = Progress(f"eval {label} generate", len(rows), progress_stream)
+        gens = tuned.generate(rows, adapter=name, settings=settings, batch_size=batch_size, on_batch=progress.update)
+        progress.close()
+    scores = VariantScores(
+        name=label,
+        response_loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        exact_match=100 * sum(g.text.strip() == r.strip() for g, r in zip(gens, refs, strict=True)) / len(rows),
+        rouge_l=100 * sum(rouge_l(g.text, r) for g, r in zip(gens, refs, strict=True)) / len(rows),
+        stopped=100 * sum(g.stopped for g in gens) / len(rows),
+        mean_new_tokens=sum(g.new_tokens for g in gens) / len(rows),
+        response_tokens=tokens,
+    )
+    log.info("eval %s: loss %.4f, exact match %.1f%%", label, loss, scores.exact_match)
+    return scores, [g.text for g in gens]
+
+
 def evaluate_after_training(peft_model, tokenizer, family, template: str, test_file: str, run_dir: Path,
-                            precision: str, processor=None, start_adapter: str | None = None) -> EvalReport:
-    """Base (and the adapter the run continued) vs the adapter just trained, on the same model object."""
+                            precision: str, processor=None, start_adapter: str | None = None,
+                            known: dict | None = None) -> EvalReport:
+    """Base (and the adapter the run continued) vs the adapter just trained, on the same model object; `known` as
+    in `evaluate` (the base scored before training)."""
     tuned, labels = just_trained(peft_model, tokenizer, family, template, precision, run_dir, start_adapter,
                                  processor)
-    report = evaluate(tuned, test_file, labels=labels)
+    report = evaluate(tuned, test_file, labels=labels, known=known)
     written = report.save(run_dir)
     print(report.table(), flush=True)
     log.info("evaluation on %s written to %s (%.0f s)", Path(test_file).name, written,
              report.wall_seconds)
     return report
+
+
+def score_base_before_training(peft_model, tokenizer, family, template: str, test_file: str, precision: str,
+                               processor=None) -> tuple[dict, float]:
+    """The base half of `evaluate_after_training`, run before training (the adapter is still zero, and is switched
+    off anyway): ({name: (scores, generations)} to pass as `known` after training, seconds it took)."""
+    tuned = TunedModel(peft_model, tokenizer, family, template, {"default": template}, precision,
+                       processor=processor)
+    known: dict = {}
+    started = time.perf_counter()
+    evaluate(tuned, test_file, adapters=[], known=known)
+    return known, time.perf_counter() - started

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from gemmatune.config import TEMPLATES, ModelConfig
+from gemmatune.config import ModelConfig
+from gemmatune.config_checks import TEMPLATES
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import DTYPE_NAMES, device_kind, inference_weight_dtype, resolve_precision
 from gemmatune.infer.adapter_fit import check_adapter_fits

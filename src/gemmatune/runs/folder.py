@@ -12,6 +12,8 @@ runs/<name>/
   loss.png                                         train and eval loss curves
   eval.json, eval.md                               base-vs-tuned evaluation on data.test_file
   checkpoints/checkpoint-N/                        Trainer checkpoints, for --resume
+  sweep/trial-N/, sweep/summary.md, sweep/sweep.json   `gemmatune sweep` only: its trials (each a run folder)
+                                                   and its summary, inside the final run's folder
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ PLOT_FILE = "loss.png"
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 CHECKPOINTS = "checkpoints"
+SWEEP = "sweep"
+SWEEP_JSON = "sweep.json"
+SWEEP_MD = "summary.md"
 CHECKPOINT_STATE = "trainer_state.json"  # written by transformers' Trainer into each checkpoint
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,6 +54,8 @@ PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies"
 GRPO_METRICS = ("reward", "reward_std", "completions/mean_length", "kl")  # and reward_metric(name) per function
 # The one figure of a method that run.json's training section keeps first and last values of.
 METHOD_FIGURE = {"dpo": "rewards/accuracies", "orpo": "rewards/accuracies", "grpo": "reward"}
+# training.stop_reason in run.json: why the run ended
+STOP_FINISHED, STOP_TIME_BUDGET, STOP_EARLY, STOP_INTERRUPTED = "finished", "time_budget", "early_stop", "interrupted"
 
 MAX_METRICS_BYTES = 256 << 20  # metrics.jsonl: ~200 bytes a step, so a million steps fit
 MAX_LINE_BYTES = 64 << 10  # one metrics.jsonl line; longer ones are skipped
@@ -105,13 +112,20 @@ class TrainingRecord:
     method_figure: str | None = None  # METHOD_FIGURE's metric for dpo/orpo/grpo (a preference accuracy or reward)
     method_figure_first: float | None = None  # its first and last logged training values
     method_figure_last: float | None = None
+    stop_reason: str | None = None  # STOP_*: finished, time_budget, early_stop, interrupted
+    stop_detail: str | None = None  # one sentence: where and why
+    early_stopping: dict | None = None  # StopWhenLearnt.summary()
+    time_budget: dict | None = None  # TimeBudget.summary(): the budget, the plan, the measured costs
+    steps_done: int | None = None  # an interrupted run: the steps it took
+    checkpoint: str | None = None  # an interrupted run: the checkpoint to resume from
 
 
 @dataclass
 class RunRecord:
     """run.json: what trained the adapter and how it went (a trained run), or what it was combined from."""
 
-    finished: str | None = None  # set when the adapter is saved; an unfinished run has no run.json
+    finished: str | None = None  # set when the adapter is saved; an unfinished run has none
+    interrupted: str | None = None  # set when a signal stopped the run (no adapter saved; --resume continues it)
     base_model: BaseModelRecord = field(default_factory=BaseModelRecord)
     data: DataRecord = field(default_factory=DataRecord)
     lora: LoraRecord | None = None
@@ -296,6 +310,21 @@ def checkpoint_states(run_dir: Path) -> list[Path]:
     """The Trainer's state file of each checkpoint, oldest first."""
     return sorted((Path(run_dir) / CHECKPOINTS).glob(f"checkpoint-*/{CHECKPOINT_STATE}"),
                   key=lambda p: p.stat().st_mtime)
+
+
+# --- sweep/: the trials and the summary of `gemmatune sweep`
+
+
+def sweep_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / SWEEP
+
+
+def write_sweep_summary(run_dir: Path, summary: dict[str, Any], markdown: str) -> Path:
+    """sweep/sweep.json and sweep/summary.md; returns the path of summary.md."""
+    folder = sweep_dir(run_dir)
+    write_json(folder / SWEEP_JSON, summary)
+    write_atomic(folder / SWEEP_MD, markdown)
+    return folder / SWEEP_MD
 
 
 # --- eval.json / eval.md

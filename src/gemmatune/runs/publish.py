@@ -15,7 +15,7 @@ from typing import Any
 from gemmatune.config import Config, dump_config, load_config
 from gemmatune.errors import GemmatuneError
 from gemmatune.runs.files import inside, now, ordinary_modes, read_json_file, write_atomic
-from gemmatune.runs.folder import CHECKPOINTS, CONFIG_FILE, METRICS_FILE
+from gemmatune.runs.folder import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, SWEEP
 
 OUTPUT_MARKER = ".gemmatune-output.json"  # what made the folder, and (merge, combine) which entries it wrote
 
@@ -28,7 +28,8 @@ def open_run_dir(cfg: Config, resume: bool, overwrite: bool, force: bool = False
     """Check the run folder against the request before any work; nothing is created here."""
     run_dir = run_dir_for(cfg)
     _check_folder_path(run_dir, "train.output_dir/run_name")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or not any(p.name != SWEEP for p in run_dir.iterdir()):
+        # A folder holding only a sweep's trials is where that sweep's final run starts.
         if resume:
             raise GemmatuneError(f"--resume: {run_dir} has no run to resume; drop --resume to start it")
         return run_dir
@@ -48,7 +49,7 @@ def open_run_dir(cfg: Config, resume: bool, overwrite: bool, force: bool = False
         now = cfg.to_dict()
         changed = [
             f"{s}.{k}" for s in now for k in now[s]
-            if before[s].get(k) != now[s][k] and (s, k) not in _RESUMABLE_CHANGES
+            if before[s].get(k) != now[s][k] and f"{s}.{k}" not in _RESUMABLE_CHANGES
         ]
         # The model and LoRA shape decide what the checkpoint holds: no --force makes those fit.
         fixed = [k for k in changed if k.split(".")[0] in ("model", "lora")]
@@ -63,9 +64,10 @@ def open_run_dir(cfg: Config, resume: bool, overwrite: bool, force: bool = False
 
 # Keys a user may change when resuming without changing what is being learned.
 _RESUMABLE_CHANGES = {
-    ("train", "num_train_epochs"), ("train", "max_steps"), ("train", "logging_steps"), ("train", "save_steps"),
-    ("train", "eval_steps"), ("train", "save_total_limit"), ("train", "num_threads"),
-    ("train", "early_stopping_patience"), ("train", "on_nonfinite"), ("data", "test_file"),
+    "train.num_train_epochs", "train.max_steps", "train.logging_steps", "train.save_steps", "train.eval_steps",
+    "train.save_total_limit", "train.num_threads", "train.early_stopping_patience", "train.on_nonfinite",
+    "data.test_file", "train.time_budget", "train.early_stopping", "train.early_stopping_threshold",
+    "train.eval_on_start",
 }
 
 
@@ -137,7 +139,7 @@ def check_replaceable(out: Path, kind: str, inputs: Iterable[Path] = (), what: s
                              f"only a previous {kind} output: choose another {what} or remove it yourself")
     names = {p.name for p in out.iterdir()} - {OUTPUT_MARKER}
     if kind == "run":
-        foreign = sorted(n for n in names if n != CHECKPOINTS and not n.startswith(".")
+        foreign = sorted(n for n in names if n not in (CHECKPOINTS, SWEEP) and not n.startswith(".")
                          and ((out / n).is_dir() or (out / n).is_symlink()))
     else:
         listed = marker.get("entries")

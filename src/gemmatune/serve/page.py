@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from gemmatune.durations import parse_duration
 from gemmatune.errors import GemmatuneError
 from gemmatune.runs.files import read_json_file, readable, safe_dir
 from gemmatune.runs.folder import (
@@ -90,9 +91,27 @@ def run_summary(run_dir: Path, root: Path | None = None) -> dict:
     if training and total and step and started.is_file() and changed is not None:
         per_step = max(changed - started.stat().st_mtime, 0.0) / step
         eta = round(per_step * max(total - step, 0))
-    return {"name": run_dir.name, "state": "finished" if finished else "training" if training else "stopped",
-            "step": step, "total": total, "tokens_per_second": tps, "eta_seconds": eta,
-            "has_eval": readable(eval_path(run_dir), root)}
+    budget, budget_left = _time_budget(run_dir, root), None
+    if budget is not None and training and started.is_file():
+        # A budgeted run ends on time: what is left of its budget (counted from config.yaml, written when training
+        # starts, so the model's loading is not in it) is its ETA.
+        budget_left = max(0, round(budget - (time.time() - started.stat().st_mtime)))
+        eta = budget_left if eta is None else min(eta, budget_left)
+    reason = record.training.stop_reason if record and record.training else None
+    # Keyword names: these are the page's API fields (app.js reads them), not run.json's keys.
+    return dict(name=run_dir.name, state="finished" if finished else "training" if training else "stopped",
+                step=step, total=total, tokens_per_second=tps, eta_seconds=eta,
+                has_eval=readable(eval_path(run_dir), root), time_budget_seconds=budget,
+                budget_left_seconds=budget_left, stop_reason=reason)
+
+
+def _time_budget(run_dir: Path, root: Path) -> float | None:
+    """The run's train.time_budget in seconds, or None (none set, or a config.yaml that cannot be read)."""
+    try:
+        cfg = read_run_config(run_dir, root)
+        return parse_duration(cfg.train.time_budget) if cfg is not None and cfg.train.time_budget else None
+    except GemmatuneError:
+        return None
 
 
 def list_summaries(runs_dir: Path) -> list[dict]:
@@ -103,8 +122,9 @@ def list_summaries(runs_dir: Path) -> list[dict]:
         try:
             out.append(run_summary(path, runs_dir))
         except (GemmatuneError, OSError, ValueError, RecursionError) as exc:
-            out.append({"name": path.name, "state": "error", "error": str(exc), "step": 0, "total": None,
-                        "tokens_per_second": None, "eta_seconds": None, "has_eval": False})
+            out.append(dict(name=path.name, state="error", error=str(exc), step=0, total=None,
+                            tokens_per_second=None, eta_seconds=None, has_eval=False, time_budget_seconds=None,
+                            budget_left_seconds=None, stop_reason=None))
     return out
 
 

@@ -17,8 +17,7 @@ from gemmatune.config import Config
 from gemmatune.data.examples import ExampleDataset, PadCollator, tokenize_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import device_kind, set_threads
-from gemmatune.infer.evaluation import evaluate_after_training
-from gemmatune.infer.model import START
+from gemmatune.infer.after_training import evaluate_test_file
 from gemmatune.models.loading import Loaded, load_model
 from gemmatune.models.lora import attach_lora
 from gemmatune.models.quantization import quantized_layers
@@ -39,6 +38,8 @@ from gemmatune.runs.folder import (
 )
 from gemmatune.runs.plot import plot_losses
 from gemmatune.runs.publish import open_run_dir, start_run_dir
+from gemmatune.stopping.budget import TimeBudget, add_time_budget
+from gemmatune.stopping.early_stopping import interrupted_record, stop_reason, stopping_callback
 from gemmatune.train.allocator import allocator_note
 from gemmatune.train.lora_dropout import set_lora_dropout
 from gemmatune.train.norms import use_lean_rms_norm
@@ -72,6 +73,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     started = time.perf_counter()
     run = set_up(cfg, resume, overwrite, force)
     dist, run_dir, trainer, tokenizer = run.dist, run.run_dir, run.trainer, run.loaded.tokenizer
+    budget, base_scores = add_time_budget(cfg, trainer, run.data, started, run.model, run.loaded, dist)
 
     # --- train
     if dist.is_main_process:
@@ -79,41 +81,30 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, force: boo
     dist.wait_for_everyone()
     result = run_trainer(trainer, run_dir, resume, dist.is_main_process)
     if trainer.stop.stopped_at is not None and result.global_step < trainer.state.max_steps:
-        saved = latest_complete(run_dir / CHECKPOINTS)
-        return TrainResult(run_dir, run.model, tokenizer, {}, dist.is_main_process,
-                           stopped=f"stopped by {trainer.stop.received} at step {result.global_step}, checkpoint "
-                                   f"saved in {saved}")
+        return stopped_by_signal(run, result.global_step, budget)
     trainer.metrics.final = True
     final_eval = trainer.evaluate() if run.data.eval else {}
 
     # --- save (rank 0 only; the others wait so no process exits while files are being written)
-    record = run_record(cfg, run, result, final_eval, time.perf_counter() - started)
+    record = run_record(cfg, run, result, final_eval, time.perf_counter() - started, budget)
     save_run(run, record)
     log.info("saved adapter to %s (train loss %.4f%s)", run_dir, result.training_loss,
              f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
     if cfg.data.test_file and dist.is_main_process:
-        evaluate_test_file(cfg, run)
+        evaluate_test_file(cfg, run.loaded, run.model, run_dir, run.data.template, base_scores)
+    if budget is not None and dist.is_main_process:
+        budget.record_end(run_dir, record)  # the time the test report took, too
     return TrainResult(run_dir, run.model, tokenizer, record.to_dict(), dist.is_main_process)
 
 
-def evaluate_test_file(cfg: Config, run: Setup) -> None:
-    """Base (and the adapter the run continued) vs the adapter just trained on data.test_file, by the method's
-    measure; eval.json / eval.md in the run."""
-    loaded, model, run_dir = run.loaded, run.model, run.run_dir
-    if cfg.train.method == "grpo":
-        from gemmatune.infer.rewards import evaluate_rewards_after_training
-
-        evaluate_rewards_after_training(model, loaded.tokenizer, loaded.family, cfg, run_dir, loaded.precision)
-    elif cfg.train.method != "sft":
-        from gemmatune.infer.preference import evaluate_pairs_after_training
-
-        evaluate_pairs_after_training(model, loaded.tokenizer, loaded.family, run.data.template, cfg.data.test_file,
-                                      run_dir, loaded.precision, cfg.model.adapter)
-    else:
-        evaluate_after_training(model, loaded.tokenizer, loaded.family, run.data.template, cfg.data.test_file,
-                                run_dir, loaded.precision, loaded.processor, cfg.model.adapter)
-    if cfg.model.adapter:  # the starting adapter was loaded beside the trained one for the report only
-        model.delete_adapter(START)
+def stopped_by_signal(run: Setup, step: int, budget: TimeBudget | None) -> TrainResult:
+    """A run a signal stopped: run.json says so (no finished key: the page lists it as stopped; --resume replaces
+    it), and the result says where the checkpoint is."""
+    saved = latest_complete(run.run_dir / CHECKPOINTS)
+    if run.dist.is_main_process:
+        write_record(run.run_dir, interrupted_record(run.trainer.stop.received, step, saved, budget))
+    return TrainResult(run.run_dir, run.model, run.loaded.tokenizer, {}, run.dist.is_main_process,
+                       stopped=f"stopped by {run.trainer.stop.received} at step {step}, checkpoint saved in {saved}")
 
 
 @dataclass
@@ -262,27 +253,35 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
                   processor=None) -> GemmatuneTrainer:
     """The Trainer for `cfg`, writing checkpoints and metrics.jsonl into `run_dir`; with a multimodal
     `processor`, batches also carry the image and audio tensors of their examples (media.MediaCollator)."""
-    from transformers import EarlyStoppingCallback
-
-    from gemmatune.data.examples import PackCollator
-    from gemmatune.train.trainer import GemmatuneTrainer
-
     t = cfg.train
     has_eval = data.eval is not None
     args = training_arguments(cfg, run_dir, precision, has_eval)
-    early_stopping = ([EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)]
-                      if t.early_stopping_patience else [])
+    stopping = stopping_callback(t, has_eval, args.load_best_model_at_end)
+    callbacks = [stopping] if stopping else []
     if t.method == "grpo":  # the same arguments; answers sampled and scored each step (grpo.py)
         from gemmatune.models.loading import stop_token_ids
         from gemmatune.models.registry import family_for
         from gemmatune.train.grpo import build_grpo_trainer
 
-        return build_grpo_trainer(cfg, args, model, tokenizer, data, run_dir, early_stopping,
-                                  stop_token_ids(tokenizer, family_for(model.config.model_type)))
-    if t.method != "sft":  # dpo / orpo: the same arguments, a preference loss over pairs (preference.py)
+        trainer = build_grpo_trainer(cfg, args, model, tokenizer, data, run_dir, callbacks,
+                                     stop_token_ids(tokenizer, family_for(model.config.model_type)))
+    elif t.method != "sft":  # dpo / orpo: the same arguments, a preference loss over pairs (preference.py)
         from gemmatune.train.preference import build_preference_trainer
 
-        return build_preference_trainer(cfg, args, model, tokenizer, data, run_dir, early_stopping)
+        trainer = build_preference_trainer(cfg, args, model, tokenizer, data, run_dir, callbacks)
+    else:
+        trainer = _sft_trainer(cfg, args, model, tokenizer, data, run_dir, processor, callbacks)
+    trainer.stopping = stopping  # read back for run.json's stop reason
+    return trainer
+
+
+def _sft_trainer(cfg: Config, args, model, tokenizer, data: Prepared, run_dir: Path, processor,
+                 callbacks: list) -> GemmatuneTrainer:
+    """sft's Trainer: packed or padded supervised examples (with media tensors for a multimodal `processor`)."""
+    from gemmatune.data.examples import PackCollator
+    from gemmatune.train.trainer import GemmatuneTrainer
+
+    t, has_eval = cfg.train, data.eval is not None
     collator = PackCollator() if t.packing else PadCollator(tokenizer.pad_token_id)
     if processor is not None:
         from gemmatune.data.media import MediaCollator
@@ -299,7 +298,7 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
         eval_dataset=ExampleDataset(data.eval.examples) if has_eval else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=early_stopping,
+        callbacks=callbacks,
     )
 
 
@@ -314,10 +313,6 @@ def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: boo
         raise GemmatuneError(
             f"config key train.eval_steps: with load_best_model_at_end, save_steps ({t.save_steps}) must be a "
             f"multiple of eval_steps ({eval_steps})"
-        )
-    if t.early_stopping_patience and not has_eval:
-        raise GemmatuneError(
-            "config key train.early_stopping_patience: needs an eval set (data.eval_file or data.eval_ratio)"
         )
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -341,7 +336,7 @@ def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: boo
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
-        eval_on_start=has_eval,
+        eval_on_start=has_eval and t.eval_on_start,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # retention is GemmatuneTrainer's (keep_checkpoints): it counts only complete ones
@@ -359,8 +354,9 @@ def training_arguments(cfg: Config, run_dir: Path, precision: str, has_eval: boo
         disable_tqdm=False,
     )
 
-def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, wall: float) -> RunRecord:
-    """run.json of a finished run."""
+def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, wall: float,
+               budget: TimeBudget | None = None) -> RunRecord:
+    """run.json of a finished run, with why it stopped (the steps asked, the time budget, early stopping)."""
     import peft
     import transformers
 
@@ -369,6 +365,9 @@ def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, w
     figure, figure_first, figure_last = figure_points(rows, cfg.train.method)
     tps = sorted(run.trainer.metrics.tokens_per_second)
     loaded, data, report, processes = run.loaded, run.data, run.report, run.dist.num_processes
+    stopping = run.trainer.stopping
+    reason, why = stop_reason(False, stopping, budget)
+    log.info("stop reason: %s (%s)", reason, why)
     return RunRecord(
         finished=now(),
         base_model=BaseModelRecord(
@@ -391,7 +390,9 @@ def run_record(cfg: Config, run: Setup, result: TrainOutput, final_eval: dict, w
             eval_loss_final=final_eval.get("eval_loss"),
             tokens_per_second_median=round(tps[len(tps) // 2], 1) if tps else None,
             wall_seconds=round(wall, 1), train_method=cfg.train.method, method_figure=figure,
-            method_figure_first=figure_first, method_figure_last=figure_last,
+            method_figure_first=figure_first, method_figure_last=figure_last, stop_reason=reason, stop_detail=why,
+            early_stopping=stopping.summary() if stopping else None,
+            time_budget=budget.summary() if budget else None,
         ),
         versions={"python": platform.python_version(), "torch": torch.__version__,
                   "transformers": transformers.__version__, "peft": peft.__version__},

@@ -48,6 +48,12 @@ function progressText(run) {
   const parts = [`${run.state}`, `step ${run.step} / ${run.total ?? "?"}`];
   if (run.tokens_per_second != null) parts.push(`${Math.round(run.tokens_per_second)} tokens/s`);
   if (run.state === "training") parts.push(`ETA ${duration(run.eta_seconds)}`);
+  // A budgeted run plans its steps to end on time: its budget and what is left of it.
+  if (run.time_budget_seconds != null) {
+    const left = run.budget_left_seconds != null ? `, ${duration(run.budget_left_seconds)} left` : "";
+    parts.push(`budget ${duration(Math.round(run.time_budget_seconds))}${left}`);
+  }
+  if (run.state !== "training" && run.stop_reason) parts.push(`stop: ${run.stop_reason.replace("_", " ")}`);
   return parts.join(" · ");
 }
 
