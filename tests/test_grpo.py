@@ -113,3 +113,40 @@ def test_bad_reward_specs_and_prompt_rows_exit_2(tiny_gemma3, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     with pytest.raises(Exception, match="train.reward_functions"):
         load_reward_functions([])
+
+
+def test_token_log_probs_equal_full_logits_per_sequence_with_left_padding(tiny_gemma3):
+    # Prompts of different lengths are left-padded and answers end at different stop tokens (zeros after): each
+    # answer token's log-prob must equal the one computed from full logits on that sequence alone, no padding.
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gemmatune.models.loss import IGNORE, causal_lm_parts
+    from gemmatune.models.packing import PACKED_SDPA, register_packed_attention
+    from gemmatune.train.grpo import GRPOTrainer
+
+    register_packed_attention()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32, attn_implementation=PACKED_SDPA)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    prompts = [[2, 11, 12, 13, 14, 15], [2, 21, 22], [2, 31, 32, 33]]
+    answers = [[41, 42, 5], [51, 5], [61, 62, 63, 64]]  # 5: the stop token; the last answer runs to the cap
+    width_p, width_a = max(map(len, prompts)), max(map(len, answers))
+    full = torch.zeros(3, width_p + width_a, dtype=torch.long)
+    attention = torch.zeros_like(full)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        full[i, width_p - len(p):width_p] = torch.tensor(p)
+        full[i, width_p:width_p + len(a)] = torch.tensor(a)
+        attention[i, width_p - len(p):width_p + len(a)] = 1
+    labels = full.masked_fill(attention == 0, IGNORE)
+    labels[:, :width_p] = IGNORE
+    got = GRPOTrainer._token_log_probs(None, model, full, attention, labels, causal_lm_parts(model, any_head=True))
+    with torch.no_grad():
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            logits = model(input_ids=torch.tensor([p + a])).logits[0].float().log_softmax(-1)
+            want = torch.stack([logits[len(p) + k - 1, t] for k, t in enumerate(a)])
+            mask = labels[i, 1:] != IGNORE
+            torch.testing.assert_close(got[i][mask].detach(), want, atol=2e-5, rtol=1e-5)
+            assert mask.sum() == len(a)
