@@ -64,6 +64,27 @@ def test_bad_budget_is_one_line_exit_2(value, cli, tiny_gemma3, alpaca_file, tmp
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["train.method=dpo", "train.time_budget=5m"], "train.time_budget: is supported for train.method sft only"),
+    (["train.method=grpo", "train.early_stopping=on"], "train.early_stopping: grpo has no loss to stop on"),
+])
+def test_budget_and_stopping_keys_a_method_cannot_use_are_refused(overrides, message):
+    from gemmatune.config import load_config
+
+    with pytest.raises(GemmatuneError, match=message):
+        load_config(None, overrides)
+
+
+def test_grpo_never_stops_early_on_its_loss():
+    from gemmatune.config import load_config
+    from gemmatune.stopping.early_stopping import early_stopping_mode
+
+    cfg = load_config(None, ["train.method=grpo", "train.early_stopping_patience=3"])
+    assert early_stopping_mode(cfg.train, has_eval=False) == "off"
+    cfg.train.method = "sft"  # the same settings train on the training loss for sft
+    assert early_stopping_mode(cfg.train, has_eval=False) == "train_loss"
+
+
 def _budget_config(model_dir, tmp_path, budget, **train):
     rows = ALPACA_ROWS * 4  # 96 rows: many epochs' worth of steps available, so the budget is what ends the run
     data = write_jsonl(tmp_path / "train.jsonl", rows)
