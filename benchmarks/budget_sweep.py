@@ -123,7 +123,7 @@ def tuned_scores(run_dir: Path, test_file: Path) -> dict:
     (greedy, the same cap on new tokens, the same batches)."""
     import gemmatune
     from gemmatune.data.rows import read_eval_rows
-    from gemmatune.infer.evaluation import Progress, _generate_with_progress, reference
+    from gemmatune.infer.evaluation import reference
     from gemmatune.infer.model import SamplingSettings
 
     tuned = gemmatune.load([str(run_dir)])
@@ -132,7 +132,7 @@ def tuned_scores(run_dir: Path, test_file: Path) -> dict:
     refs = [reference(r) for r in rows]
     longest = max(len(tuned.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
     settings = SamplingSettings(max_new_tokens=max(16, 2 * longest + 2), greedy=True)
-    gens = _generate_with_progress(tuned, rows, name, settings, 16, Progress(f"eval {name}", len(rows)))
+    gens = tuned.generate(rows, adapter=name, settings=settings, batch_size=16)
     return {"exact_match": 100 * sum(g.text.strip() == r.strip() for g, r in zip(gens, refs, strict=True)) / len(rows),
             "stopped": 100 * sum(g.stopped for g in gens) / len(rows)}
 
