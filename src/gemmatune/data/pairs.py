@@ -23,7 +23,17 @@ import torch
 
 from gemmatune.config import DataConfig
 from gemmatune.data.examples import DataReport, Prepared, Split
-from gemmatune.data.rows import CheckedRows, Row, _clean_messages, _need_str, _read, is_local, read_rows
+from gemmatune.data.rows import (
+    CheckedRows,
+    Row,
+    _clean_messages,
+    _need_str,
+    _read,
+    carve_eval_rows,
+    is_local,
+    read_rows,
+    sample_max_rows,
+)
 from gemmatune.data.templates import check_template, prompt_ids, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.models.loss import IGNORE
@@ -112,16 +122,9 @@ def read_pairs(cfg: DataConfig, seed: int) -> CheckedRows:
     if cfg.eval_file or cfg.eval_split:
         spec = cfg.eval_file or cfg.train_file
         eval_rows, files[spec] = read_pair_rows(spec, cfg.eval_split or "train")
-    elif cfg.eval_ratio > 0:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        n_eval = max(1, round(len(rows) * cfg.eval_ratio))
-        if n_eval >= len(rows):
-            raise GemmatuneError(f"config key data.eval_ratio: {cfg.eval_ratio} leaves no training rows")
-        eval_rows = [rows[i] for i in sorted(order[:n_eval])]
-        rows = [rows[i] for i in sorted(order[n_eval:])]
-    if cfg.max_rows is not None and cfg.max_rows < len(rows):
-        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), cfg.max_rows))]
+    else:
+        rows, eval_rows = carve_eval_rows(rows, cfg, rng)
+    rows = sample_max_rows(rows, cfg, rng)
     if template != "chat":
         for row in rows + eval_rows:
             if len(row.data["messages"]) != 1:

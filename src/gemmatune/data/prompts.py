@@ -14,7 +14,7 @@ import torch
 
 from gemmatune.config import DataConfig
 from gemmatune.data.examples import DataReport, Prepared, Split, pad_rows
-from gemmatune.data.rows import CheckedRows, Row, _clean_messages, _need_str, _read
+from gemmatune.data.rows import CheckedRows, Row, _clean_messages, _need_str, _read, sample_max_rows
 from gemmatune.data.templates import check_template, prompt_ids
 from gemmatune.errors import GemmatuneError
 
@@ -58,8 +58,7 @@ def read_prompts(cfg: DataConfig, seed: int) -> CheckedRows:
     if template != "chat":
         raise GemmatuneError(f"config key data.template: grpo prompts use the chat template, not {template}")
     rows, fingerprint = read_prompt_file(cfg.train_file, cfg.split)
-    if cfg.max_rows is not None and cfg.max_rows < len(rows):
-        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), cfg.max_rows))]
+    rows = sample_max_rows(rows, cfg, random.Random(seed))
     return CheckedRows(FORMAT, template, rows, [], {cfg.train_file: fingerprint})
 
 

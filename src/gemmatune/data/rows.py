@@ -319,16 +319,9 @@ def read_data(cfg: DataConfig, seed: int) -> CheckedRows:
         eval_spec = cfg.eval_file or cfg.train_file
         eval_rows, files[eval_spec] = _read(eval_spec, cfg.eval_split or "train")
         eval_rows = _normalized(eval_rows, fmt)
-    elif cfg.eval_ratio > 0:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        n_eval = max(1, round(len(rows) * cfg.eval_ratio))
-        if n_eval >= len(rows):
-            raise GemmatuneError(f"config key data.eval_ratio: {cfg.eval_ratio} leaves no training rows")
-        eval_rows = [rows[i] for i in sorted(order[:n_eval])]
-        rows = [rows[i] for i in sorted(order[n_eval:])]
-    if cfg.max_rows is not None and cfg.max_rows < len(rows):
-        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), cfg.max_rows))]
+    else:
+        rows, eval_rows = carve_eval_rows(rows, cfg, rng)
+    rows = sample_max_rows(rows, cfg, rng)
     return CheckedRows(fmt, template, rows, eval_rows, files, has_media(rows + eval_rows))
 
 
@@ -336,3 +329,21 @@ def _normalized(rows: list[Row], fmt: str) -> list[Row]:
     return [Row(r.where, normalize(r, fmt)) for r in rows]
 
 
+def carve_eval_rows(rows: list, cfg: DataConfig, rng: random.Random) -> tuple[list, list]:
+    """(training rows, validation rows): `data.eval_ratio` of the rows held out, chosen by `rng`, both kept in file
+    order; no validation rows at ratio 0. Supervised rows and preference pairs are split the same way."""
+    if cfg.eval_ratio <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    n_eval = max(1, round(len(rows) * cfg.eval_ratio))
+    if n_eval >= len(rows):
+        raise GemmatuneError(f"config key data.eval_ratio: {cfg.eval_ratio} leaves no training rows")
+    return [rows[i] for i in sorted(order[n_eval:])], [rows[i] for i in sorted(order[:n_eval])]
+
+
+def sample_max_rows(rows: list, cfg: DataConfig, rng: random.Random) -> list:
+    """`data.max_rows` of the training rows, sampled by `rng` and kept in file order (all of them without a cap)."""
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        return [rows[i] for i in sorted(rng.sample(range(len(rows)), cfg.max_rows))]
+    return rows
