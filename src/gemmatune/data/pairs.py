@@ -26,12 +26,12 @@ from gemmatune.data.examples import DataReport, Prepared, Split
 from gemmatune.data.rows import (
     CheckedRows,
     Row,
-    _clean_messages,
-    _need_str,
-    _read,
     carve_eval_rows,
+    clean_messages,
     is_local,
+    need_str,
     read_rows,
+    read_rows_and_fingerprint,
     sample_max_rows,
 )
 from gemmatune.data.templates import check_template, prompt_ids, tokenize_row
@@ -62,8 +62,8 @@ def _answer(row: Row, key: str) -> str:
         if value.get("role", "assistant") != "assistant":
             raise GemmatuneError(f"{row.where}: field '{key}' must be an assistant message, got role "
                                  f"{value.get('role')!r}")
-        return _need_str(row, f"{key}.content", value.get("content"))
-    return _need_str(row, key, value)
+        return need_str(row, f"{key}.content", value.get("content"))
+    return need_str(row, key, value)
 
 
 def normalize_pair(row: Row) -> dict:
@@ -81,9 +81,9 @@ def normalize_pair(row: Row) -> dict:
     key = "prompt" if "prompt" in d else "messages"
     prompt = d[key]
     if isinstance(prompt, str):
-        messages = [{"role": "user", "content": _need_str(row, key, prompt)}]
+        messages = [{"role": "user", "content": need_str(row, key, prompt)}]
     else:
-        messages = _clean_messages(row, prompt)
+        messages = clean_messages(row, prompt)
     if any(not isinstance(m["content"], str) for m in messages):
         raise GemmatuneError(f"{row.where}: field '{key}' has image/audio parts; preference rows are text only")
     if messages[-1]["role"] != "user":
@@ -98,7 +98,7 @@ def normalize_pair(row: Row) -> dict:
 
 def read_pair_rows(spec: str, split: str = "train") -> tuple[list[Row], str]:
     """Every row of a preference file, checked and normalized, and the file's fingerprint."""
-    rows, fingerprint = _read(spec, split)
+    rows, fingerprint = read_rows_and_fingerprint(spec, split)
     if not is_pair_row(rows[0].data):
         keys = sorted(rows[0].data) if isinstance(rows[0].data, dict) else []
         raise GemmatuneError(f"{rows[0].where}: not a preference row (fields {keys}); train.method dpo/orpo needs "

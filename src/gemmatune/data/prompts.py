@@ -14,7 +14,7 @@ import torch
 
 from gemmatune.config import DataConfig
 from gemmatune.data.examples import DataReport, Prepared, Split, pad_rows
-from gemmatune.data.rows import CheckedRows, Row, _clean_messages, _need_str, _read, sample_max_rows
+from gemmatune.data.rows import CheckedRows, Row, clean_messages, need_str, read_rows_and_fingerprint, sample_max_rows
 from gemmatune.data.templates import check_template, prompt_ids
 from gemmatune.errors import GemmatuneError
 
@@ -32,8 +32,8 @@ def normalize_prompt(row: Row) -> dict:
         raise GemmatuneError(f"{row.where}: give the prompt as 'prompt' (text or messages) or 'messages', one of them")
     key = "prompt" if "prompt" in d else "messages"
     value = d[key]
-    messages = [{"role": "user", "content": _need_str(row, key, value)}] if isinstance(value, str) \
-        else _clean_messages(row, value)
+    messages = [{"role": "user", "content": need_str(row, key, value)}] if isinstance(value, str) \
+        else clean_messages(row, value)
     if any(not isinstance(m["content"], str) for m in messages):
         raise GemmatuneError(f"{row.where}: field '{key}' has image/audio parts; grpo prompts are text only")
     if messages[-1]["role"] != "user":
@@ -43,7 +43,7 @@ def normalize_prompt(row: Row) -> dict:
 
 def read_prompt_file(spec: str, split: str = "train") -> tuple[list[Row], str]:
     """Every prompt row of a file, checked and normalized, and the file's fingerprint."""
-    rows, fingerprint = _read(spec, split)
+    rows, fingerprint = read_rows_and_fingerprint(spec, split)
     return [Row(r.where, normalize_prompt(r), r.folder) for r in rows], fingerprint
 
 

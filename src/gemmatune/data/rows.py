@@ -39,10 +39,10 @@ def is_local(spec: str) -> bool:
 
 def read_rows(spec: str, split: str = "train") -> list[Row]:
     """All rows of a local file, or of a hub data set split (e.g. `train[:1000]`)."""
-    return _read(spec, split)[0]
+    return read_rows_and_fingerprint(spec, split)[0]
 
 
-def _read(spec: str, split: str) -> tuple[list[Row], str]:
+def read_rows_and_fingerprint(spec: str, split: str) -> tuple[list[Row], str]:
     """The rows and a fingerprint for the run record: the sha256 of the bytes read, or `hub:NAME`."""
     if not is_local(spec):
         rows, fingerprint = _read_hub(spec, split), "hub:" + spec
@@ -155,7 +155,8 @@ def detect_format(rows: list[Row], requested: str) -> str:
     )
 
 
-def _need_str(row: Row, key: str, value, allow_empty: bool = False) -> str:
+def need_str(row: Row, key: str, value, allow_empty: bool = False) -> str:
+    """`value` when it is text (non-empty unless `allow_empty`), else the one-line error naming the row and key."""
     if not isinstance(value, str):
         kind = "missing" if value is None else f"a {type(value).__name__}, not text"
         raise GemmatuneError(f"{row.where}: field '{key}' is {kind}")
@@ -172,19 +173,19 @@ def normalize(row: Row, fmt: str) -> dict:
     if fmt == "alpaca":
         inp = d.get("input")
         return {
-            "instruction": _need_str(row, "instruction", d.get("instruction")),
-            "input": "" if inp is None else _need_str(row, "input", inp, allow_empty=True),
-            "output": _need_str(row, "output", d.get("output")),
+            "instruction": need_str(row, "instruction", d.get("instruction")),
+            "input": "" if inp is None else need_str(row, "input", inp, allow_empty=True),
+            "output": need_str(row, "output", d.get("output")),
         }
     if fmt == "text":
-        return {"text": _need_str(row, "text", d.get("text"))}
-    clean = _clean_messages(row, d.get("messages"))
+        return {"text": need_str(row, "text", d.get("text"))}
+    clean = clean_messages(row, d.get("messages"))
     if not any(m["role"] == "assistant" for m in clean):
         raise GemmatuneError(f"{row.where}: no assistant message, so nothing to learn")
     return {"messages": clean}
 
 
-def _clean_messages(row: Row, messages) -> list[dict]:
+def clean_messages(row: Row, messages) -> list[dict]:
     """The `messages` of a chat row as {role, content} dicts; every chat row, trained on or prompted, passes here.
 
     `content` is text, or a list of parts (media.py) whose image/audio files are checked here and whose paths
@@ -199,12 +200,12 @@ def _clean_messages(row: Row, messages) -> list[dict]:
         if isinstance(content, list):
             content = _clean_parts(row, f"messages[{i}].content", content, media_allowed=m["role"] != "assistant")
         else:
-            content = _need_str(row, f"messages[{i}].content", content)
+            content = need_str(row, f"messages[{i}].content", content)
         message = {"role": m["role"], "content": content}
         thinking = m.get("reasoning", m.get("reasoning_content"))
         if thinking is not None and m["role"] == "assistant":
             # The reply's thinking, rendered by chat templates that know it (Gemma 4's thinking channel).
-            message["reasoning"] = _need_str(row, f"messages[{i}].reasoning", thinking)
+            message["reasoning"] = need_str(row, f"messages[{i}].reasoning", thinking)
         clean.append(message)
     return clean
 
@@ -220,13 +221,13 @@ def _clean_parts(row: Row, key: str, parts: list, media_allowed: bool) -> list[d
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            clean.append({"type": "text", "text": _need_str(row, f"{key}[{j}].text", part.get("text"))})
+            clean.append({"type": "text", "text": need_str(row, f"{key}[{j}].text", part.get("text"))})
             continue
         if kind not in KINDS:
             raise GemmatuneError(f"{row.where}: {key}[{j}] needs a type of text, {', '.join(KINDS)}")
         if not media_allowed:
             raise GemmatuneError(f"{row.where}: {key}[{j}] is an {kind} part in an assistant turn; replies are text")
-        path = Path(_need_str(row, f"{key}[{j}].path", part.get("path"))).expanduser()
+        path = Path(need_str(row, f"{key}[{j}].path", part.get("path"))).expanduser()
         if not path.is_absolute():
             path = (row.folder or Path.cwd()) / path
         check_media_file(kind, path, f"{row.where} {key}[{j}]")
@@ -248,7 +249,7 @@ def media_prompt_row(prompt: str, images: list[str], audios: list[str]) -> dict:
     content = [{"type": "image", "path": p} for p in images] + [{"type": "audio", "path": p} for p in audios]
     content.append({"type": "text", "text": prompt})
     row = Row("--image/--audio", {}, Path.cwd())
-    return {"messages": _clean_messages(row, [{"role": "user", "content": content}])}
+    return {"messages": clean_messages(row, [{"role": "user", "content": content}])}
 
 
 def read_prompt_rows(spec: str) -> list[dict]:
@@ -259,7 +260,7 @@ def read_prompt_rows(spec: str) -> list[dict]:
         data = row.data if isinstance(row.data, dict) else {}
         messages = data.get("messages")
         if isinstance(messages, list) and messages:
-            out.append({**data, "messages": _clean_messages(row, messages)})
+            out.append({**data, "messages": clean_messages(row, messages)})
         elif isinstance(data.get("instruction"), str):
             out.append({**data, "input": data.get("input") or ""})
         elif isinstance(data.get("prompt"), str):
@@ -308,7 +309,7 @@ def read_data(cfg: DataConfig, seed: int) -> CheckedRows:
     no tokenizer needed, so this runs before the model loads. Raises GemmatuneError naming the file and line."""
     if not cfg.train_file:
         raise GemmatuneError("config key data.train_file: no training data given (a .jsonl/.json/.csv/.parquet file)")
-    rows, fingerprint = _read(cfg.train_file, cfg.split)
+    rows, fingerprint = read_rows_and_fingerprint(cfg.train_file, cfg.split)
     files = {cfg.train_file: fingerprint}
     fmt = detect_format(rows, cfg.format)
     template = default_template(fmt) if cfg.template == "auto" else cfg.template
@@ -317,7 +318,7 @@ def read_data(cfg: DataConfig, seed: int) -> CheckedRows:
     eval_rows: list[Row] = []
     if cfg.eval_file or cfg.eval_split:
         eval_spec = cfg.eval_file or cfg.train_file
-        eval_rows, files[eval_spec] = _read(eval_spec, cfg.eval_split or "train")
+        eval_rows, files[eval_spec] = read_rows_and_fingerprint(eval_spec, cfg.eval_split or "train")
         eval_rows = _normalized(eval_rows, fmt)
     else:
         rows, eval_rows = carve_eval_rows(rows, cfg, rng)
