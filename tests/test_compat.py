@@ -226,3 +226,13 @@ def test_meta_nonzero_can_assume_every_element_true():
     x = torch.empty(2, 5, 3, device="meta")
     with compat.meta_nonzero_assumes_all_true():
         assert x[mask].shape == (10, 3), _where("torch")
+
+
+def test_a_schedulers_last_lr_is_what_get_last_lr_returns():
+    # stopping/budget.py sets each group's rate when it replans the schedule; the Trainer logs get_last_lr().
+    from gemmatune.compat import set_last_lr
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    set_last_lr(scheduler, [0.125])
+    assert scheduler.get_last_lr() == [0.125]

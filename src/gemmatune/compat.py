@@ -134,6 +134,16 @@ def lora_dropout_modules(lora_layer: torch.nn.Module) -> torch.nn.ModuleDict:
     return dropouts
 
 
+# --- torch ----------------------------------------------------------------------------------------------------
+
+def set_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler, lrs: list[float]) -> None:
+    """What `scheduler.get_last_lr()` returns (the Trainer logs it as the learning rate) after the time budget sets
+    each group's rate itself: torch keeps it in the private `_last_lr` and has no setter."""
+    if not isinstance(getattr(scheduler, "_last_lr", None), list):
+        raise changed("torch", f"{type(scheduler).__name__} keeps no _last_lr list for get_last_lr()")
+    scheduler._last_lr = list(lrs)
+
+
 # --- bitsandbytes ---------------------------------------------------------------------------------------------
 
 def keep_training_layout(layer: torch.nn.Module) -> None:

@@ -112,6 +112,8 @@ def replannable(lr_scheduler, args, total: int) -> _Schedule | None:
     ends on time) for a scheduler that is not a LambdaLR (e.g. reduce_lr_on_plateau)."""
     import torch
 
+    from gemmatune.compat import set_last_lr
+
     # The Trainer holds accelerate's AcceleratedScheduler around the torch scheduler (its public `scheduler`).
     lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
     if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
@@ -128,7 +130,7 @@ def replannable(lr_scheduler, args, total: int) -> _Schedule | None:
     # The scheduler set each group's lr for its current step with the old total; set it with this one.
     for group, base in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, strict=True):
         group["lr"] = base * lr_lambda(lr_scheduler.last_epoch)
-    lr_scheduler._last_lr = [g["lr"] for g in lr_scheduler.optimizer.param_groups]  # what get_last_lr() returns
+    set_last_lr(lr_scheduler, [g["lr"] for g in lr_scheduler.optimizer.param_groups])
     return schedule
 
 
