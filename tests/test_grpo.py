@@ -27,16 +27,24 @@ def knows_the_row(prompt, completion, row):
 TOPICS = ["cats", "dogs", "rain", "sun", "tea", "bread", "cars", "snow", "ink", "salt", "milk", "wool"]
 
 
-def test_a_format_reward_rises(tmp_path):
-    # The tiny Gemma 3 gets wider initial weights (0.1, as conftest's tiny Gemma 4): with the default 0.02 its logits
-    # cannot spread far enough in a few steps for the share of printable characters to move.
+def _prompt_file(path, topics):
+    return write_jsonl(path, [{"prompt": f"Write about {t}.", "topic": t} for t in topics])
+
+
+def _wide_model_and_prompts(tmp_path):
+    """A tiny Gemma 3 with wider initial weights (0.1, as conftest's tiny Gemma 4: with the default 0.02 its logits
+    cannot spread far enough in a few steps for the share of printable characters to move), the reward functions
+    in tmp_path/rewards.py, and 8 training prompts."""
     config = gemma3_config()
     config.initializer_range = 0.1
     model = save_tiny(config, tmp_path / "model")
     (tmp_path / "rewards.py").write_text(REWARDS)
-    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {t}.", "topic": t}
-                                                          for t in TOPICS[:8]])
-    test_file = write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"Write about {t}.", "topic": t} for t in TOPICS[8:]])
+    return model, _prompt_file(tmp_path / "prompts.jsonl", TOPICS[:8])
+
+
+def test_a_format_reward_rises(tmp_path):
+    model, train_file = _wide_model_and_prompts(tmp_path)
+    test_file = _prompt_file(tmp_path / "test.jsonl", TOPICS[8:])
     cfg = tiny_config(model, train_file, tmp_path / "runs", max_steps=16, method="grpo", beta=0.0,
                       per_device_train_batch_size=2, num_generations=8, max_completion_length=4,
                       learning_rate=1e-2, lr_scheduler_type="constant")
@@ -59,12 +67,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
     from safetensors.torch import load_file
 
-    config = gemma3_config()
-    config.initializer_range = 0.1
-    model = save_tiny(config, tmp_path / "model")
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {t}.", "topic": t}
-                                                          for t in TOPICS[:8]])
+    model, train_file = _wide_model_and_prompts(tmp_path)
     cfg = tiny_config(model, train_file, tmp_path / "runs", max_steps=4, save_steps=2, method="grpo", beta=0.04,
                       per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=4,
                       max_completion_length=4, learning_rate=1e-2)
@@ -90,8 +93,7 @@ def test_qlora_grpo_samples_trains_the_adapter_and_keeps_the_4bit_bytes(tiny_gem
     from gemmatune.models.loading import load_model
 
     (tmp_path / "rewards.py").write_text(REWARDS)
-    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {t}.", "topic": t}
-                                                          for t in TOPICS[:4]])
+    train_file = _prompt_file(tmp_path / "prompts.jsonl", TOPICS[:4])
     cfg = tiny_config(tiny_gemma3_4bit, train_file, tmp_path / "runs", max_steps=2, method="grpo", beta=0.04,
                       per_device_train_batch_size=2, num_generations=4, max_completion_length=4, precision="bf16")
     cfg.model.quantization = "4bit"

@@ -37,6 +37,30 @@ def write_run(run_dir: Path) -> list[dict]:
     return rows
 
 
+def playwright_api():
+    """Playwright's sync API, with Debian's chromium to drive; the test is skipped (or fails under
+    GEMMATUNE_TEST_ALL) when either is missing."""
+    require(Path(CHROMIUM).is_file(), "Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
+    require(sync_api is not None, "the playwright package (pip install -e '.[test]')")
+    return sync_api
+
+
+def open_page(browser, url: str, problems: list[str]):
+    """The run page at `url` in a new context with the API key set; console errors and page errors go to
+    `problems`."""
+    context = browser.new_context(viewport={"width": 1500, "height": 900})
+    context.add_init_script(f"localStorage.setItem('gemmatune-api-key', {json.dumps(API_KEY)})")
+    page = context.new_page()
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.goto(url + "/")
+    return page
+
+
 def vertices(page, series: str) -> int:
     """Points the chart's SVG path of `series` (train, eval, smooth) passes through; 0 when it is not drawn."""
     return page.evaluate(f"""(() => {{
@@ -55,12 +79,7 @@ def page_server(tiny_gemma3, two_adapters, tmp_path_factory):
 
 
 def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_adapters, tmp_path):
-    require(Path(CHROMIUM).is_file(), "Debian's chromium (apt-get install chromium)")
-    try:
-        from playwright import sync_api
-    except ImportError:
-        sync_api = None
-    require(sync_api is not None, "the playwright package (pip install -e '.[test]')")
+    sync_api = playwright_api()
     server, run_dir, rows = page_server
     a, b = two_adapters
     # The chat box sends the conversation greedily (temperature 0) with its max tokens: the reference is
@@ -78,12 +97,7 @@ def test_page_curves_live_update_eval_and_chat(page_server, tiny_gemma3, two_ada
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
-            context = browser.new_context(viewport={"width": 1500, "height": 900})
-            context.add_init_script(f"localStorage.setItem('gemmatune-api-key', {json.dumps(API_KEY)})")
-            page = context.new_page()
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.goto(server.url + "/")
+            page = open_page(browser, server.url, problems)
             chart = page.locator("#chart")
             sync_api.expect(chart).to_have_attribute("data-train-points", str(train_points), timeout=20_000)
             sync_api.expect(chart).to_have_attribute("data-eval-points", str(eval_points))
@@ -159,24 +173,14 @@ def write_method_runs(runs: Path) -> list[float]:
 
 def test_page_shows_each_method_figure(two_adapters, tiny_gemma3, tmp_path):
     """GRPO: the curve is the reward per step, the table the rewards per function; DPO: preference accuracy."""
-    require(Path(CHROMIUM).is_file(), "Debian's chromium (apt-get install chromium)")
-    try:
-        from playwright import sync_api
-    except ImportError:
-        sync_api = None
-    require(sync_api is not None, "the playwright package (pip install -e '.[test]')")
+    sync_api = playwright_api()
     rewards = write_method_runs(tmp_path / "runs")
     server = ServerProcess(serve_args(tiny_gemma3, two_adapters, tmp_path / "runs"), tmp_path / "server.log")
     problems: list[str] = []
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-            context = browser.new_context(viewport={"width": 1500, "height": 900})
-            context.add_init_script(f"localStorage.setItem('gemmatune-api-key', {json.dumps(API_KEY)})")
-            page = context.new_page()
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.goto(server.url + "/")
+            page = open_page(browser, server.url, problems)
             page.locator("#runs li[data-name=grpo]").click()
             chart = page.locator("#chart")
             sync_api.expect(chart).to_have_attribute("data-train-points", str(len(rewards)), timeout=20_000)
