@@ -114,6 +114,47 @@ def test_packed_attention_splits_the_row_itself():
         start += n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_attention_equals_sdpa_per_example(monkeypatch, dtype):
+    """The padded path (all examples at once) against sdpa per example: outputs and q/k/v gradients, with GQA and a
+    sliding window shorter than the padding of the short examples (a padded row that sees nothing would be NaN)."""
+    from types import SimpleNamespace
+
+    from gemmatune.models import packing
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True)
+    lengths = (3, 20, 9, 1)
+    q, k, v = (torch.randn(1, h, sum(lengths), 32, dtype=dtype, requires_grad=True) for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    grad = torch.randn(1, sum(lengths), 4, 32, dtype=dtype)
+    results = []
+    for weights in (0, packing.PADDED_WEIGHTS):
+        monkeypatch.setattr(packing, "PADDED_WEIGHTS", weights)
+        assert packing._padded_fits(q, list(lengths)) == bool(weights)
+        out, _ = packing.packed_sdpa_attention(module, q, k, v, None, position_ids=pos, sliding_window=4,
+                                               scaling=0.2, dropout=0.0)
+        out.backward(grad)
+        results.append([out.detach().float(), *(x.grad.float() for x in (q, k, v))])
+        q.grad = k.grad = v.grad = None
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for stock, padded in zip(*results, strict=True):
+        assert torch.isfinite(padded).all()
+        assert (padded - stock).norm() <= tolerance * stock.norm()
+
+
+def test_padded_attention_only_where_it_pays():
+    """One long example among short ones stays per example (padding would do 4x the work); memory is capped."""
+    from gemmatune.models.packing import PADDED_WEIGHTS, _padded_fits
+
+    query = torch.empty(1, 4, 0, 8)
+    assert _padded_fits(query, [90, 60, 45, 70, 80, 40, 55, 65])
+    assert _padded_fits(query, [256] * 4)
+    assert not _padded_fits(query, [500, 30, 40, 20])
+    longest = int((PADDED_WEIGHTS / 4 / 4) ** 0.5)
+    assert _padded_fits(query, [longest] * 4) and not _padded_fits(query, [longest + 1] * 4)
+
+
 def test_packed_gradients_equal_the_sum_over_separate_examples(tiny_gemma3):
     """The backward through the per-example attention (gradients of q, k, v gathered back into the row)."""
     model = _load(tiny_gemma3, None)
