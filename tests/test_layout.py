@@ -18,8 +18,8 @@ MAX_SUBPACKAGE_LINES = 1650  # models/ (families and the model built from them) 
 
 # Bottom to top: a module may import its own layer and the layers below it, never one above. The top-level
 # modules other than the package's own __init__ and __main__ are the foundation everything stands on.
-LAYERS = ["(foundation)", "runs", "models", "data", "infer", "stopping", "train", "plan", "export", "serve", "cli",
-          "(top)"]
+LAYERS = ["(foundation)", "kernels", "runs", "models", "data", "infer", "stopping", "train", "plan", "export", "serve",
+          "cli", "(top)"]
 TOP = {"gemmatune", "gemmatune.__main__"}
 NOT_IN_TRAINING = ("gemmatune.serve", "gemmatune.export", "gemmatune.cli")
 RUN_FOLDER_MODULE = "gemmatune.runs.folder"

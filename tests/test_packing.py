@@ -120,7 +120,8 @@ def test_padded_attention_equals_sdpa_per_example(monkeypatch, dtype):
     sliding window shorter than the padding of the short examples (a padded row that sees nothing would be NaN)."""
     from types import SimpleNamespace
 
-    from gemmatune.models import packing
+    from gemmatune.kernels import attention
+    from gemmatune.models.packing import packed_sdpa_attention
 
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True)
@@ -129,10 +130,10 @@ def test_padded_attention_equals_sdpa_per_example(monkeypatch, dtype):
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     grad = torch.randn(1, sum(lengths), 4, 32, dtype=dtype)
     results = []
-    for weights in (0, packing.PADDED_WEIGHTS):
-        monkeypatch.setattr(packing, "PADDED_WEIGHTS", weights)
-        assert packing._padded_fits(q, list(lengths)) == bool(weights)
-        out, _ = packing.packed_sdpa_attention(module, q, k, v, None, position_ids=pos, sliding_window=4,
+    for weights in (0, attention.PADDED_WEIGHTS):
+        monkeypatch.setattr(attention, "PADDED_WEIGHTS", weights)
+        assert attention.padded_fits(q, list(lengths)) == bool(weights)
+        out, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=pos, sliding_window=4,
                                                scaling=0.2, dropout=0.0)
         out.backward(grad)
         results.append([out.detach().float(), *(x.grad.float() for x in (q, k, v))])
@@ -145,14 +146,14 @@ def test_padded_attention_equals_sdpa_per_example(monkeypatch, dtype):
 
 def test_padded_attention_only_where_it_pays():
     """One long example among short ones stays per example (padding would do 4x the work); memory is capped."""
-    from gemmatune.models.packing import PADDED_WEIGHTS, _padded_fits
+    from gemmatune.kernels.attention import PADDED_WEIGHTS, padded_fits
 
     query = torch.empty(1, 4, 0, 8)
-    assert _padded_fits(query, [90, 60, 45, 70, 80, 40, 55, 65])
-    assert _padded_fits(query, [256] * 4)
-    assert not _padded_fits(query, [500, 30, 40, 20])
+    assert padded_fits(query, [90, 60, 45, 70, 80, 40, 55, 65])
+    assert padded_fits(query, [256] * 4)
+    assert not padded_fits(query, [500, 30, 40, 20])
     longest = int((PADDED_WEIGHTS / 4 / 4) ** 0.5)
-    assert _padded_fits(query, [longest] * 4) and not _padded_fits(query, [longest + 1] * 4)
+    assert padded_fits(query, [longest] * 4) and not padded_fits(query, [longest + 1] * 4)
 
 
 def test_packed_gradients_equal_the_sum_over_separate_examples(tiny_gemma3):
