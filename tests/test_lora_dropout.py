@@ -10,9 +10,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from gemmatune.kernels.lora import drop_rate, dropped
 from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
-from gemmatune.train.lora_dropout import LoraDropout, drop_rate, dropped, use_fast_lora_dropout
+from gemmatune.train.lora_dropout import LoraDropout, use_fast_lora_dropout
 from tests.conftest import tiny_config
 
 N = 1_000_000

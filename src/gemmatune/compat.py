@@ -134,6 +134,26 @@ def lora_dropout_modules(lora_layer: torch.nn.Module) -> torch.nn.ModuleDict:
     return dropouts
 
 
+def lora_variants(lora_layer: torch.nn.Module) -> dict:
+    """A PEFT LoRA layer's variants per adapter (DoRA and the like): its forward hands an adapter that has one to
+    `variant.forward(layer, active_adapter=, x=, result=)` instead of computing `result + lora_B(lora_A(dropout(x)))
+    * scaling`, and merging to the variant's merge_safe / merge_unsafe / unmerge. kernels/lora.py puts its fused
+    branch there. PEFT calls these methods private ("prone to change"); checked with peft 0.21.2."""
+    variants = getattr(lora_layer, "lora_variant", None)
+    if not isinstance(variants, dict):
+        raise changed("peft", f"{type(lora_layer).__name__} has no lora_variant dict")
+    return variants
+
+
+def lora_variant_base() -> type:
+    """PEFT's base class of LoRA variants (peft.tuners.lora.layer.LoraVariant)."""
+    try:
+        from peft.tuners.lora.layer import LoraVariant
+    except ImportError as err:
+        raise changed("peft", "peft.tuners.lora.layer.LoraVariant is gone") from err
+    return LoraVariant
+
+
 # --- torch ----------------------------------------------------------------------------------------------------
 
 def set_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler, lrs: list[float]) -> None:

@@ -1,19 +1,10 @@
-"""LoRA dropout with PEFT's distribution, at a fraction of its cost.
+"""Which LoRA dropout a training method uses, and a cheaper one than PEFT's for layers kernels/lora.py does not fuse.
 
 PEFT gives every LoRA layer its own `nn.Dropout` on the layer's input. On a CPU that costs far more than it looks:
 `bernoulli_` draws one random number per element (measured here: a 1024 x 640 fp32 mask took 7 ms, the
-multiplication it gates 0.06 ms), and it runs for each of the 7 projections of every layer. Here each layer still
-draws its own mask, independent of every other layer's, as PEFT's do, but four elements' worth from each 64-bit
-random number: an element is dropped where its 16 bits fall below round(p * 65536), so the drop rate is p to within
-1 / 131072, and kept elements are scaled by the exact inverse of the keep rate (the expectation stays the input's).
-Backward keeps a 1-byte mask, as `torch.nn.functional.dropout` does.
-
-Sharing one mask between the layers that read the same tensor (q/k/v, gate/up) would be cheaper still, but it is not
-the same training: q and k meet in a softmax, gate and up in a product, so correlated masks change the expected
-gradient (tests/test_lora_dropout.py measures it: 14 standard errors off on a two-reader block).
-
-The random numbers come from torch's default generator, so the trainer's seed fixes them, and gradient checkpointing,
-which restores the generator's state before recomputing a layer, recomputes the same masks.
+multiplication it gates 0.06 ms), and it runs for each of the 7 projections of every layer. `LoraDropout` keeps
+PEFT's distribution with the 16-bit draws of kernels.lora.keep_mask; the fused LoRA branch (kernels.lora), which
+every plain linear LoRA layer trains with, reads its rate from here and draws its mask the same way.
 """
 
 from __future__ import annotations
@@ -21,24 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LEVELS = 1 << 16
-"""Resolution of the drop rate: each element's draw is one of 65,536 values."""
-
-
-def drop_rate(p: float) -> float:
-    """The rate `dropped` drops at for a requested `p`: the nearest multiple of 1/65536."""
-    return round(p * LEVELS) / LEVELS
-
-
-def dropped(x: torch.Tensor, p: float) -> torch.Tensor:
-    """`x` with each element zeroed with probability `drop_rate(p)` and the rest scaled by 1 / (1 - that rate)."""
-    threshold = round(p * LEVELS)
-    if threshold == 0:
-        return x
-    n = x.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
-    keep = draws.view(torch.int16)[:n].view(x.shape) >= threshold - LEVELS // 2
-    return torch.where(keep, x * (LEVELS / (LEVELS - threshold)), 0)
+from gemmatune.kernels.lora import dropped
 
 
 class LoraDropout(nn.Module):
