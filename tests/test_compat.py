@@ -174,6 +174,40 @@ def test_peft_applies_the_lora_dropout_module_to_the_layers_own_input_before_lor
         compat.lora_dropout_modules(torch.nn.Linear(2, 2))
 
 
+def test_peft_hands_an_adapter_with_a_variant_to_the_variants_forward_and_merge():
+    """The hook kernels/lora.py uses: forward gets (layer, adapter, x = the layer's input, result = the base output)
+    and returns the layer's output; merging asks the variant for the merged weight."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    calls = []
+
+    class Recorder(compat.lora_variant_base()):
+        @staticmethod
+        def forward(module, active_adapter, x, result, **kwargs):
+            calls.append((module, active_adapter, x, result.clone()))
+            return result + 1
+
+        @staticmethod
+        def merge_safe(module, active_adapter, orig_weight):
+            calls.append("merge")
+            return orig_weight * 0
+
+    compat.lora_variants(layer)["default"] = Recorder()
+    x = torch.randn(3, 8)
+    out = model(x)
+    assert len(calls) == 1, f"{_where('peft')}: the LoRA layer no longer calls its variant's forward"
+    module, adapter, seen, result = calls[0]
+    assert module is layer and adapter == "default" and seen is x, _where("peft")
+    assert torch.equal(result, layer.base_layer(x)) and torch.equal(out, result + 1), _where("peft")
+    layer.merge(safe_merge=True)
+    assert calls[-1] == "merge" and torch.equal(layer.base_layer.weight, torch.zeros(8, 8)), \
+        f"{_where('peft')}: merging no longer asks the variant"
+    with pytest.raises(compat.LibraryChanged, match=r"peft \S+: Linear has no lora_variant dict"):
+        compat.lora_variants(torch.nn.Linear(2, 2))
+
+
 # --- bitsandbytes ---------------------------------------------------------------------------------------------
 
 def test_bitsandbytes_4bit_layers_have_the_cpu_repack_switch():
