@@ -225,7 +225,7 @@ def distributed_state():
 
 
 def prepare_for_training(loaded: Loaded, cfg: Config):
-    """The loaded model made ready to train: no KV cache, lean norms, LoRA attached; returns (model, report)."""
+    """The loaded model made ready to train: no KV cache, lean norms, LoRA attached and fused; (model, report)."""
     family = loaded.family
     disable_cache(loaded.model, family)
     use_lean_rms_norm(loaded.model, family.rms_norm, family.rms_norm_offset)
@@ -236,8 +236,8 @@ def prepare_for_training(loaded: Loaded, cfg: Config):
 
         model, report = continue_adapter(loaded.model, cfg, family, autocast=autocast)
     else:
-        model, report = attach_lora(loaded.model, cfg.lora, family, quantized=cfg.model.quantization == "4bit",
-                                    autocast=autocast)
+        quantized = cfg.model.quantization == "4bit"
+        model, report = attach_lora(loaded.model, cfg.lora, family, quantized=quantized, autocast=autocast)
     set_lora_dropout(model, cfg.train.method)
     use_fused_lora(model)
     return model, report
