@@ -18,7 +18,6 @@ from gemmatune.data.examples import ExampleDataset, PadCollator, tokenize_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.infer.after_training import evaluate_test_file
-from gemmatune.kernels.lora import use_fused_lora
 from gemmatune.models.loading import Loaded, load_model
 from gemmatune.models.lora import attach_lora
 from gemmatune.models.quantization import quantized_layers
@@ -239,7 +238,6 @@ def prepare_for_training(loaded: Loaded, cfg: Config):
         quantized = cfg.model.quantization == "4bit"
         model, report = attach_lora(loaded.model, cfg.lora, family, quantized=quantized, autocast=autocast)
     set_lora_dropout(model, cfg.train.method)
-    use_fused_lora(model)
     return model, report
 
 
