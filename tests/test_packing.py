@@ -115,9 +115,11 @@ def test_packed_attention_splits_the_row_itself():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_padded_attention_equals_sdpa_per_example(monkeypatch, dtype):
-    """The padded path (all examples at once) against sdpa per example: outputs and q/k/v gradients, with GQA and a
-    sliding window shorter than the padding of the short examples (a padded row that sees nothing would be NaN)."""
+@pytest.mark.parametrize("longest", [512, 10])
+def test_padded_attention_equals_sdpa_per_example(monkeypatch, dtype, longest):
+    """Padded groups (all examples at once; with `longest` 10, the 20-token example by sdpa and the rest padded,
+    put back in the row's order) against sdpa per example: outputs and q/k/v gradients, with GQA and a sliding
+    window shorter than the padding of the short examples (a padded row that sees nothing would be NaN)."""
     from types import SimpleNamespace
 
     from gemmatune.kernels import attention
@@ -130,11 +132,14 @@ def test_padded_attention_equals_sdpa_per_example(monkeypatch, dtype):
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     grad = torch.randn(1, sum(lengths), 4, 32, dtype=dtype)
     results = []
+    monkeypatch.setattr(attention, "PADDED_LONGEST", longest)
+    monkeypatch.setattr(attention, "CALL_COST", 0 if longest == 10 else attention.CALL_COST)  # groups of one
     for weights in (0, attention.PADDED_WEIGHTS):
         monkeypatch.setattr(attention, "PADDED_WEIGHTS", weights)
-        assert attention.padded_fits(q, list(lengths)) == bool(weights)
-        out, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=pos, sliding_window=4,
-                                               scaling=0.2, dropout=0.0)
+        padded = [p for _, p in attention.attention_groups(list(lengths), 4)]
+        assert any(padded) == bool(weights) and all(padded) == (bool(weights) and longest > 20)
+        out, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=pos, sliding_window=4, scaling=0.2,
+                                       dropout=0.0)
         out.backward(grad)
         results.append([out.detach().float(), *(x.grad.float() for x in (q, k, v))])
         q.grad = k.grad = v.grad = None
@@ -144,16 +149,18 @@ def test_padded_attention_equals_sdpa_per_example(monkeypatch, dtype):
         assert (padded - stock).norm() <= tolerance * stock.norm()
 
 
-def test_padded_attention_only_where_it_pays():
-    """One long example among short ones stays per example (padding would do 4x the work); memory is capped."""
-    from gemmatune.kernels.attention import PADDED_WEIGHTS, padded_fits
+def test_attention_groups_pad_only_where_it_pays():
+    """Short examples share one padded group; one long example among short ones gets its own (padding it with them
+    would do 4x the work); examples too long, or weights over the cap, go to sdpa."""
+    from gemmatune.kernels.attention import PADDED_LONGEST, PADDED_WEIGHTS, attention_groups
 
-    query = torch.empty(1, 4, 0, 8)
-    assert padded_fits(query, [90, 60, 45, 70, 80, 40, 55, 65])
-    assert padded_fits(query, [256] * 4)
-    assert not padded_fits(query, [500, 30, 40, 20])
-    longest = int((PADDED_WEIGHTS / 4 / 4) ** 0.5)
-    assert padded_fits(query, [longest] * 4) and not padded_fits(query, [longest + 1] * 4)
+    assert attention_groups([90, 60, 45, 70, 80, 40, 55, 65], 4) == [([0, 4, 3, 7, 1, 6, 2, 5], True)]
+    assert attention_groups([256] * 4, 4) == [([0, 1, 2, 3], True)]
+    assert attention_groups([30, 500, 40, 20], 4) == [([1], True), ([2, 0, 3], True)]
+    assert attention_groups([100, PADDED_LONGEST + 1], 4) == [([1], False), ([0], True)]
+    side = int((PADDED_WEIGHTS / 8 / 2) ** 0.5)
+    assert attention_groups([side] * 2, 8) == [([0, 1], True)]
+    assert attention_groups([side + 1] * 2, 8) == [([0, 1], False)]
 
 
 def test_packed_gradients_equal_the_sum_over_separate_examples(tiny_gemma3):

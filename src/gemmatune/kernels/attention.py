@@ -3,21 +3,35 @@ examples padded to the longest, scores and output by matmul. models/packing.py d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 PADDED_WEIGHTS = 1 << 22
-"""Most attention weights (examples x heads x longest^2) the padded path keeps for one layer's backward (8 MiB in
+"""Most attention weights (examples x heads x longest^2) a padded group keeps for one layer's backward (8 MiB in
 bf16); above it, sdpa per example, which keeps none."""
+PADDED_LONGEST = 512
+"""Longest example attended by matmul: beyond it sdpa's tiled kernel is as fast (2-core CPU, bf16)."""
 CALL_COST = 80**2
-"""One sdpa call's fixed cost in attention-weight elements (measured on a 2-core CPU: a 32-token example costs
-what an 80-token one would without it)."""
+"""The fixed cost of one more group in attention-weight elements (measured on a 2-core CPU: a 32-token example
+costs what an 80-token one would without it)."""
 
 
-def padded_fits(query: torch.Tensor, lengths: list[int]) -> bool:
-    """Padded when its weights fit `PADDED_WEIGHTS` and padding wastes less than it saves: the padded path does
-    count x longest^2 work at about half sdpa's cost per element (forward and backward, 2-core CPU)."""
-    padded = len(lengths) * max(lengths) ** 2
-    return padded * query.shape[1] <= PADDED_WEIGHTS and padded <= 2 * sum(n * n + CALL_COST for n in lengths)
+def attention_groups(lengths: list[int], heads: int) -> list[tuple[list[int], bool]]:
+    """A packed row's examples (their indices) in groups, longest first, each attended at once padded to its
+    longest (True) or by sdpa one example at a time (False: too long, or its weights over `PADDED_WEIGHTS`). A group
+    takes the next example while the padding it adds costs less than a group of its own: padded, the work is count
+    x longest^2 elements at about half sdpa's cost per element, forward and backward (2-core CPU)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        members = [*groups[-1], i] if groups else [i]
+        longest, count = lengths[members[0]], len(members)
+        if groups and count * longest**2 <= 1.5 * sum(lengths[j] ** 2 for j in members) + 2 * CALL_COST * count:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [(g, heads * len(g) * lengths[g[0]] ** 2 <= PADDED_WEIGHTS and lengths[g[0]] <= PADDED_LONGEST)
+            for g in groups]
 
 
 def needs_stock_attention(module: torch.nn.Module, kwargs: dict) -> bool:
@@ -27,22 +41,48 @@ def needs_stock_attention(module: torch.nn.Module, kwargs: dict) -> bool:
     return bool(dropout) or not getattr(module, "is_causal", True) or any(kwargs.get(name) for name in extras)
 
 
-def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
-                      scaling: float | None, window: int | None) -> torch.Tensor:
-    """Every example of a packed row at once, padded to the longest: scores by matmul, a softmax over them, the
-    output by matmul, as transformers' eager attention computes (scores and weights in the input's dtype, the
-    softmax accumulating in fp32). On a CPU the sdpa kernel's per-call cost dominates short examples: this is
-    1.6x faster on eight 40-90 token examples and no slower at Alpaca lengths (4 x 60-400), forward and backward.
-    Returns [1, total, heads, head_dim], as transformers' attention functions do."""
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[tuple[int, int]],
+                     scaling: float | None, window: int | None, one_example: Callable, padded_ok: bool = True,
+                     ) -> torch.Tensor:
+    """Attention of every example of a packed row ((start, end) `bounds`), none crossing another: groups from
+    `attention_groups` padded at once, the rest by `one_example(q, k, v)` (sdpa). Returns [total, heads, dim]."""
+    lengths = [end - start for start, end in bounds]
+    groups = attention_groups(lengths, query.shape[1]) if padded_ok else [(list(range(len(lengths))), False)]
+    # split, not a slice per example: the backward of a split is one cat of the gradients, while each slice's
+    # backward writes its gradient into a zero tensor as large as the whole row.
+    split = list(zip(*(x.split(lengths, dim=2) for x in (query, key, value)), strict=True))
+    pieces, order = [], []
+    for members, padded in groups:
+        if padded:
+            pieces.append(padded_attention(query, key, value, [bounds[i] for i in members], scaling, window))
+        else:
+            pieces.extend(one_example(*split[i]) for i in members)
+        order.extend(j for i in members for j in range(*bounds[i]))
+    out = torch.cat(pieces)
+    if order != list(range(len(order))):  # back to the row's order
+        out = out.index_select(0, torch.tensor(order, device=out.device).argsort())
+    return out
+
+
+def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     segments: list[tuple[int, int]], scaling: float | None, window: int | None) -> torch.Tensor:
+    """The examples at `segments` ((start, end) in the row) at once, padded to the longest: scores by matmul, a
+    softmax over them, the output by matmul, as transformers' eager attention computes (scores and weights in the
+    input's dtype, the softmax accumulating in fp32). On a CPU sdpa's per-call cost dominates short examples: eight
+    of 40-90 tokens are 2.3x faster this way, four of 512 1.4x, forward and backward. `query` is [1, heads, total,
+    dim], `key` and `value` [1, kv heads, total, dim]; returns [tokens of the segments, heads, dim] in their order."""
+    lengths = [end - start for start, end in segments]
     count, longest = len(lengths), max(lengths)
-    _, heads, total, dim = query.shape
-    groups = key.shape[1]
+    heads, dim, groups = query.shape[1], query.shape[3], key.shape[1]
     device = query.device
+    rows = torch.cat([torch.arange(start, end, device=device) for start, end in segments])
+    whole = rows.numel() == query.shape[2] and bool((rows == torch.arange(rows.numel(), device=device)).all())
     index = torch.cat([torch.arange(n, device=device) + i * longest for i, n in enumerate(lengths)])
 
     def padded(x: torch.Tensor) -> torch.Tensor:  # [1, h, total, dim] -> [count, h, longest, dim]
-        rows = x.new_zeros(count * longest, x.shape[1], dim).index_copy(0, index, x[0].transpose(0, 1))
-        return rows.view(count, longest, x.shape[1], dim).transpose(1, 2)
+        tokens = x[0].transpose(0, 1) if whole else x[0].transpose(0, 1).index_select(0, rows)
+        out = x.new_zeros(count * longest, x.shape[1], dim).index_copy(0, index, tokens)
+        return out.view(count, longest, x.shape[1], dim).transpose(1, 2)
 
     q = padded(query).reshape(count, groups, heads // groups * longest, dim)  # a group's heads share its k, v
     k, v = padded(key), padded(value)
@@ -50,7 +90,7 @@ def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     scores.mul_(dim**-0.5 if scaling is None else scaling).add_(padding_bias(lengths, window, query))
     weights = torch.softmax(scores, dim=-1).view(count, groups, -1, longest)
     out = torch.matmul(weights, v).view(count, heads, longest, dim).transpose(1, 2)
-    return out.reshape(count * longest, heads, dim).index_select(0, index)[None]
+    return out.reshape(count * longest, heads, dim).index_select(0, index)
 
 
 def padding_bias(lengths: list[int], window: int | None, like: torch.Tensor) -> torch.Tensor:

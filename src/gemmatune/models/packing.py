@@ -19,7 +19,7 @@ import importlib.util
 
 import torch
 
-from gemmatune.kernels.attention import needs_stock_attention, padded_attention, padded_fits
+from gemmatune.kernels.attention import needs_stock_attention, packed_attention
 
 PACKED_SDPA = "gemmatune_packed_sdpa"
 
@@ -70,21 +70,16 @@ def packed_sdpa_attention(
         if sliding_window is not None and attention_mask is None and q_len == kv_len and q_len > sliding_window:
             attention_mask = _window_mask(q_len, sliding_window, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    lengths = [end - start for start, end in bounds]
-    if padded_fits(query, lengths) and not needs_stock_attention(module, kwargs):
-        return padded_attention(query, key, value, lengths, kwargs.get("scaling"), sliding_window), None
-    outputs = []
-    # split, not a slice per example: the backward of a split is one cat of the gradients, while each slice's
-    # backward writes its gradient into a zero tensor as large as the whole row.
-    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
-                       strict=True):
-        length = q.shape[2]
-        mask = None
+
+    def one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        length, mask = q.shape[2], None
         if sliding_window is not None and length > sliding_window:
-            mask = _window_mask(length, sliding_window, query.device)
-        out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
-        outputs.append(out)  # [1, length, heads, head_dim]
-    return torch.cat(outputs, dim=1), None
+            mask = _window_mask(length, sliding_window, q.device)
+        return sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0][0]  # [length, heads, head_dim]
+
+    padded_ok = not needs_stock_attention(module, kwargs)
+    out = packed_attention(query, key, value, bounds, kwargs.get("scaling"), sliding_window, one_example, padded_ok)
+    return out[None], None
 
 
 def flash_attention_available() -> bool:
