@@ -1,5 +1,6 @@
-"""Attention over a packed row (examples concatenated, positions restarting at 0) in one computation: the
-examples padded to the longest, scores and output by matmul. models/packing.py decides when to use it."""
+"""Attention over a packed row (examples concatenated, positions restarting at 0), none crossing another: the
+examples in groups of similar length, each group padded to its longest and computed at once, scores and output by
+matmul; examples too long for that by sdpa one at a time. models/packing.py calls it for packed rows."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ PADDED_WEIGHTS = 1 << 22
 """Most attention weights (examples x heads x longest^2) a padded group keeps for one layer's backward (8 MiB in
 bf16); above it, sdpa per example, which keeps none."""
 PADDED_LONGEST = 512
-"""Longest example attended by matmul: beyond it sdpa's tiled kernel is as fast (2-core CPU, bf16)."""
+"""Longest example attended by matmul (measured faster than sdpa up to here, 2-core CPU, bf16); beyond it the
+weights grow with its square, and sdpa's tiled kernel keeps none."""
 CALL_COST = 80**2
 """The fixed cost of one more group in attention-weight elements (measured on a 2-core CPU: a 32-token example
 costs what an 80-token one would without it)."""
