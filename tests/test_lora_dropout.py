@@ -1,7 +1,7 @@
-"""LoRA dropout (lora_dropout.py) against PEFT's nn.Dropout: the same distribution (drop rate, scale, no bias across
-the four 16-bit lanes of a draw, independent elements, calls and layers), the same expected gradient (where a mask
-shared between q and k would not give it), masks recomputed identically under gradient checkpointing, and
-`lora_dropout: 0` left exactly as PEFT makes it."""
+"""LoRA dropout (lora_dropout.py) against PEFT's nn.Dropout: the same distribution (drop rate, scale, no bias
+across the four 16-bit lanes of a draw, independent elements, calls and layers), the same expected gradient, also
+through the fused branch of kernels/lora.py (where a mask shared between q and k would not give it), masks recomputed
+identically under gradient checkpointing, and `lora_dropout: 0` left exactly as PEFT makes it."""
 
 import math
 
@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from gemmatune.kernels.lora import drop_rate, dropped
+from gemmatune.kernels.lora import drop_rate, dropped, use_fused_lora
 from gemmatune.runs.folder import read_metrics
 from gemmatune.train import train
 from gemmatune.train.lora_dropout import LoraDropout, use_fast_lora_dropout
@@ -85,12 +85,13 @@ def _largest_z(got, got_se, want, want_se):
     return ((got - want).abs() / torch.sqrt(want_se**2 + got_se**2).clamp_min(1e-12)).max().item()
 
 
-def test_the_expected_gradient_equals_peft_dropouts():
+@pytest.mark.parametrize("install", [use_fast_lora_dropout, use_fused_lora], ids=["LoraDropout", "fused branch"])
+def test_the_expected_gradient_equals_peft_dropouts(install):
     x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(2)
     want, want_se = _mean_lora_grads(_two_readers(0.3), x, 3000)
     ours = _two_readers(0.3)
-    assert use_fast_lora_dropout(ours) == 3
+    assert install(ours) == 3
     got, got_se = _mean_lora_grads(ours, x, 3000)
     assert _largest_z(got, got_se, want, want_se) < 5  # 5 standard errors on every coordinate
     # The test can tell: one mask shared by q and k (which meet in a product) moves the expected gradient.
