@@ -19,13 +19,17 @@ log = logging.getLogger("gemmatune")
 
 
 class _RMSNorm(torch.autograd.Function):
+    # The same operations as the transformers module, in the same order (so the same bits), written into two fp32
+    # buffers instead of a fresh tensor per operation: each fresh [tokens, hidden] fp32 tensor is new memory
+    # to fault in, and the norms run six times per layer, forward and backward.
     @staticmethod
     def forward(ctx, x, weight, eps: float, offset: float):
         xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y = xf * rstd
+        y = torch.mul(xf, xf)  # x.pow(2)
+        rstd = y.mean(-1, keepdim=True).add_(eps).rsqrt_()
+        torch.mul(xf, rstd, out=y)
         if weight is not None:
-            y = y * (weight.float() + offset)
+            y.mul_(weight.float() + offset)
         ctx.save_for_backward(x, rstd, weight)
         ctx.offset = offset
         return y.to(x.dtype)
@@ -33,17 +37,19 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, rstd, weight = ctx.saved_tensors
-        normed = x.float() * rstd
-        g = grad_y.float()
+        normed = x.to(torch.float32, copy=True).mul_(rstd)
+        g = grad_y.to(torch.float32, copy=True)  # a copy: autograd's gradient buffer is not ours to overwrite
         grad_weight = None
         if weight is not None:
             if ctx.needs_input_grad[1]:
                 grad_weight = (g * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
-            g = g * (weight.float() + ctx.offset)
+            g.mul_(weight.float() + ctx.offset)
         grad_x = None
         if ctx.needs_input_grad[0]:
             # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)) over the last dimension
-            grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+            product = g * normed
+            mean = product.mean(-1, keepdim=True)
+            grad_x = g.sub_(torch.mul(normed, mean, out=product)).mul_(rstd).to(x.dtype)
         return grad_x, grad_weight, None, None
 
 
