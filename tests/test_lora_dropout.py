@@ -85,6 +85,15 @@ def _largest_z(got, got_se, want, want_se):
     return ((got - want).abs() / torch.sqrt(want_se**2 + got_se**2).clamp_min(1e-12)).max().item()
 
 
+def test_torchs_seed_fixes_the_masks():
+    x = torch.ones(64, 640)
+    torch.manual_seed(7)
+    first, second = dropped(x, 0.1), dropped(x, 0.1)
+    torch.manual_seed(7)
+    assert torch.equal(dropped(x, 0.1), first)  # what a resumed run or a checkpointed recomputation relies on
+    assert not torch.equal(first, second)
+
+
 @pytest.mark.parametrize("install", [use_fast_lora_dropout, use_fused_lora], ids=["LoraDropout", "fused branch"])
 def test_the_expected_gradient_equals_peft_dropouts(install):
     x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))

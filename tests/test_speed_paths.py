@@ -31,6 +31,15 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_gemma3, alpa
     assert a == pytest.approx(b, rel=1e-4)  # same examples, same math: only the layout differs
 
 
+def test_the_default_optimizer_is_fused_adamw_and_steps_as_adamw_torch_does(tiny_gemma3, alpaca_file, tmp_path):
+    from gemmatune.config import TrainConfig
+
+    assert TrainConfig().optim == "adamw_torch_fused"  # one kernel per step, not a dozen ops per LoRA tensor
+    fused = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "f", max_steps=4))
+    plain = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "p", max_steps=4, optim="adamw_torch"))
+    assert _losses(fused.run_dir) == pytest.approx(_losses(plain.run_dir), rel=1e-4)
+
+
 def _count_first_mlp_calls(monkeypatch) -> list[int]:
     """Calls of the first decoder layer's MLP in each later `train` (the real model, a hook added after setup). The
     MLP sits inside the layer's checkpointed forward, so a recomputation in backward calls it again."""
