@@ -5,6 +5,7 @@ matmul; examples too long for that by sdpa one at a time. models/packing.py call
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
@@ -79,7 +80,7 @@ def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     device = query.device
     # The segments cover the row in order (decided in Python: a check on the device would wait for it on a GPU).
     whole = segments[0][0] == 0 and segments[-1][1] == query.shape[2] and all(
-        end == start for (_, end), (start, _) in zip(segments, segments[1:]))
+        end == start for (_, end), (start, _) in pairwise(segments))
     rows = None if whole else torch.cat([torch.arange(start, end, device=device) for start, end in segments])
     index = torch.cat([torch.arange(n, device=device) + i * longest for i, n in enumerate(lengths)])
 
