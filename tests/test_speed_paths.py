@@ -35,9 +35,17 @@ def test_the_default_optimizer_is_fused_adamw_and_steps_as_adamw_torch_does(tiny
     from gemmatune.config import TrainConfig
 
     assert TrainConfig().optim == "adamw_torch_fused"  # one kernel per step, not a dozen ops per LoRA tensor
-    fused = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "f", max_steps=4))
-    plain = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "p", max_steps=4, optim="adamw_torch"))
+    fused = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "f", max_steps=4, save_steps=4))
+    plain = train(tiny_config(tiny_gemma3, alpaca_file, tmp_path / "p", max_steps=4, save_steps=4, optim="adamw_torch"))
     assert _losses(fused.run_dir) == pytest.approx(_losses(plain.run_dir), rel=1e-4)
+    # The optimizer that stepped was the fused one (its saved state says so), not a name the Trainer ignored.
+    import torch
+
+    def fused_flag(run_dir):
+        state = torch.load(run_dir / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=True)
+        return {group.get("fused") for group in state["param_groups"]}
+
+    assert fused_flag(fused.run_dir) == {True} and fused_flag(plain.run_dir) != {True}
 
 
 def _count_first_mlp_calls(monkeypatch) -> list[int]:
