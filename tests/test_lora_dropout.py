@@ -150,3 +150,18 @@ def test_gradient_checkpointing_recomputes_the_same_masks(tiny_gemma3, alpaca_fi
     cfg = tiny_config(tiny_gemma3, alpaca_file, tmp_path / "none", max_steps=4)
     none = [m["loss"] for m in read_metrics(train(cfg).run_dir) if "loss" in m]
     assert none != pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_a_mask_applied_to_the_bits_is_torch_where_bit_for_bit(dtype):
+    from gemmatune.kernels.lora import keep_, keep_mask, kept
+
+    values = [1.5, -2.0, -0.0, 0.0, float("inf"), float("-inf"), float("nan"), 1e-30, -7.25, 65504.0]
+    x = torch.tensor(values, dtype=dtype).repeat(40).view(20, 20)
+    keep = keep_mask(x, 0.5)
+    assert keep.dtype == torch.bool and 0 < keep.sum() < keep.numel()
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    want = torch.where(keep, x, 0).view(ints)  # a dropped element is +0 whatever its sign, a NaN kept as it is
+    assert torch.equal(kept(x, keep).view(ints), want)
+    assert torch.equal(keep_(x.clone(), keep).view(ints), want)
+    assert torch.equal(kept(x.t(), keep.t()).view(ints), want.t())  # any strides
