@@ -152,6 +152,12 @@ class TrainConfig:
         "Pack each batch into one row without padding (position ids restart per example, attention never "
         "crosses examples); false pads each batch to its longest example instead.",
     )
+    share_prefix: bool = _f(
+        True,
+        "With packing, the leading tokens all examples of a batch have in common (a shared instruction or system "
+        "prompt, outside the loss) are computed once, and each example attends to them: the same loss, less work. "
+        "Applies with gemmatune's own packed attention (not flash-attn, not image or audio rows).",
+    )
     logging_steps: int = _f(10, "Log train loss every this many optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate every this many steps; None means at each save.")
     save_steps: int = _f(100, "Save a checkpoint every this many optimizer steps.")

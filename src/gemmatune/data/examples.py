@@ -146,25 +146,57 @@ def pad_rows(rows: list[list[int]], fill: int, left: bool = False):
     return out, mask
 
 
+SHARED_PREFIX_MIN = 8
+"""Fewest leading tokens a packed batch's examples must have in common before they are computed once."""
+
+
 class PackCollator:
-    """Concatenates a batch into one row: `input_ids`, `labels`, restarting `position_ids`; no padding."""
+    """Concatenates a batch into one row: `input_ids`, `labels`, restarting `position_ids`; no padding.
+
+    With `share_prefix`, the first tokens every example of the batch has in common (a shared instruction or system
+    prompt) stay only in the first example: each later one keeps its tokens from there on, with their positions,
+    and attends to the first example's rows for the rest (models.packing.packed_layout). Only tokens outside the
+    loss are shared, and never where an example has image or audio parts (their soft tokens look alike)."""
+
+    def __init__(self, share_prefix: bool = False):
+        self.share_prefix = share_prefix
 
     def __call__(self, batch: list[dict]) -> dict:
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
-        for b in batch:
-            n = len(b["input_ids"])
-            ids += b["input_ids"]
+        shared = shared_prefix(batch) if self.share_prefix else 0
+        for i, b in enumerate(batch):
+            skip = shared if i else 0
+            ids += b["input_ids"][skip:]
             # The first token of an example is never a target: with shifted labels it would be "predicted"
             # from the previous example's last token.
-            labels += [IGNORE] + list(b["labels"][1:])
-            positions += range(n)
+            labels += [IGNORE] + list(b["labels"][skip + 1:])
+            positions += range(skip, len(b["input_ids"]))
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
         }
+
+
+def shared_prefix(batch: list[dict]) -> int:
+    """How many leading tokens the examples of `batch` can share: the tokens all have in common, ending before any
+    example's first label (that label is predicted from the last shared token, which the example would no longer
+    have in its own rows); 0 when fewer than `SHARED_PREFIX_MIN`, for one example, or with image or audio parts."""
+    if len(batch) < 2 or any(b.get("media") for b in batch):
+        return 0
+    first = batch[0]["input_ids"]
+    limit = min(_first_label(b["labels"]) - 1 for b in batch)
+    shared = 0
+    while shared < limit and all(b["input_ids"][shared] == first[shared] for b in batch):
+        shared += 1
+    return shared if shared >= SHARED_PREFIX_MIN else 0
+
+
+def _first_label(labels: list[int]) -> int:
+    """Index of the first trained token after the first (which packing never trains), or the length."""
+    return next((t for t in range(1, len(labels)) if labels[t] != IGNORE), len(labels))
 
 
 class PadCollator:

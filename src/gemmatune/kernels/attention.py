@@ -1,6 +1,9 @@
 """Attention over a packed row (examples concatenated, positions restarting at 0), none crossing another: the
 examples in groups of similar length, each group padded to its longest and computed at once, scores and output by
-matmul; examples too long for that by sdpa one at a time. models/packing.py calls it for packed rows."""
+matmul; examples too long for that by sdpa one at a time. models/packing.py calls it for packed rows.
+
+An example may also have a context: rows of an earlier example it shares its first tokens with (a shared prompt,
+computed once), which its queries see before its own keys, as if they were its own first rows."""
 
 from __future__ import annotations
 
@@ -46,20 +49,25 @@ def needs_stock_attention(module: torch.nn.Module, kwargs: dict) -> bool:
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[tuple[int, int]],
                      scaling: float | None, window: int | None, one_example: Callable, padded_ok: bool = True,
-                     ) -> torch.Tensor:
+                     contexts: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
     """Attention of every example of a packed row ((start, end) `bounds`), none crossing another: groups from
-    `attention_groups` padded at once, the rest by `one_example(q, k, v)` (sdpa). Returns [total, heads, dim]."""
+    `attention_groups` padded at once, the rest by `one_example(q, k, v)` (sdpa; its k and v begin with the
+    context's rows where the example has one, so they may be longer than q). `contexts`: per example, the rows
+    (start, end) of the shared first tokens it continues, or None. Returns [total, heads, dim]."""
+    contexts = contexts or [None] * len(bounds)
     lengths = [end - start for start, end in bounds]
-    groups = attention_groups(lengths, query.shape[1]) if padded_ok else [(list(range(len(lengths))), False)]
+    seen = [n + _length(c) for n, c in zip(lengths, contexts, strict=True)]
+    groups = attention_groups(seen, query.shape[1]) if padded_ok else [(list(range(len(lengths))), False)]
     # split, not a slice per example: the backward of a split is one cat of the gradients, while each slice's
     # backward writes its gradient into a zero tensor as large as the whole row.
     split = list(zip(*(x.split(lengths, dim=2) for x in (query, key, value)), strict=True))
     pieces, order = [], []
     for members, padded in groups:
         if padded:
-            pieces.append(padded_attention(query, key, value, [bounds[i] for i in members], scaling, window))
+            pieces.append(padded_attention(query, key, value, [bounds[i] for i in members], scaling, window,
+                                           [contexts[i] for i in members]))
         else:
-            pieces.extend(one_example(*split[i]) for i in members)
+            pieces.extend(one_example(*_with_context(split[i], key, value, contexts[i])) for i in members)
         order.extend(j for i in members for j in range(*bounds[i]))
     out = torch.cat(pieces)
     if order != list(range(len(order))):  # back to the row's order
@@ -67,47 +75,79 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out
 
 
+def _length(span: tuple[int, int] | None) -> int:
+    return 0 if span is None else span[1] - span[0]
+
+
+def _with_context(qkv: tuple[torch.Tensor, ...], key: torch.Tensor, value: torch.Tensor,
+                  context: tuple[int, int] | None) -> tuple[torch.Tensor, ...]:
+    """An example's q, k, v, with the context's keys and values put before its own."""
+    if context is None:
+        return qkv
+    q, k, v = qkv
+    start, end = context
+    return q, torch.cat([key[:, :, start:end], k], dim=2), torch.cat([value[:, :, start:end], v], dim=2)
+
+
 def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     segments: list[tuple[int, int]], scaling: float | None, window: int | None) -> torch.Tensor:
+                     segments: list[tuple[int, int]], scaling: float | None, window: int | None,
+                     contexts: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
     """The examples at `segments` ((start, end) in the row) at once, padded to the longest: scores by matmul, a
     softmax over them, the output by matmul, as transformers' eager attention computes (scores and weights in the
     input's dtype, the softmax accumulating in fp32). On a CPU sdpa's per-call cost dominates short examples: eight
     of 40-90 tokens are 2.3x faster this way, four of 512 1.4x, forward and backward. `query` is [1, heads, total,
-    dim], `key` and `value` [1, kv heads, total, dim]; returns [tokens of the segments, heads, dim] in their order."""
-    lengths = [end - start for start, end in segments]
-    count, longest = len(lengths), max(lengths)
+    dim], `key` and `value` [1, kv heads, total, dim]; an example's keys are its context's rows (`contexts`, as in
+    `packed_attention`) then its own. Returns [tokens of the segments, heads, dim] in their order."""
+    contexts = contexts or [None] * len(segments)
+    q_lengths = [end - start for start, end in segments]
+    k_spans = [[span] if context is None else [context, span] for context, span in zip(contexts, segments, strict=True)]
+    k_lengths = [sum(end - start for start, end in spans) for spans in k_spans]
+    count, q_longest, k_longest = len(segments), max(q_lengths), max(k_lengths)
     heads, dim, groups = query.shape[1], query.shape[3], key.shape[1]
     device = query.device
     # The segments cover the row in order (decided in Python: a check on the device would wait for it on a GPU).
     whole = segments[0][0] == 0 and segments[-1][1] == query.shape[2] and all(
         end == start for (_, end), (start, _) in pairwise(segments))
-    rows = None if whole else torch.cat([torch.arange(start, end, device=device) for start, end in segments])
-    index = torch.cat([torch.arange(n, device=device) + i * longest for i, n in enumerate(lengths)])
 
-    def padded(x: torch.Tensor) -> torch.Tensor:  # [1, h, total, dim] -> [count, h, longest, dim]
-        tokens = x[0].transpose(0, 1) if whole else x[0].transpose(0, 1).index_select(0, rows)
+    def rows(spans: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.cat([torch.arange(start, end, device=device) for start, end in spans])
+
+    def places(lengths: list[int], longest: int) -> torch.Tensor:
+        return torch.cat([torch.arange(n, device=device) + i * longest for i, n in enumerate(lengths)])
+
+    def padded(x: torch.Tensor, taken: torch.Tensor | None, index: torch.Tensor, longest: int) -> torch.Tensor:
+        tokens = x[0].transpose(0, 1) if taken is None else x[0].transpose(0, 1).index_select(0, taken)
         out = x.new_zeros(count * longest, x.shape[1], dim).index_copy(0, index, tokens)
-        return out.view(count, longest, x.shape[1], dim).transpose(1, 2)
+        return out.view(count, longest, x.shape[1], dim).transpose(1, 2)  # [count, h, longest, dim]
 
-    q = padded(query).reshape(count, groups, heads // groups * longest, dim)  # a group's heads share its k, v
-    k, v = padded(key), padded(value)
-    scores = torch.matmul(q, k.transpose(2, 3)).view(count, heads, longest, longest)
-    scores.mul_(dim**-0.5 if scaling is None else scaling).add_(padding_bias(lengths, window, query))
-    weights = torch.softmax(scores, dim=-1).view(count, groups, -1, longest)
-    out = torch.matmul(weights, v).view(count, heads, longest, dim).transpose(1, 2)
-    return out.reshape(count * longest, heads, dim).index_select(0, index)
+    q_index, k_index = places(q_lengths, q_longest), places(k_lengths, k_longest)
+    q_rows = None if whole else rows(segments)
+    k_rows = q_rows if all(c is None for c in contexts) else rows([s for spans in k_spans for s in spans])
+    q = padded(query, q_rows, q_index, q_longest).reshape(count, groups, heads // groups * q_longest, dim)
+    k, v = (padded(x, k_rows, k_index, k_longest) for x in (key, value))  # a group's heads share its k, v
+    scores = torch.matmul(q, k.transpose(2, 3)).view(count, heads, q_longest, k_longest)
+    scores.mul_(dim**-0.5 if scaling is None else scaling).add_(padding_bias(q_lengths, window, query, k_lengths))
+    weights = torch.softmax(scores, dim=-1).view(count, groups, -1, k_longest)
+    out = torch.matmul(weights, v).view(count, heads, q_longest, dim).transpose(1, 2)
+    return out.reshape(count * q_longest, heads, dim).index_select(0, q_index)
 
 
-def padding_bias(lengths: list[int], window: int | None, like: torch.Tensor) -> torch.Tensor:
-    """[count, 1, longest, longest]: 0 where a query may see a key (causal, inside its example and the sliding
-    window), -inf elsewhere. Padding query rows see all their example's keys: a row with nothing to see would be
-    NaN, and NaN times the zero gradient of a dropped row is still NaN."""
-    longest = max(lengths)
-    i = torch.arange(longest, device=like.device)
-    seen = i[:, None] >= i[None, :]
+def padding_bias(lengths: list[int], window: int | None, like: torch.Tensor,
+                 key_lengths: list[int] | None = None) -> torch.Tensor:
+    """[count, 1, longest query, longest key]: 0 where a query may see a key (causal, inside its example and the
+    sliding window), -inf elsewhere. An example's queries are its last `lengths` positions, its keys all
+    `key_lengths` (default: the same; more where it has a context). Padding query rows see all their example's
+    keys: a row with nothing to see would be NaN, and NaN times the zero gradient of a dropped row is still NaN."""
+    key_lengths = key_lengths or lengths
+    device = like.device
+    q_len = torch.tensor(lengths, device=device)[:, None, None]
+    k_len = torch.tensor(key_lengths, device=device)[:, None, None]
+    i = torch.arange(max(lengths), device=device)[None, :, None]
+    j = torch.arange(max(key_lengths), device=device)[None, None, :]
+    position = i + (k_len - q_len)  # of each query among its example's keys
+    seen = j <= position
     if window is not None:
-        seen = seen & (i[:, None] - i[None, :] < window)
-    inside = i[None, :] < torch.tensor(lengths, device=like.device)[:, None]  # [count, longest]
-    allowed = (seen[None] | ~inside[:, :, None]) & inside[:, None, :]
-    bias = torch.zeros(len(lengths), 1, longest, longest, dtype=like.dtype, device=like.device)
+        seen = seen & (position - j < window)
+    allowed = (seen | (i >= q_len)) & (j < k_len)  # [count, longest query, longest key]
+    bias = torch.zeros(len(lengths), 1, max(lengths), max(key_lengths), dtype=like.dtype, device=device)
     return bias.masked_fill_(~allowed[:, None], float("-inf"))

@@ -25,21 +25,60 @@ PACKED_SDPA = "gemmatune_packed_sdpa"
 
 
 def sequence_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each packed example in a single row, from where `position_ids` restart at 0."""
+    """(start, end) of each packed example's own rows in a single row (`packed_layout`)."""
+    return packed_layout(position_ids)[0]
+
+
+def packed_layout(position_ids: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, int] | None]]:
+    """The examples of a packed row: (start, end) of each one's own rows, and the rows of its context or None.
+
+    An example starts where `position_ids` restart at 0. One that starts at position p > 0 (after a jump)
+    continues the last example that started at 0 and has at least p rows: its first p tokens are that example's
+    (the collator shared them, `data.examples.PackCollator`), and it attends to those rows before its own. A jump
+    that fits no such example stays inside the current one, as before contexts existed."""
     row = position_ids.reshape(-1)
-    starts = torch.nonzero(row == 0).flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0, *starts]
-    ends = starts[1:] + [row.numel()]
-    return list(zip(starts, ends, strict=True))
+    jumps = torch.nonzero((row[1:] != row[:-1] + 1) | (row[1:] == 0)).flatten().add_(1).tolist()
+    starts = [0, *jumps]
+    first = row[starts].tolist()
+    bounds: list[tuple[int, int]] = []
+    contexts: list[tuple[int, int] | None] = []
+    root = None
+    for start, end, position in zip(starts, [*jumps, row.numel()], first, strict=True):
+        if position == 0 or not bounds:
+            bounds.append((start, end))
+            contexts.append(None)
+            root = len(bounds) - 1
+        elif root is not None and bounds[root][1] - bounds[root][0] >= position:
+            bounds.append((start, end))
+            contexts.append((bounds[root][0], bounds[root][0] + position))
+        else:
+            bounds[-1] = (bounds[-1][0], end)
+    return bounds, contexts
 
 
-def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
-    """Causal band mask (True = attend) for one example longer than the sliding window, as transformers
-    defines it: query i sees keys j with i - window < j <= i."""
-    i = torch.arange(length, device=device)
-    diff = i[:, None] - i[None, :]
-    return ((diff >= 0) & (diff < window))[None, None]
+def shared_tokens(position_ids: torch.Tensor) -> int:
+    """Tokens of a packed row computed once for several examples: each counts once more per example sharing it."""
+    return sum(end - start for context in packed_layout(position_ids)[1] if context for start, end in [context])
+
+
+def reads_shared_prefixes(model: torch.nn.Module) -> bool:
+    """Whether `model` attends with `packed_sdpa_attention`, which reads shared prefixes from the position ids
+    (transformers' own implementations, flash-attn's varlen among them, would not see them)."""
+    from gemmatune.compat import attn_implementation
+
+    return attn_implementation(model.config) == PACKED_SDPA
+
+
+def _window_mask(length: int, window: int | None, device: torch.device, keys: int | None = None) -> torch.Tensor:
+    """Causal band mask (True = attend) for one example's last `length` positions against its `keys` first ones
+    (default: `length`), as transformers defines it: query at position i sees keys j with i - window < j <= i."""
+    keys = keys or length
+    i = torch.arange(keys - length, keys, device=device)
+    diff = i[:, None] - torch.arange(keys, device=device)[None, :]
+    band = diff >= 0
+    if window is not None:
+        band = band & (diff < window)
+    return band[None, None]
 
 
 @functools.cache
@@ -65,20 +104,21 @@ def packed_sdpa_attention(
     sdpa_attention_forward = _stock_sdpa()
     q_len, kv_len = query.shape[2], key.shape[2]
     packed = position_ids is not None and query.shape[0] == 1 and q_len == kv_len and q_len > 1
-    bounds = sequence_bounds(position_ids) if packed else []
+    bounds, contexts = packed_layout(position_ids) if packed else ([], [])
     if len(bounds) < 2:
         if sliding_window is not None and attention_mask is None and q_len == kv_len and q_len > sliding_window:
             attention_mask = _window_mask(q_len, sliding_window, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     def one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        length, mask = q.shape[2], None
-        if sliding_window is not None and length > sliding_window:
-            mask = _window_mask(length, sliding_window, q.device)
+        length, keys, mask = q.shape[2], k.shape[2], None
+        if keys > length or (sliding_window is not None and length > sliding_window):  # else sdpa's is_causal
+            mask = _window_mask(length, sliding_window, q.device, keys)
         return sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0][0]  # [length, heads, head_dim]
 
     padded_ok = not needs_stock_attention(module, kwargs)
-    out = packed_attention(query, key, value, bounds, kwargs.get("scaling"), sliding_window, one_example, padded_ok)
+    out = packed_attention(query, key, value, bounds, kwargs.get("scaling"), sliding_window, one_example, padded_ok,
+                           contexts)
     return out[None], None
 
 

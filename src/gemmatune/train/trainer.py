@@ -35,6 +35,7 @@ from transformers.trainer_callback import ProgressCallback
 from gemmatune.compat import TrainerHooks
 from gemmatune.errors import GemmatuneError
 from gemmatune.models.loss import causal_lm_loss, causal_lm_parts
+from gemmatune.models.packing import shared_tokens
 from gemmatune.runs import checkpoints
 from gemmatune.runs.folder import CHECKPOINT_STATE, append_metrics, checkpoint_name
 
@@ -107,7 +108,16 @@ class GemmatuneTrainer(TrainerHooks):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.observe_loss(loss)
+        self._count_shared_tokens(inputs)
         return loss
+
+    def _count_shared_tokens(self, inputs: dict) -> None:
+        """Tokens seen count the examples' tokens: the Trainer counted a shared prefix once (the row's length), so
+        it is added once more for each further example that shares it (data.examples.PackCollator)."""
+        shared = shared_tokens(inputs["position_ids"]) if self.path.packed and "position_ids" in inputs else 0
+        if self.args.world_size > 1:  # a collective: every rank takes part
+            shared = int(self.accelerator.gather(torch.tensor([shared], device=self.args.device)).sum())
+        self.state.num_input_tokens_seen += shared
 
     def checkpoint_write_dir(self) -> Path | None:
         return self._staging
