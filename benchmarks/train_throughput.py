@@ -6,8 +6,10 @@ Variants, each in a fresh subprocess (so peak RSS is its own), run alternately (
      loss (TRL's own chunked LM head); falls back to Trainer + DataCollatorWithFlattening when TRL is absent
   c  gemmatune defaults: packed rows with per-example attention, LM head only on label positions in chunks,
      train.precision auto (bf16 frozen weights under bf16 autocast, or fp32 where fp32 matmuls are faster),
-     RMSNorms that keep no fp32 input copy, tcmalloc preloaded when installed, else glibc malloc tuned in-process
-     (gemmatune.train.allocator.tune_malloc), and oneDNN's primitive cache capped at 128, as `gemmatune train` does
+     RMSNorms that keep no fp32 input copy, the leading tokens a batch's examples share computed once (the
+     alpaca-en template's preamble; train.share_prefix), tcmalloc preloaded when installed, else glibc malloc
+     tuned in-process (gemmatune.train.allocator.tune_malloc), and oneDNN's primitive cache capped at 128, as
+     `gemmatune train` does
      (--no-tcmalloc: c without tcmalloc; --no-mallopt: c without the malloc tuning)
   d  (--peft-dropout) c with PEFT's own nn.Dropout in place of gemmatune's LoRA dropout (lora_dropout.py)
 
@@ -17,7 +19,8 @@ All use the embedded Gemma 3 270M, LoRA r=16 / alpha 32 / dropout 0.1 (the confi
 same order, and the same number of steps, so the same real (non-padding) tokens. Tokens/s are measured
 from the end of step 1 to the end of the last step. Also measured here: 2048^3 bf16 and fp32 matmuls; the
 roofline c's speed is compared with (`c_share_of_roofline`) is that of the dtype c computes in (FLOPs per token
-from the model's shapes and the data's label share); `c_share_of_bf16_roofline` keeps the bf16 one. Then c runs
+from the model's shapes and the data's label share); `c_share_of_bf16_roofline` keeps the bf16 one; tokens are the
+examples' tokens, and `c_share_of_roofline_computed` counts only those c computed (a shared prefix once). Then c runs
 a few more steps under torch.profiler: its matmul and non-matmul CPU time per real token and the largest
 non-matmul ops.
 
@@ -83,6 +86,7 @@ def _timer():
         def __init__(self):
             self.marks: list[tuple[float, int]] = []
             self.losses: list[float] = []
+            self.computed = [0, 0]  # c's row tokens, example tokens (`_counting`)
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
@@ -147,6 +151,7 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int, profile_
             _put_back_peft_dropout(model)
         trainer = build_trainer(cfg, model, tokenizer, data, Path(out), loaded.precision)
         trainer.add_callback(timer)
+        trainer.data_collator = _counting(trainer.data_collator, timer)
         stack = f"gemmatune ({loaded.precision}, {attn_implementation(loaded.model.config)}, packed, chunked loss)"
         stack += ", PEFT's dropout" if variant == "d" else ""
     if profile_steps:
@@ -167,7 +172,20 @@ def run_variant(variant: str, data_file: str, steps: int, threads: int, profile_
         "tcmalloc": "tcmalloc" in Path("/proc/self/maps").read_text(),
         "allocator": _allocator(),
         "compute_dtype": _compute_dtype(trainer),
+        # rows computed per example token: under 1 where the examples of a batch share a prefix (train.share_prefix)
+        "computed_token_share": timer.computed[0] / timer.computed[1] if timer.computed[1] else 1.0,
     }
+
+
+def _counting(collate, timer):
+    """`collate`, also counting the tokens of the rows it makes against those of the examples it was given."""
+    def collate_and_count(batch: list[dict]) -> dict:
+        out = collate(batch)
+        timer.computed[0] += out["input_ids"].numel()
+        timer.computed[1] += sum(len(b["input_ids"]) for b in batch)
+        return out
+
+    return collate_and_count
 
 
 def _put_back_peft_dropout(model) -> None:
@@ -392,6 +410,7 @@ def main() -> None:
                    "peak_rss_gib": round(med(v, "peak_rss_gib"), 2), "final_loss": round(med(v, "final_loss"), 4),
                    "real_tokens": runs[v][0]["real_tokens"]} for v in variants}
     a, b, c = (summary[v] for v in VARIANTS)
+    computed = statistics.median(x.get("computed_token_share", 1.0) for x in runs["c"])
     result = {
         "data": described, "steps": args.steps, "batch": BATCH, "rounds": args.rounds, "threads": threads,
         "variants": summary,
@@ -407,6 +426,10 @@ def main() -> None:
         "c_share_of_roofline": round(c["tokens_per_second"] / roofline, 3),
         "bf16_roofline_tokens_per_second": round(bf16_roofline, 1),
         "c_share_of_bf16_roofline": round(c["tokens_per_second"] / bf16_roofline, 3),
+        # c computes fewer rows than the examples have tokens where they share a prefix: its share of the roofline
+        # counted in the tokens it computed (what the matmuls ran at), beside the one in example tokens above
+        "c_computed_token_share": round(computed, 3),
+        "c_share_of_roofline_computed": round(c["tokens_per_second"] * computed / roofline, 3),
         "tcmalloc_in_c": runs["c"][0]["tcmalloc"],
         "allocator_in_c": runs["c"][0].get("allocator", "unknown"),
         "lora_dropout": DROPOUT,
@@ -427,6 +450,8 @@ def main() -> None:
           f"{c_dtype}: {flops / 1e9:.2f} GFLOP per token -> roofline {roofline:.0f} tok/s; c reaches "
           f"{100 * result['c_share_of_roofline']:.0f}% of it ({100 * result['c_share_of_bf16_roofline']:.0f}% of the "
           f"bf16 one); allocator in c: {result['allocator_in_c']}")
+    print(f"c computed {100 * computed:.0f}% of the examples' tokens (a shared prefix once per batch): "
+          f"{100 * result['c_share_of_roofline_computed']:.0f}% of the roofline in tokens computed")
     if "d" in summary:
         print(f"c / d (gemmatune's LoRA dropout / PEFT's): {result['speed_c_over_d_peft_dropout']}x")
     if args.profile_steps:

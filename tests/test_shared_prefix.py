@@ -60,7 +60,7 @@ def test_only_tokens_outside_the_loss_are_shared_and_only_where_it_pays():
     assert PackCollator()(examples)["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in examples)
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_gemma3", "tiny_gemma3n"])
+@pytest.mark.parametrize("model_fixture", ["tiny_gemma3", "tiny_gemma3n", "tiny_gemma4"])
 @pytest.mark.parametrize("padded", [True, False], ids=["padded groups", "sdpa per example"])
 def test_shared_rows_give_each_example_its_own_logits_and_gradients(model_fixture, padded, request, monkeypatch):
     if not padded:
