@@ -109,3 +109,19 @@ def test_training_counts_every_examples_tokens_and_shares_the_prompt(tiny_gemma3
     assert shared and min(shared) >= SHARED_PREFIX_MIN  # the rows' chat turn and instruction, once per batch
     assert seen[True] == seen[False] > 0
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_evaluation_shares_the_prompt_as_training_does(tiny_gemma3, tmp_path, monkeypatch):
+    from gemmatune.data import examples
+    from gemmatune.infer import evaluation
+    from gemmatune.infer.load import load
+    from tests.conftest import ALPACA_ROWS, make_adapter
+
+    tuned = load([f"a={make_adapter(tiny_gemma3, tmp_path / 'a', seed=3)}"], template="chat", precision="fp32")
+    shared, measure = [], examples.shared_prefix
+    monkeypatch.setattr(examples, "shared_prefix", lambda batch: shared.append(measure(batch)) or shared[-1])
+    got = evaluation.response_loss(tuned, ALPACA_ROWS, "a", max_tokens=150)
+    assert shared and min(shared) >= SHARED_PREFIX_MIN
+    monkeypatch.setattr(evaluation, "reads_shared_prefixes", lambda model: False)
+    want = evaluation.response_loss(tuned, ALPACA_ROWS, "a", max_tokens=150)
+    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)

@@ -26,7 +26,7 @@ from gemmatune.data.templates import content_text, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, SamplingSettings, TunedModel, just_trained
 from gemmatune.models.loss import IGNORE, causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
-from gemmatune.models.packing import PACKED_SDPA
+from gemmatune.models.packing import PACKED_SDPA, reads_shared_prefixes
 from gemmatune.runs.folder import write_eval
 
 log = logging.getLogger(__name__)
@@ -217,8 +217,9 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
     Batches are packed as in training when the model was loaded with packing-aware attention (`load` and
     `gemmatune train` both load that way); otherwise (a model loaded with plain sdpa or eager attention) rows
     of similar length are right-padded with an attention mask: both are exact, and neither ever computes
-    attention across two rows. Packed, a batch costs its real tokens; padded, 1.27x them on the Alpaca rows
-    of benchmarks/inference_throughput.py.
+    attention across two rows. Packed, a batch costs its real tokens, less the leading tokens its rows share
+    (computed once, as in training: data.examples.PackCollator); padded, 1.27x them on the Alpaca rows of
+    benchmarks/inference_throughput.py.
     """
     template = tuned.template_for(adapter)
     examples = [tokenize_row(row, template, tuned.tokenizer, media=tuned.media_tokens_for(row)) for row in rows]
@@ -227,7 +228,7 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
         raise GemmatuneError(f"{type(tuned.model).__name__}: no body and LM head to compute a response loss with")
     packed = packs_natively(tuned.model)
     batches = token_batches([len(ex.input_ids) for ex in examples], max_tokens, padded=not packed, max_rows=batch_size)
-    collate = PackCollator()
+    collate = PackCollator(share_prefix=reads_shared_prefixes(tuned.model))  # as training shares them
     device = tuned.device
     total, count = 0.0, 0
     with tuned.adapter_context([adapter]) as extra, torch.no_grad(), tuned.autocast():
@@ -235,7 +236,7 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
         for batch in batches:
             chosen = [examples[i] for i in batch]
             if packed:
-                inputs = collate([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in chosen])
+                inputs = collate([{"input_ids": ex.input_ids, "labels": ex.labels, "media": ex.media} for ex in chosen])
             else:
                 ids, mask = pad_rows([ex.input_ids for ex in chosen], tuned.tokenizer.pad_token_id)
                 inputs = {"input_ids": ids, "attention_mask": mask,
