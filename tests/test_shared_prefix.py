@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from gemmatune.config import ModelConfig
 from gemmatune.data.examples import SHARED_PREFIX_MIN, PackCollator, shared_prefix
 from gemmatune.kernels import attention
+from gemmatune.kernels.attention import packed_layout, shared_tokens
 from gemmatune.models.loading import load_model
-from gemmatune.models.packing import packed_layout, shared_tokens
 from tests.conftest import tiny_config
 
 PREFIX = 20  # longer than the tiny models' sliding window (16), so the window cuts into the shared rows

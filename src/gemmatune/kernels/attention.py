@@ -47,6 +47,38 @@ def needs_stock_attention(module: torch.nn.Module, kwargs: dict) -> bool:
     return bool(dropout) or not getattr(module, "is_causal", True) or any(kwargs.get(name) for name in extras)
 
 
+def packed_layout(position_ids: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, int] | None]]:
+    """The examples of a packed row: (start, end) of each one's own rows, and the rows of its context or None.
+
+    An example starts where `position_ids` restart at 0. One that starts at position p > 0 (after a jump)
+    continues the last example that started at 0 and has at least p rows: its first p tokens are that example's
+    (the collator shared them, `data.examples.PackCollator`), and it attends to those rows before its own. A jump
+    that fits no such example stays inside the current one, as before contexts existed."""
+    row = position_ids.reshape(-1)
+    jumps = torch.nonzero((row[1:] != row[:-1] + 1) | (row[1:] == 0)).flatten().add_(1).tolist()
+    starts = [0, *jumps]
+    first = row[starts].tolist()
+    bounds: list[tuple[int, int]] = []
+    contexts: list[tuple[int, int] | None] = []
+    root = None
+    for start, end, position in zip(starts, [*jumps, row.numel()], first, strict=True):
+        if position == 0 or not bounds:
+            bounds.append((start, end))
+            contexts.append(None)
+            root = len(bounds) - 1
+        elif root is not None and bounds[root][1] - bounds[root][0] >= position:
+            bounds.append((start, end))
+            contexts.append((bounds[root][0], bounds[root][0] + position))
+        else:
+            bounds[-1] = (bounds[-1][0], end)
+    return bounds, contexts
+
+
+def shared_tokens(position_ids: torch.Tensor) -> int:
+    """Tokens of a packed row computed once for several examples: each counts once more per example sharing it."""
+    return sum(end - start for context in packed_layout(position_ids)[1] if context for start, end in [context])
+
+
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[tuple[int, int]],
                      scaling: float | None, window: int | None, one_example: Callable, padded_ok: bool = True,
                      contexts: list[tuple[int, int] | None] | None = None) -> torch.Tensor:

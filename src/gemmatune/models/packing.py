@@ -19,7 +19,7 @@ import importlib.util
 
 import torch
 
-from gemmatune.kernels.attention import needs_stock_attention, packed_attention
+from gemmatune.kernels.attention import needs_stock_attention, packed_attention, packed_layout
 
 PACKED_SDPA = "gemmatune_packed_sdpa"
 
@@ -27,38 +27,6 @@ PACKED_SDPA = "gemmatune_packed_sdpa"
 def sequence_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each packed example's own rows in a single row (`packed_layout`)."""
     return packed_layout(position_ids)[0]
-
-
-def packed_layout(position_ids: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, int] | None]]:
-    """The examples of a packed row: (start, end) of each one's own rows, and the rows of its context or None.
-
-    An example starts where `position_ids` restart at 0. One that starts at position p > 0 (after a jump)
-    continues the last example that started at 0 and has at least p rows: its first p tokens are that example's
-    (the collator shared them, `data.examples.PackCollator`), and it attends to those rows before its own. A jump
-    that fits no such example stays inside the current one, as before contexts existed."""
-    row = position_ids.reshape(-1)
-    jumps = torch.nonzero((row[1:] != row[:-1] + 1) | (row[1:] == 0)).flatten().add_(1).tolist()
-    starts = [0, *jumps]
-    first = row[starts].tolist()
-    bounds: list[tuple[int, int]] = []
-    contexts: list[tuple[int, int] | None] = []
-    root = None
-    for start, end, position in zip(starts, [*jumps, row.numel()], first, strict=True):
-        if position == 0 or not bounds:
-            bounds.append((start, end))
-            contexts.append(None)
-            root = len(bounds) - 1
-        elif root is not None and bounds[root][1] - bounds[root][0] >= position:
-            bounds.append((start, end))
-            contexts.append((bounds[root][0], bounds[root][0] + position))
-        else:
-            bounds[-1] = (bounds[-1][0], end)
-    return bounds, contexts
-
-
-def shared_tokens(position_ids: torch.Tensor) -> int:
-    """Tokens of a packed row computed once for several examples: each counts once more per example sharing it."""
-    return sum(end - start for context in packed_layout(position_ids)[1] if context for start, end in [context])
 
 
 def reads_shared_prefixes(model: torch.nn.Module) -> bool:
@@ -75,9 +43,7 @@ def _window_mask(length: int, window: int | None, device: torch.device, keys: in
     keys = keys or length
     i = torch.arange(keys - length, keys, device=device)
     diff = i[:, None] - torch.arange(keys, device=device)[None, :]
-    band = diff >= 0
-    if window is not None:
-        band = band & (diff < window)
+    band = (diff >= 0) if window is None else (diff >= 0) & (diff < window)
     return band[None, None]
 
 

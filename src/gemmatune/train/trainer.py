@@ -34,8 +34,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from gemmatune.compat import TrainerHooks
 from gemmatune.errors import GemmatuneError
+from gemmatune.kernels.attention import shared_tokens
 from gemmatune.models.loss import causal_lm_loss, causal_lm_parts
-from gemmatune.models.packing import shared_tokens
 from gemmatune.runs import checkpoints
 from gemmatune.runs.folder import CHECKPOINT_STATE, append_metrics, checkpoint_name
 
