@@ -155,7 +155,7 @@ class PackCollator:
 
     With `share_prefix`, the first tokens every example of the batch has in common (a shared instruction or system
     prompt) stay only in the first example: each later one keeps its tokens from there on, with their positions,
-    and attends to the first example's rows for the rest (models.packing.packed_layout). Only tokens outside the
+    and attends to the first example's rows for the rest (kernels.attention.packed_layout). Only tokens outside the
     loss are shared, and never where an example has image or audio parts (their soft tokens look alike)."""
 
     def __init__(self, share_prefix: bool = False):
