@@ -5,9 +5,9 @@ The collator (data.examples.PackCollator) concatenates the examples of a batch i
 label is -100, so no token is ever trained to predict across a boundary (labels are shifted by one inside the loss).
 
 Attention must never cross examples. Transformers builds a dense block-diagonal T x T mask for packed rows, and
-the CPU sdpa kernel computes every block of it. Here the row is split at `position_ids == 0`: the examples are
-attended all at once, padded to the longest (kernels.attention), where that costs less than sdpa per example, and
-by sdpa once per example otherwise; both exact. That function is registered through transformers' public
+the CPU sdpa kernel computes every block of it. Here the row is split where positions restart (or continue a
+shared prefix: kernels.attention.packed_layout), the examples attended all at once, padded to the longest, where
+that costs less than sdpa per example, else by sdpa one by one; both exact. Registered through transformers' public
 `AttentionInterface` under `PACKED_SDPA`. On CUDA with flash-attn installed, `flash_attention_2` does the same
 natively (varlen). Training must run with `use_cache=False`: with a cache, transformers builds no per-example mask.
 """
