@@ -76,7 +76,7 @@ def packed_layout(position_ids: torch.Tensor) -> tuple[list[tuple[int, int]], li
 
 def shared_tokens(position_ids: torch.Tensor) -> int:
     """Tokens of a packed row computed once for several examples: each counts once more per example sharing it."""
-    return sum(end - start for context in packed_layout(position_ids)[1] if context for start, end in [context])
+    return sum(_length(context) for context in packed_layout(position_ids)[1])
 
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[tuple[int, int]],
