@@ -95,3 +95,25 @@ def test_a_seed_is_the_requests_own(tiny_gemma3, two_adapters):
     # An unseeded request after a seeded one is not made repeatable by that seed.
     unseeded = [_answer(tuned, [seven, {"prompt": "Where is my refund?"}])[1] for _ in range(3)]
     assert len(set(unseeded)) > 1, unseeded
+
+
+def test_an_answered_client_sees_its_row_counted(tiny_gemma3):
+    """CI at 3572aff: the health check's rows/batches were counted after `generate` returned, but a row is answered
+    while the batch runs, so a client could read /health right after its answer and miss its own row."""
+    tuned = load([], base=str(tiny_gemma3), precision="fp32")
+    batcher = Batcher(tuned)
+    seen: list[dict] = []
+    answered = threading.Event()
+
+    def done(result):
+        seen.append(batcher.status())  # what /health shows the moment the client has its answer
+        answered.set()
+
+    batcher.start()
+    for n in (1, 2):
+        answered.clear()
+        batcher.submit(Job(row={"instruction": "hi", "input": ""}, adapter="base", max_tokens=2, greedy=True,
+                           temperature=1.0, top_p=1.0, seed=None, stop=[], emit=None, done=done))
+        assert answered.wait(120)
+        assert seen[-1]["rows"] == n and seen[-1]["batches"] == n, seen
+    batcher.close(30)

@@ -195,7 +195,9 @@ class Batcher:
         self.wait = wait  # seconds a batch below max_batch waits for more requests before it starts
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.busy = 0  # rows in the batch being generated now
-        self.batches = 0  # batches run so far, and the rows in them: the health check shows them
+        # Batches started so far, and the rows in them: the health check shows them. Counted before a batch
+        # runs, because its rows are answered while it runs: a client that has its answer sees its row counted.
+        self.batches = 0
         self.rows = 0
         self.thread = threading.Thread(target=self._work, name="gemmatune-batcher", daemon=True)
 
@@ -253,6 +255,8 @@ class Batcher:
         # In generate's own order, so the streamer's row i is jobs[i].
         jobs = [jobs[i] for i in generation_order([len(j.prompt_ids) for j in jobs])]
         self.busy = len(jobs)
+        self.batches += 1
+        self.rows += len(jobs)
         try:
             self.model.generate(
                 [j.row for j in jobs], adapter=[j.adapter for j in jobs], batch_size=len(jobs),
@@ -267,8 +271,6 @@ class Batcher:
             return
         finally:
             self.busy = 0
-        self.batches += 1
-        self.rows += len(jobs)
         for job in jobs:  # rows the streamer did not end: a cancelled client, or a batch cut short
             job.answer(_finish(self.model, job, job._tokens, stopped=False))
 
