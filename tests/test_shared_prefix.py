@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gemmatune.config import ModelConfig
-from gemmatune.data.examples import SHARED_PREFIX_MIN, PackCollator, shared_prefix
+from gemmatune.data.examples import SHARED_PREFIX_MIN, PackCollator, prefix_groups
 from gemmatune.kernels import attention
 from gemmatune.kernels.attention import packed_layout, shared_tokens
 from gemmatune.models.loading import load_model
@@ -24,6 +24,24 @@ def _examples(seed: int = 1) -> list[dict]:
         ids = common + torch.randint(6, 262, (n,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [-100] * (PREFIX + 1) + ids[PREFIX + 1:]})
     return out
+
+
+def _two_preambles(seed: int = 2) -> tuple[list[dict], list[int]]:
+    """Examples as Alpaca's template makes them: two preambles (rows with and without an input) alike in their
+    first 9 tokens, 20 and 26 tokens long, interleaved; and the order the groups pack them in."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(6, 262, (9,), generator=g).tolist()
+    preambles = [head + torch.randint(6, 262, (n - 9,), generator=g).tolist() for n in (20, 26)]
+    out = []
+    for k, n in enumerate((5, 30, 1, 12, 7, 3)):
+        common = preambles[k % 2]
+        ids = common + torch.randint(6, 262, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (len(common) + 1) + ids[len(common) + 1:]})
+    return out, [i for members, _ in prefix_groups(out) for i in members]
+
+
+def shared_count(batch: list[dict]) -> int:
+    return sum((len(members) - 1) * shared for members, shared in prefix_groups(batch))
 
 
 def _load(model_dir):
@@ -47,17 +65,37 @@ def test_the_collator_keeps_the_shared_tokens_once_with_the_positions_of_each_ex
 
 def test_only_tokens_outside_the_loss_are_shared_and_only_where_it_pays():
     examples = _examples()
-    assert shared_prefix(examples) == PREFIX
-    # one example trains from its 8th token: the 7th predicts it, so only 6 could be shared (< the minimum)
+    assert prefix_groups(examples) == [([0, 1, 2, 3], PREFIX)]
+    assert shared_count(examples) == 3 * PREFIX
+    # one example trains from its 8th token: the 7th predicts it, so it could share only 6 (< the minimum):
+    # it stays alone, the others share
     early = [*examples[:3], dict(examples[3], labels=[-100] * 7 + examples[3]["input_ids"][7:])]
-    assert shared_prefix(early) == 0
+    assert prefix_groups(early) == [([3], 0), ([0, 1, 2], PREFIX)]
     later = [*examples[:3], dict(examples[3], labels=[-100] * 12 + examples[3]["input_ids"][12:])]
-    assert shared_prefix(later) == 11 >= SHARED_PREFIX_MIN
+    assert shared_count(later) == 2 * PREFIX  # sharing 11 with it would save 33, without it 40
     trained_prompts = [dict(e, labels=[-100, *e["input_ids"][1:]]) for e in examples]  # data.train_on_prompt
-    assert shared_prefix(trained_prompts) == 0
-    assert shared_prefix(examples[:1]) == 0
-    assert shared_prefix([*examples[:3], dict(examples[3], media=[object()])]) == 0  # soft tokens look alike
+    assert prefix_groups(trained_prompts) == [([0, 1, 2, 3], 0)]  # nothing shared: the batch as it came
+    assert prefix_groups(examples[:1]) == [([0], 0)]
+    with_media = [*examples[:3], dict(examples[3], media=[object()])]
+    assert prefix_groups(with_media) == [([0, 1, 2, 3], 0)]  # soft tokens look alike
     assert PackCollator()(examples)["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in examples)
+
+
+def test_two_preambles_make_two_groups():
+    """Session 12 shared only what the whole batch had in common: 9 tokens here, 45 in all. Grouped: 3 x 20 + 1 x 26."""
+    examples, order = _two_preambles()
+    assert sorted(prefix_groups(examples)) == [([0, 2, 4], 20), ([1, 3, 5], 26)]
+    assert shared_count(examples) == 2 * 20 + 2 * 26
+    batch = PackCollator(share_prefix=True)(examples)
+    bounds, contexts = packed_layout(batch["position_ids"])
+    total = sum(len(e["input_ids"]) for e in examples)
+    assert batch["input_ids"].shape[1] == total - 92 and shared_tokens(batch["position_ids"]) == 92
+    for (start, end), context, i in zip(bounds, contexts, order, strict=True):
+        skip = 0 if context is None else context[1] - context[0]
+        assert batch["input_ids"][0, start:end].tolist() == examples[i]["input_ids"][skip:]
+        assert batch["position_ids"][0, start:end].tolist() == list(range(skip, len(examples[i]["input_ids"])))
+        if context is not None:  # its context is the first rows of its group's first example
+            assert batch["input_ids"][0, context[0]:context[1]].tolist() == examples[i]["input_ids"][:skip]
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_gemma3", "tiny_gemma3n", "tiny_gemma4"])
@@ -66,7 +104,7 @@ def test_shared_rows_give_each_example_its_own_logits_and_gradients(model_fixtur
     if not padded:
         monkeypatch.setattr(attention, "PADDED_WEIGHTS", 0)
     model = _load(request.getfixturevalue(model_fixture))
-    examples = _examples()
+    examples, order = _two_preambles()
 
     def loss_and_grads(batch):
         model.zero_grad()
@@ -78,10 +116,11 @@ def test_shared_rows_give_each_example_its_own_logits_and_gradients(model_fixtur
 
     shared, shared_grads = loss_and_grads(PackCollator(share_prefix=True)(examples))
     plain, plain_grads = loss_and_grads(PackCollator()(examples))
-    assert shared.shape[0] == PREFIX + sum(TAILS) < plain.shape[0]
+    assert shared.shape[0] == plain.shape[0] - 92
     bounds, _ = packed_layout(PackCollator(share_prefix=True)(examples)["position_ids"])
     plain_bounds, _ = packed_layout(PackCollator()(examples)["position_ids"])
-    for (start, end), (_, plain_end) in zip(bounds, plain_bounds, strict=True):
+    for (start, end), i in zip(bounds, order, strict=True):  # the groups packed example `i` k-th
+        plain_end = plain_bounds[i][1]
         assert torch.allclose(shared[start:end], plain[plain_end - (end - start):plain_end], atol=2e-5)
     assert shared_grads.keys() == plain_grads.keys() and shared_grads
     for name, grad in shared_grads.items():
@@ -96,8 +135,8 @@ def test_training_counts_every_examples_tokens_and_shares_the_prompt(tiny_gemma3
     from gemmatune.runs.folder import read_metrics
     from gemmatune.train.recipe import train
 
-    shared, measure = [], examples.shared_prefix
-    monkeypatch.setattr(examples, "shared_prefix", lambda batch: shared.append(measure(batch)) or shared[-1])
+    shared, measure = [], examples.prefix_groups
+    monkeypatch.setattr(examples, "prefix_groups", lambda batch: shared.append(shared_count(batch)) or measure(batch))
     seen, losses = {}, {}
     for share in (True, False):
         cfg = tiny_config(tiny_gemma3, alpaca_file, tmp_path / str(share), max_steps=3, save_steps=3,
@@ -118,8 +157,8 @@ def test_evaluation_shares_the_prompt_as_training_does(tiny_gemma3, tmp_path, mo
     from tests.conftest import ALPACA_ROWS, make_adapter
 
     tuned = load([f"a={make_adapter(tiny_gemma3, tmp_path / 'a', seed=3)}"], template="chat", precision="fp32")
-    shared, measure = [], examples.shared_prefix
-    monkeypatch.setattr(examples, "shared_prefix", lambda batch: shared.append(measure(batch)) or shared[-1])
+    shared, measure = [], examples.prefix_groups
+    monkeypatch.setattr(examples, "prefix_groups", lambda batch: shared.append(shared_count(batch)) or measure(batch))
     got = evaluation.response_loss(tuned, ALPACA_ROWS, "a", max_tokens=150)
     assert shared and min(shared) >= SHARED_PREFIX_MIN
     monkeypatch.setattr(evaluation, "reads_shared_prefixes", lambda model: False)

@@ -154,8 +154,9 @@ class TrainConfig:
     )
     share_prefix: bool = _f(
         True,
-        "With packing, the leading tokens all examples of a batch have in common (a shared instruction or system "
-        "prompt, outside the loss) are computed once, and each example attends to them: the same loss, less work. "
+        "With packing, the leading tokens examples of a batch have in common (a shared instruction, system prompt "
+        "or template preamble, outside the loss) are computed once, and each of them attends to them: the same "
+        "loss, less work. "
         "Applies with gemmatune's own packed attention (not flash-attn, not image or audio rows).",
     )
     logging_steps: int = _f(10, "Log train loss every this many optimizer steps.")

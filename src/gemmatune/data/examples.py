@@ -153,10 +153,11 @@ SHARED_PREFIX_MIN = 8
 class PackCollator:
     """Concatenates a batch into one row: `input_ids`, `labels`, restarting `position_ids`; no padding.
 
-    With `share_prefix`, the first tokens every example of the batch has in common (a shared instruction or system
-    prompt) stay only in the first example: each later one keeps its tokens from there on, with their positions,
-    and attends to the first example's rows for the rest (kernels.attention.packed_layout). Only tokens outside the
-    loss are shared, and never where an example has image or audio parts (their soft tokens look alike)."""
+    With `share_prefix`, examples whose first tokens are the same (a shared instruction, system prompt or template
+    preamble) are packed one after another, and those tokens stay only in the first of them: each later one keeps
+    its tokens from there on, with their positions, and attends to the first one's rows for the rest
+    (kernels.attention.packed_layout). Only tokens outside the loss are shared, and never where an example has
+    image or audio parts (their soft tokens look alike); which examples share what: `prefix_groups`."""
 
     def __init__(self, share_prefix: bool = False):
         self.share_prefix = share_prefix
@@ -165,14 +166,15 @@ class PackCollator:
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
-        shared = shared_prefix(batch) if self.share_prefix else 0
-        for i, b in enumerate(batch):
-            skip = shared if i else 0
-            ids += b["input_ids"][skip:]
-            # The first token of an example is never a target: with shifted labels it would be "predicted"
-            # from the previous example's last token.
-            labels += [IGNORE] + list(b["labels"][skip + 1:])
-            positions += range(skip, len(b["input_ids"]))
+        groups = prefix_groups(batch) if self.share_prefix else [(list(range(len(batch))), 0)]
+        for members, shared in groups:
+            for k, b in enumerate(batch[i] for i in members):
+                skip = shared if k else 0
+                ids += b["input_ids"][skip:]
+                # The first token of an example is never a target: with shifted labels it would be "predicted"
+                # from the previous example's last token.
+                labels += [IGNORE] + list(b["labels"][skip + 1:])
+                positions += range(skip, len(b["input_ids"]))
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
@@ -180,18 +182,43 @@ class PackCollator:
         }
 
 
-def shared_prefix(batch: list[dict]) -> int:
-    """How many leading tokens the examples of `batch` can share: the tokens all have in common, ending before any
-    example's first label (that label is predicted from the last shared token, which the example would no longer
-    have in its own rows); 0 when fewer than `SHARED_PREFIX_MIN`, for one example, or with image or audio parts."""
+def prefix_groups(batch: list[dict]) -> list[tuple[list[int], int]]:
+    """The examples of `batch` in packing order, as groups: (indices, how many first tokens the group's later
+    examples share with its first). Shared tokens end before each example's first label (that label is predicted
+    from the last shared token, which the example would no longer have in its own rows); a group shares at least
+    `SHARED_PREFIX_MIN` or is one example. The grouping saves the most tokens: examples sorted by their shareable
+    tokens, so any group's common prefix is the least of its neighbours' (Alpaca's two preambles, with and without
+    an input, make two groups). Where nothing is shared (or with image or audio parts): the batch as it came."""
+    as_is = [(list(range(len(batch))), 0)]
     if len(batch) < 2 or any(b.get("media") for b in batch):
-        return 0
-    first = batch[0]["input_ids"]
-    limit = min(_first_label(b["labels"]) - 1 for b in batch)
-    shared = 0
-    while shared < limit and all(b["input_ids"][shared] == first[shared] for b in batch):
-        shared += 1
-    return shared if shared >= SHARED_PREFIX_MIN else 0
+        return as_is
+    keys = [b["input_ids"][: _first_label(b["labels"]) - 1] for b in batch]
+    order = sorted(range(len(batch)), key=keys.__getitem__)
+    common = [_common_length(keys[i], keys[j]) for i, j in zip(order, order[1:], strict=False)]
+    # saved[j]: most tokens saved packing order[:j]; start[j]: where its last group begins. A group order[i:j]
+    # saves its common depth once per example after its first.
+    saved, start = [0] * (len(batch) + 1), [0] * (len(batch) + 1)
+    for j in range(1, len(batch) + 1):
+        saved[j], start[j] = saved[j - 1], j - 1
+        depth = None
+        for i in range(j - 2, -1, -1):
+            depth = common[i] if depth is None else min(depth, common[i])
+            if depth < SHARED_PREFIX_MIN:
+                break
+            if saved[i] + (j - i - 1) * depth > saved[j]:
+                saved[j], start[j] = saved[i] + (j - i - 1) * depth, i
+    if saved[-1] == 0:
+        return as_is
+    groups, j = [], len(batch)
+    while j:
+        i = start[j]
+        groups.append((order[i:j], min(common[i:j - 1], default=0)))
+        j = i
+    return groups[::-1]
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    return next((n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _first_label(labels: list[int]) -> int:
