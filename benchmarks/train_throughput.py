@@ -48,8 +48,9 @@ BUNDLED = ROOT / "examples" / "data" / "tickets_train.jsonl"
 VARIANTS = ("a", "b", "c")
 BATCH, LR, MAX_LENGTH, SEED = 4, 2e-4, 512, 42
 DROPOUT = 0.1  # set from --lora-dropout in each process
-# Matrix products (forward and backward) in a CPU profile; everything else is "non-matmul" time.
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
+# Matrix products (forward and backward) in a CPU profile; everything else is "non-matmul" time. addmm_ is the
+# LoRA branch's second product, added into the base layer's output in place (kernels.lora.LoraBranch).
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
               "aten::_weight_int4pack_mm", "aten::mkldnn_linear"}
 
 
