@@ -70,7 +70,11 @@ def test_only_tokens_outside_the_loss_are_shared_and_only_where_it_pays():
     # one example trains from its 8th token: the 7th predicts it, so it could share only 6 (< the minimum):
     # it stays alone, the others share
     early = [*examples[:3], dict(examples[3], labels=[-100] * 7 + examples[3]["input_ids"][7:])]
-    assert prefix_groups(early) == [([3], 0), ([0, 1, 2], PREFIX)]
+    assert prefix_groups(early) == [([0, 1, 2], PREFIX), ([3], 0)]  # groups in the batch's order
+    # prompts that go on past the common prefix sort by their own tokens, but one group keeps the batch's order
+    longer = [dict(e, labels=([-100] * (PREFIX + 3) + e["input_ids"][PREFIX + 3:])[:len(e["input_ids"])])
+              for e in examples]
+    assert prefix_groups(longer) == [([0, 1, 2, 3], PREFIX)]
     later = [*examples[:3], dict(examples[3], labels=[-100] * 12 + examples[3]["input_ids"][12:])]
     assert shared_count(later) == 2 * PREFIX  # sharing 11 with it would save 33, without it 40
     trained_prompts = [dict(e, labels=[-100, *e["input_ids"][1:]]) for e in examples]  # data.train_on_prompt
@@ -84,7 +88,7 @@ def test_only_tokens_outside_the_loss_are_shared_and_only_where_it_pays():
 def test_two_preambles_make_two_groups():
     """Session 12 shared only what the whole batch had in common: 9 tokens here, 45 in all. Grouped: 3 x 20 + 1 x 26."""
     examples, order = _two_preambles()
-    assert sorted(prefix_groups(examples)) == [([0, 2, 4], 20), ([1, 3, 5], 26)]
+    assert prefix_groups(examples) == [([0, 2, 4], 20), ([1, 3, 5], 26)]
     assert shared_count(examples) == 2 * 20 + 2 * 26
     batch = PackCollator(share_prefix=True)(examples)
     bounds, contexts = packed_layout(batch["position_ids"])

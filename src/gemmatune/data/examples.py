@@ -188,7 +188,8 @@ def prefix_groups(batch: list[dict]) -> list[tuple[list[int], int]]:
     from the last shared token, which the example would no longer have in its own rows); a group shares at least
     `SHARED_PREFIX_MIN` or is one example. The grouping saves the most tokens: examples sorted by their shareable
     tokens, so any group's common prefix is the least of its neighbours' (Alpaca's two preambles, with and without
-    an input, make two groups). Where nothing is shared (or with image or audio parts): the batch as it came."""
+    an input, make two groups), each in the batch's order. Where nothing is shared (or with image or audio parts): the
+    batch as it came."""
     as_is = [(list(range(len(batch))), 0)]
     if len(batch) < 2 or any(b.get("media") for b in batch):
         return as_is
@@ -212,9 +213,11 @@ def prefix_groups(batch: list[dict]) -> list[tuple[list[int], int]]:
     groups, j = [], len(batch)
     while j:
         i = start[j]
-        groups.append((order[i:j], min(common[i:j - 1], default=0)))
+        groups.append((sorted(order[i:j]), min(common[i:j - 1], default=0)))
         j = i
-    return groups[::-1]
+    # Any member of a group can come first (all share its depth): each group and the groups keep the batch's order,
+    # so a batch whose examples all share one prefix is packed as it came.
+    return sorted(groups)
 
 
 def _common_length(a: list[int], b: list[int]) -> int:
