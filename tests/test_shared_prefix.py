@@ -86,7 +86,7 @@ def test_only_tokens_outside_the_loss_are_shared_and_only_where_it_pays():
 
 
 def test_two_preambles_make_two_groups():
-    """Session 12 shared only what the whole batch had in common: 9 tokens here, 45 in all. Grouped: 3 x 20 + 1 x 26."""
+    """What the whole batch has in common is 9 tokens here (45 saved); each preamble's group shares more: 92."""
     examples, order = _two_preambles()
     assert prefix_groups(examples) == [([0, 2, 4], 20), ([1, 3, 5], 26)]
     assert shared_count(examples) == 2 * 20 + 2 * 26

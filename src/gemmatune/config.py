@@ -155,8 +155,8 @@ class TrainConfig:
     share_prefix: bool = _f(
         True,
         "With packing, the leading tokens examples of a batch have in common (a shared instruction, system prompt "
-        "or template preamble, outside the loss) are computed once, and each of them attends to them: the same "
-        "loss, less work. "
+        "or template preamble, outside the loss) are computed once and attended to by each of those examples: the "
+        "same loss, less work. "
         "Applies with gemmatune's own packed attention (not flash-attn, not image or audio rows).",
     )
     logging_steps: int = _f(10, "Log train loss every this many optimizer steps.")
