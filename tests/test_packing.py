@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from gemmatune.compat import attn_implementation
 from gemmatune.config import ModelConfig
 from gemmatune.data.examples import PackCollator
+from gemmatune.hardware import packed_row_length
 from gemmatune.models.loading import load_model
 from gemmatune.models.packing import PACKED_SDPA, attention_for_packing, sequence_bounds
 
@@ -32,6 +33,56 @@ def test_collator_packs_one_row_with_restarting_positions_and_no_cross_boundary_
     assert starts == [0, 7, 30, 31, 43]
     assert all(batch["labels"][0, s].item() == -100 for s in starts)
     assert batch["position_ids"][0, 30:31].tolist() == [0] and batch["position_ids"][0, 43:].tolist() == list(range(40))
+
+
+def test_a_filled_row_is_a_multiple_of_its_length_and_the_filler_ends_the_last_example_outside_the_loss():
+    examples = _examples()
+    plain = PackCollator()(examples)
+    to_96 = lambda n: -(-n // 32) * 32  # noqa: E731
+    filled = PackCollator(row_length=to_96, pad_id=0)(examples)
+    n = sum(LENGTHS)  # 83 -> 96
+    assert filled["input_ids"].shape == (1, 96)
+    for key in plain:
+        assert filled[key][0, :n].tolist() == plain[key][0].tolist()
+    assert filled["input_ids"][0, n:].tolist() == [0] * 13 and filled["labels"][0, n:].tolist() == [-100] * 13
+    assert filled["position_ids"][0, n:].tolist() == list(range(40, 53))  # the last example (40 tokens) goes on
+    assert sequence_bounds(filled["position_ids"]) == [*sequence_bounds(plain["position_ids"])[:-1], (43, 96)]
+    assert PackCollator(row_length=to_96)(examples)["input_ids"].shape == (1, n)  # no pad token: not filled
+    assert PackCollator(row_length=to_96, pad_id=0, max_position=52)(examples)["input_ids"].shape == (1, n)
+    assert PackCollator(row_length=to_96, pad_id=0, max_position=53)(examples)["input_ids"].shape == (1, 96)
+    with_media = [dict(ex, media=["image"]) if k == 1 else ex for k, ex in enumerate(examples)]
+    assert PackCollator(row_length=to_96, pad_id=0)(with_media)["input_ids"].shape == (1, n)
+
+
+def test_a_cpu_fills_rows_to_a_sixteenth_of_their_power_of_two():
+    assert [packed_row_length(n, "cpu") for n in (1, 16, 17, 276, 511, 512, 513, 1100, 2049)] == \
+        [16, 16, 32, 288, 512, 512, 544, 1152, 2176]
+    assert all(packed_row_length(n, "cpu") - n < max(16, n / 16) for n in range(1, 5000))
+    assert len({packed_row_length(n, "cpu") for n in range(600, 1300)}) == 19  # kernel sets to build, not 700
+    assert packed_row_length(1100, "cuda") == 1100
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_gemma3", "tiny_gemma3n", "tiny_gemma4"])
+def test_filler_changes_no_logits_loss_or_gradients(model_fixture, request):
+    model = _load(request.getfixturevalue(model_fixture), None)
+    examples = _examples()
+
+    def run(batch):
+        model.zero_grad()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        loss = F.cross_entropy(logits[:-1], batch["labels"][0, 1:], ignore_index=-100, reduction="sum")
+        loss.backward()
+        return logits.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}
+
+    logits, loss, grads = run(PackCollator()(examples))
+    filled_logits, filled_loss, filled_grads = run(PackCollator(row_length=lambda n: 128, pad_id=0)(examples))
+    assert filled_logits.shape[0] == 128
+    assert torch.allclose(filled_logits[:sum(LENGTHS)], logits, atol=2e-5)
+    assert filled_loss == pytest.approx(loss, rel=1e-6)
+    assert filled_grads.keys() == grads.keys() and grads
+    for name, grad in filled_grads.items():
+        assert (grad - grads[name]).norm() <= 1e-5 * grads[name].norm(), name
 
 
 def _load(model_dir, attn):
@@ -184,3 +235,26 @@ def test_packed_gradients_equal_the_sum_over_separate_examples(tiny_gemma3):
     for name, grad in packed_grads.items():
         other = dict(model.named_parameters())[name].grad
         assert torch.allclose(grad, other, rtol=1e-4, atol=1e-5), name
+
+
+def test_training_on_cpu_fills_its_rows_and_counts_only_the_examples_tokens(tiny_gemma3, alpaca_file, tmp_path,
+                                                                          monkeypatch):
+    import json
+
+    from gemmatune.data import examples
+    from gemmatune.train.recipe import train
+    from tests.conftest import tiny_config
+
+    rows, pack = [], examples.PackCollator.__call__
+
+    def recording(self, batch):
+        out = pack(self, batch)
+        rows.append((out["input_ids"].shape[1], sum(len(b["input_ids"]) for b in batch)))
+        return out
+
+    monkeypatch.setattr(examples.PackCollator, "__call__", recording)
+    cfg = tiny_config(tiny_gemma3, alpaca_file, tmp_path, max_steps=3, save_steps=3, share_prefix=False)
+    run_dir = train(cfg).run_dir
+    assert rows and all(length == packed_row_length(length, "cpu") > tokens for length, tokens in rows)
+    state = json.loads(next(run_dir.glob("checkpoints/checkpoint-3/trainer_state.json")).read_text())
+    assert state["num_input_tokens_seen"] == sum(tokens for _, tokens in rows[:3])  # the filler is not seen

@@ -121,6 +121,24 @@ def set_threads(requested: int | None) -> int:
     return n
 
 
+# On a CPU torch runs matmuls through oneDNN, which builds (JIT-compiles) a kernel for each matrix shape and keeps
+# it in a cache. A packed batch is one row whose length changes every step, so nearly every step built its kernels
+# anew: on a 2-core Xeon with AMX a bf16 [T, 640] x [640, 2048] product runs at ~500 GFLOP/s with a new kernel,
+# ~2,300 with a cached one. Rows filled to a coarser grid of lengths meet their kernels again: a step of 1/16 of
+# the length's power of two costs at most 1/16 more tokens (under 3% on average).
+PACKED_ROW_MIN_STEP = 16
+
+
+def packed_row_length(length: int, device: str) -> int:
+    """The length a packed row of `length` tokens is filled to on `device`: on a CPU the next multiple of 1/16 of
+    its power of two (of 16 at least: 276 -> 288, 1,100 -> 1,152); elsewhere `length` (a GPU builds no kernel per
+    shape)."""
+    if device != "cpu":
+        return length
+    step = max(PACKED_ROW_MIN_STEP, 1 << max(0, length.bit_length() - 5))
+    return -(-length // step) * step
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 

@@ -4,6 +4,7 @@ into one row (`PackCollator`; models/packing.py keeps attention per example)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -157,10 +158,20 @@ class PackCollator:
     preamble) are packed one after another, and those tokens stay only in the first of them: each later one keeps
     its tokens from there on, with their positions, and attends to the first one's rows for the rest
     (kernels.attention.packed_layout). Only tokens outside the loss are shared, and never where an example has
-    image or audio parts (their soft tokens look alike); which examples share what: `prefix_groups`."""
+    image or audio parts (their soft tokens look alike); which examples share what: `prefix_groups`.
 
-    def __init__(self, share_prefix: bool = False):
+    With `row_length` (a row's length -> the length to fill it to) the row is filled with `pad_id` tokens outside
+    the loss, so the matrix shapes repeat from step to step (`hardware.packed_row_length` says why on a CPU). The filler
+    continues the last example's positions: attention is causal, so no real token sees it, and it sees real tokens
+    (a row of pad tokens attending only to each other is the same vector in every layer, whose Gemma 3n activation
+    sparsity has a NaN gradient). Not where its positions would reach `max_position`, nor for image or audio."""
+
+    def __init__(self, share_prefix: bool = False, row_length: Callable[[int], int] | None = None,
+                 pad_id: int | None = None, max_position: int | None = None):
         self.share_prefix = share_prefix
+        self.row_length = row_length if pad_id is not None else None
+        self.pad_id = pad_id
+        self.max_position = max_position
 
     def __call__(self, batch: list[dict]) -> dict:
         ids: list[int] = []
@@ -175,6 +186,11 @@ class PackCollator:
                 # from the previous example's last token.
                 labels += [IGNORE] + list(b["labels"][skip + 1:])
                 positions += range(skip, len(b["input_ids"]))
+        fill = self.row_length(len(ids)) - len(ids) if self.row_length else 0
+        if fill and not any(b.get("media") for b in batch) and positions[-1] + fill < (self.max_position or 2**62):
+            ids += [self.pad_id] * fill
+            labels += [IGNORE] * fill
+            positions += range(positions[-1] + 1, positions[-1] + 1 + fill)
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),

@@ -14,7 +14,7 @@ from transformers import set_seed
 
 from gemmatune.compat import attn_implementation
 from gemmatune.config import Config
-from gemmatune.data.examples import ExampleDataset, PackCollator, PadCollator, tokenize_data
+from gemmatune.data.examples import ExampleDataset, PadCollator, tokenize_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.infer.after_training import evaluate_test_file
@@ -278,12 +278,13 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
 def _sft_trainer(cfg: Config, args, model, tokenizer, data: Prepared, run_dir: Path, processor,
                  callbacks: list) -> GemmatuneTrainer:
     """sft's Trainer: packed or padded supervised examples (with media tensors for a multimodal `processor`)."""
-    from gemmatune.models.packing import reads_shared_prefixes
+    from gemmatune.models.packing import pack_collator
     from gemmatune.train.trainer import GemmatuneTrainer
 
     t, has_eval = cfg.train, data.eval is not None
-    share = t.share_prefix and processor is None and reads_shared_prefixes(model)
-    collator = PackCollator(share_prefix=share) if t.packing else PadCollator(tokenizer.pad_token_id)
+    share = t.share_prefix and processor is None
+    collator = (pack_collator(model, tokenizer.pad_token_id, device_kind(), share) if t.packing
+                else PadCollator(tokenizer.pad_token_id))
     if processor is not None:
         from gemmatune.data.media import MediaCollator
 
