@@ -8,8 +8,8 @@ Variants, each in a fresh subprocess (so peak RSS is its own), run alternately (
      train.precision auto (bf16 frozen weights under bf16 autocast, or fp32 where fp32 matmuls are faster),
      RMSNorms that keep no fp32 input copy, the leading tokens a batch's examples share computed once (the
      alpaca-en template's preamble; train.share_prefix), tcmalloc preloaded when installed, else glibc malloc
-     tuned in-process (gemmatune.train.allocator.tune_malloc), and oneDNN's primitive cache capped at 128, as
-     `gemmatune train` does
+     tuned in-process (gemmatune.train.allocator.tune_malloc), oneDNN's primitive cache capped at 128, and on a
+     CPU rows filled to a grid of lengths (hardware.packed_row_length), as `gemmatune train` does
      (--no-tcmalloc: c without tcmalloc; --no-mallopt: c without the malloc tuning)
   d  (--peft-dropout) c with PEFT's own nn.Dropout in place of gemmatune's LoRA dropout (lora_dropout.py)
 
