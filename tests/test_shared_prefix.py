@@ -158,7 +158,6 @@ def test_evaluation_shares_the_prompt_as_training_does(tiny_gemma3, tmp_path, mo
     from gemmatune.data import examples
     from gemmatune.infer import evaluation
     from gemmatune.infer.load import load
-    from gemmatune.models import packing
     from tests.conftest import ALPACA_ROWS, make_adapter
 
     tuned = load([f"a={make_adapter(tiny_gemma3, tmp_path / 'a', seed=3)}"], template="chat", precision="fp32")
@@ -166,6 +165,6 @@ def test_evaluation_shares_the_prompt_as_training_does(tiny_gemma3, tmp_path, mo
     monkeypatch.setattr(examples, "prefix_groups", lambda batch: shared.append(shared_count(batch)) or measure(batch))
     got = evaluation.response_loss(tuned, ALPACA_ROWS, "a", max_tokens=150)
     assert shared and min(shared) >= SHARED_PREFIX_MIN
-    monkeypatch.setattr(packing, "reads_shared_prefixes", lambda model: False)
+    monkeypatch.setattr(evaluation, "reads_shared_prefixes", lambda model: False)
     want = evaluation.response_loss(tuned, ALPACA_ROWS, "a", max_tokens=150)
     assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)

@@ -4,6 +4,7 @@ into one row (`PackCollator`; models/packing.py keeps attention per example)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,7 +15,9 @@ from gemmatune.data.media import MediaTokens, media_tokens
 from gemmatune.data.rows import CheckedRows, Row, read_data, require_multimodal
 from gemmatune.data.templates import Tokenized, check_template, tokenize_row
 from gemmatune.errors import GemmatuneError
+from gemmatune.hardware import packed_row_length
 from gemmatune.models.loss import IGNORE
+from gemmatune.models.packing import reads_shared_prefixes
 
 
 @dataclass
@@ -196,6 +199,15 @@ class PackCollator:
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
         }
+
+
+def pack_collator(model: torch.nn.Module, pad_id: int | None, device: str, share_prefix: bool = True) -> PackCollator:
+    """The collator of `model`'s packed training batches on `device`: the leading tokens its examples share computed
+    once where its attention reads them (and `share_prefix`), rows filled to `hardware.packed_row_length` within the
+    model's positions."""
+    max_position = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return PackCollator(share_prefix and reads_shared_prefixes(model), functools.partial(packed_row_length,
+                        device=device), pad_id, max_position)
 
 
 def prefix_groups(batch: list[dict]) -> list[tuple[list[int], int]]:

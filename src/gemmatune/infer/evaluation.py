@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from gemmatune.compat import attn_implementation
-from gemmatune.data.examples import pad_rows
+from gemmatune.data.examples import PackCollator, pad_rows
 from gemmatune.data.media import media_features, token_types
 from gemmatune.data.rows import read_eval_rows
 from gemmatune.data.templates import content_text, tokenize_row
 from gemmatune.errors import GemmatuneError
 from gemmatune.infer.model import BASE, SamplingSettings, TunedModel, just_trained
 from gemmatune.models.loss import IGNORE, causal_lm_parts, chunked_cross_entropy_sum, selected_hidden
-from gemmatune.models.packing import PACKED_SDPA, pack_collator
+from gemmatune.models.packing import PACKED_SDPA, reads_shared_prefixes
 from gemmatune.runs.folder import write_eval
 
 log = logging.getLogger(__name__)
@@ -228,8 +228,8 @@ def response_loss(tuned: TunedModel, rows: list[dict], adapter: str, batch_size:
         raise GemmatuneError(f"{type(tuned.model).__name__}: no body and LM head to compute a response loss with")
     packed = packs_natively(tuned.model)
     batches = token_batches([len(ex.input_ids) for ex in examples], max_tokens, padded=not packed, max_rows=batch_size)
+    collate = PackCollator(share_prefix=reads_shared_prefixes(tuned.model))  # as training shares them
     device = tuned.device
-    collate = pack_collator(tuned.model, tuned.tokenizer.pad_token_id, device.type)  # as training packs
     total, count = 0.0, 0
     with tuned.adapter_context([adapter]) as extra, torch.no_grad(), tuned.autocast():
         assert not extra  # one adapter for every row: set on the modules, nothing to pass to the body

@@ -19,7 +19,6 @@ import importlib.util
 
 import torch
 
-from gemmatune.hardware import packed_row_length
 from gemmatune.kernels.attention import needs_stock_attention, packed_attention, packed_layout
 
 PACKED_SDPA = "gemmatune_packed_sdpa"
@@ -36,17 +35,6 @@ def reads_shared_prefixes(model: torch.nn.Module) -> bool:
     from gemmatune.compat import attn_implementation
 
     return attn_implementation(model.config) == PACKED_SDPA
-
-
-def pack_collator(model: torch.nn.Module, pad_id: int | None, device: str, share_prefix: bool = True):  # noqa: ANN201
-    """The collator of packed batches for `model` on `device`, for training and the evaluation loss pass alike: the
-    leading tokens its examples share computed once where its attention reads them (and `share_prefix`), rows filled
-    to `hardware.packed_row_length` within the model's positions."""
-    from gemmatune.data.examples import PackCollator
-
-    max_position = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    return PackCollator(share_prefix and reads_shared_prefixes(model), functools.partial(packed_row_length,
-                        device=device), pad_id, max_position)
 
 
 def _window_mask(length: int, window: int | None, device: torch.device, keys: int | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from transformers import set_seed
 
 from gemmatune.compat import attn_implementation
 from gemmatune.config import Config
-from gemmatune.data.examples import ExampleDataset, PadCollator, tokenize_data
+from gemmatune.data.examples import ExampleDataset, PadCollator, pack_collator, tokenize_data
 from gemmatune.errors import GemmatuneError
 from gemmatune.hardware import device_kind, set_threads
 from gemmatune.infer.after_training import evaluate_test_file
@@ -278,7 +278,6 @@ def build_trainer(cfg: Config, model, tokenizer, data: Prepared, run_dir: Path, 
 def _sft_trainer(cfg: Config, args, model, tokenizer, data: Prepared, run_dir: Path, processor,
                  callbacks: list) -> GemmatuneTrainer:
     """sft's Trainer: packed or padded supervised examples (with media tensors for a multimodal `processor`)."""
-    from gemmatune.models.packing import pack_collator
     from gemmatune.train.trainer import GemmatuneTrainer
 
     t, has_eval = cfg.train, data.eval is not None
