@@ -38,7 +38,11 @@ def test_sft_then_dpo_on_top_through_the_cli(tmp_path, capsys):
     steps = [m for m in read_metrics(run) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all("rewards/accuracies" in m for m in steps)
-    assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-3)  # step 1: the policy is its reference, SFT
+    # Step 1: the policy is its reference, the SFT adapter (with the base as reference it would be several units:
+    # the adapter takes the responses from ~8 to under 0.1 nats per token). Not exactly 0:
+    # the reference log-probabilities come from another pass, in bf16 with other matrix shapes (0.0021 on a 2-core
+    # Xeon with AMX).
+    assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-2)
     scores = {v["name"]: v for v in json.loads((run / "eval.json").read_text())["variants"]}
     start, tuned = scores["quickstart (start)"], scores["dpo"]
     assert tuned["accuracy"] >= start["accuracy"] and tuned["mean_margin"] > start["mean_margin"]
