@@ -99,7 +99,12 @@ def _budget_config(model_dir, tmp_path, budget, **train):
     return cfg
 
 
-def test_time_budget_ends_the_run_on_time_with_a_whole_schedule_and_a_complete_folder(tiny_gemma3, tmp_path):
+def test_time_budget_ends_the_run_on_time_with_a_whole_schedule_and_a_complete_folder(tiny_gemma3, tmp_path,
+                                                                                       monkeypatch):
+    # Rows as they come: filled to a grid of lengths, the tiny model's steps speed up through the run as oneDNN's
+    # kernels get cached, the plan grows late, and under CI's load (the multimodal tests beside it) it ended cut by
+    # time with the rate at ~55% of its peak (twice in three CI runs on a 2-core Xeon with AMX; alone it passed).
+    monkeypatch.setattr(examples, "packed_row_length", lambda length, device: length)
     budget = 40.0
     cfg = _budget_config(tiny_gemma3, tmp_path, "40s")
     started = time.perf_counter()
