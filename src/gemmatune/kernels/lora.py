@@ -11,8 +11,9 @@ The dropout mask: each element is dropped where 16 random bits fall below round(
 each 64-bit random number (PEFT's `bernoulli_` draws one per element); so the drop rate is p to within 1 / 131072
 and kept elements are scaled by the exact inverse of the keep rate. Masks are independent between layers, as PEFT's
 are: sharing one between the projections that read the same tensor would change the expected gradient
-(tests/test_lora_dropout.py). On a CPU the bits come from numpy's PCG64 (1.7x faster than torch's Mersenne
-Twister), seeded by one draw of torch's default generator; elsewhere from torch's generator of the device. Either
+(tests/test_lora_dropout.py). On a CPU the bits come from numpy's SFC64 (2.3x faster than torch's Mersenne
+Twister, 1.15x numpy's PCG64: 588, 1,337 and 690 us for 409,600 64-bit draws on 2 cores), seeded by one draw of
+torch's default generator; elsewhere from torch's generator of the device. Either
 way torch's seed fixes them, and gradient checkpointing, which restores torch's generator state before recomputing
 a layer, recomputes the same masks. The compare runs in numpy on a CPU, and a mask is applied as an AND of the
 value's bits with all ones or all zeros (`kept`): torch's CPU kernels for an int16 compare and for `where` or `mul`
@@ -54,23 +55,28 @@ _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def kept(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """`torch.where(keep, x, 0)`, bit for bit (a dropped element is +0), as an AND of `x`'s bits with `keep` widened
     to all ones or all zeros: see the module's docstring. Not differentiable: for `LoraBranch`, which has its own
-    backward."""
+    backward. `keep` may be given widened already (`widened`)."""
     ints = _SAME_SIZE_INT[x.element_size()]
-    return (x.view(ints) & keep.to(ints).neg_()).view(x.dtype)
+    return (x.view(ints) & (keep if keep.dtype == ints else widened(keep, x))).view(x.dtype)
 
 
 def keep_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """`kept`, in place in `x`."""
     ints = _SAME_SIZE_INT[x.element_size()]
-    x.view(ints).bitwise_and_(keep.to(ints).neg_())
+    x.view(ints).bitwise_and_(keep if keep.dtype == ints else widened(keep, x))
     return x
+
+
+def widened(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A bool mask as integers of `like`'s element size: all ones where True, all zeros where False."""
+    return keep.to(_SAME_SIZE_INT[like.element_size()]).neg_()
 
 
 def random_int16(n: int, device: torch.device) -> torch.Tensor:
     """`n` independent uniform 16-bit integers, from torch's seed (see the module's docstring)."""
     if device.type == "cpu":
         seed = int(torch.empty((), dtype=torch.int64).random_())  # one draw of torch's generator: its seed rules
-        return torch.from_numpy(np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.int16)[:n])
+        return torch.from_numpy(np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n])
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
     return draws.view(torch.int16)[:n]
 
@@ -107,6 +113,7 @@ class LoraBranch(torch.autograd.Function):
             flat = grad.reshape(-1, grad.shape[-1])
             grad_small = (flat @ b.to(flat.dtype)).mul_(ctx.scale).to(x.dtype)  # [tokens, r]
             grad_b = (flat.t() @ small.to(flat.dtype)).mul_(ctx.scale).to(b.dtype)
+            keep = None if keep is None else widened(keep, x)  # once for both uses below
             masked = x if keep is None else kept(x, keep)
             grad_a = (grad_small.t() @ masked.reshape(-1, x.shape[-1])).to(a.dtype)
             grad_x = None
