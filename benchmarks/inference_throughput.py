@@ -7,9 +7,9 @@ each in a fresh subprocess (peak RSS is its own), alternated round by round:
   plain   what a tutorial does: fp32 model + PeftModel, response loss from `model(**batch, labels=...)` on
           right-padded batches of 8 in file order; generation per row with `model.generate` (greedy), and
           batched (8 rows, left-padded, file order) for fairness
-  gm      gemmatune as `gemmatune eval` runs (precision auto): `response_loss` and batched greedy generation
-          with the adapter merged into the weights
-  gm-bf16 the same with precision bf16 (bf16 autocast over fp32 base weights on CPU)
+  gm      gemmatune as `gemmatune eval` runs (precision auto): `response_loss` and batched greedy generation,
+          the adapter merged into fp32 base weights (a bf16 base, where auto picks bf16, runs it unmerged)
+  gm-bf16 the same with precision bf16 (bf16 base weights under bf16 autocast, as training keeps them)
   qlora   the same on a 4-bit (bitsandbytes NF4) base, adapter unmerged (4-bit weights cannot hold W + BA)
   train   gemmatune training on the same rows (benchmarks/train_throughput.py variant c): the training tokens/s
           that the loss pass is compared with

@@ -142,7 +142,7 @@ def test_loss_without_grad_builds_no_gradient(monkeypatch):
 
 
 def test_loss_without_grad_under_autocast_casts_the_fp32_head_once():
-    """fp32 frozen weights under bf16 autocast (CPU generation keeps fp32 weights): the same bf16 logits as the
+    """fp32 frozen weights under bf16 autocast (a model handed over with fp32 weights): the same bf16 logits as the
     head's own autocast forward, from one cast of the weight instead of one per chunk."""
     gen = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(32, 256, bias=False).requires_grad_(False)

@@ -3,8 +3,8 @@
 The policy is the same on CPU and CUDA: compute in bf16 under autocast where the hardware has bf16 and runs it
 at least about as fast as fp32 (on a CPU that is measured, not read from the flags; fp32 elsewhere), frozen
 base weights stored in the compute dtype for training, LoRA weights and optimizer state in fp32, and PEFT's
-per-layer input casts off whenever autocast runs (it casts for each matmul anyway).
-One difference is pinned by tests: CPU inference keeps fp32 base weights (see `inference_weight_dtype`).
+per-layer input casts off whenever autocast runs (it casts for each matmul anyway). Inference (generation,
+evaluation, serving) keeps the base weights in the dtype training stores them in, on CPU as on CUDA.
 """
 
 from __future__ import annotations
@@ -149,22 +149,14 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def weight_dtype(precision: str, device: str | None = None) -> torch.dtype:
-    """The dtype frozen base weights are stored in for training at `precision` (CPU and CUDA alike).
+    """The dtype frozen base weights are stored in at `precision`, for training and inference, CPU and CUDA alike.
 
     Under bf16 autocast every matmul reads them as bf16 anyway, so storing them in bf16 halves their memory
     (270M on CPU: 4.3 -> 3.2 GiB peak) at the same speed or better. fp16 weights only where fp16 runs (CUDA).
+    Inference included: with fp32 weights, autocast casts every weight again at every decode step (on a 2-core
+    Xeon, 43% of a step went to casting Gemma's 262k x 640 LM head; generation 2.5x slower than from bf16
+    weights). On a CPU bf16 weights need contiguous linear inputs (infer.model.contiguous_linear_inputs).
     """
     if precision == "bf16" or (precision == "fp16" and (device or device_kind()) == "cuda"):
         return DTYPES[precision]
     return torch.float32
-
-
-def inference_weight_dtype(precision: str, device: str) -> torch.dtype:
-    """Base weights for generation and evaluation: as in training, except fp32 on CPU.
-
-    On CPU a bf16 linear with a 3-D or non-contiguous input (each decode step, the `logits_to_keep` slice
-    before the LM head) is 30-300x slower than the same matmul reached through autocast from fp32 weights
-    (torch 2.13: 2.9 s vs 0.09 s for one token through Gemma's 262k LM head); autocast's cast copies the
-    input into the fast layout. 4-bit weights stay 4-bit either way.
-    """
-    return torch.float32 if device == "cpu" else weight_dtype(precision, device)

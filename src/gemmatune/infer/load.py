@@ -13,7 +13,7 @@ import torch
 from gemmatune.config import ModelConfig
 from gemmatune.config_checks import TEMPLATES
 from gemmatune.errors import GemmatuneError
-from gemmatune.hardware import DTYPE_NAMES, device_kind, inference_weight_dtype, resolve_precision
+from gemmatune.hardware import DTYPE_NAMES, device_kind, resolve_precision, weight_dtype
 from gemmatune.infer.adapter_fit import check_adapter_fits
 from gemmatune.infer.model import BASE, PEFT_BASE, TunedModel
 from gemmatune.models.loading import load_model
@@ -75,7 +75,7 @@ def load(
     if force_unquantized:
         model_cfg.quantization = "none"
     if model_cfg.dtype == "auto":
-        model_cfg.dtype = DTYPE_NAMES[inference_weight_dtype(resolve_precision(precision), device_kind())]
+        model_cfg.dtype = DTYPE_NAMES[weight_dtype(resolve_precision(precision), device_kind())]
     # Per-example sdpa: response_loss packs rows as training does (no padding); generation and padded batches
     # run plain sdpa through it (packing.packed_sdpa_attention). Never FlashAttention-2 here: `load` also serves
     # fp32 (merge, --precision fp32) and pre-Ampere GPUs, where it fails.

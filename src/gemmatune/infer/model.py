@@ -17,10 +17,9 @@ import torch
 from gemmatune.data.examples import pad_rows
 from gemmatune.data.templates import prompt_ids
 from gemmatune.errors import GemmatuneError
-from gemmatune.hardware import autocast_dtype, inference_weight_dtype
+from gemmatune.hardware import autocast_dtype
 from gemmatune.models.loading import stop_token_ids
 from gemmatune.models.lora import skip_input_casts
-from gemmatune.models.quantization import cast_unquantized_
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +64,23 @@ def _contiguous_first_input(module: torch.nn.Module, args: tuple):
     return None
 
 
-def contiguous_head_input(model: torch.nn.Module) -> bool:
-    """Give the LM head a contiguous input (a forward pre-hook; the values are the same).
+def contiguous_linear_inputs(model: torch.nn.Module) -> int:
+    """Give every linear layer of `model` on a CPU, the LM head included, a contiguous input (a forward pre-hook;
+    the values are the same). Returns how many layers were hooked (hooked ones are skipped).
 
-    Generation's prefill asks for the last position only, and transformers hands the head the strided slice
-    `hidden[:, -1:, :]`. On CPU (torch 2.13) that slice takes a slow matmul kernel: for Gemma's 262k x 640 head
-    and 16 rows, 0.51 s in fp32 and 12.2 s in bf16 against 0.064 s for the contiguous bf16 copy (Xeon, 2 cores).
-    Returns whether a hook was added (False: no head, or hooked already).
+    On a CPU (torch 2.13) a bf16 product with a strided input takes a slow kernel: generation's prefill hands the
+    LM head the slice `hidden[:, -1:, :]`, and for Gemma's 262k x 640 head and 8 rows that took 5.2 s against
+    0.025 s for the contiguous copy (Xeon, 2 cores). Every linear layer is hooked, not only the head, because any
+    model may hand one a strided input; checking costs microseconds per call.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Module) or getattr(head, "_gemmatune_contiguous_input", False):
-        return False
-    head.register_forward_pre_hook(_contiguous_first_input)
-    head._gemmatune_contiguous_input = True
-    return True
+    hooked = 0
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Linear) and not getattr(module, "_gemmatune_contiguous_input", False)
+                and module.weight.device.type == "cpu"):
+            module.register_forward_pre_hook(_contiguous_first_input)
+            module._gemmatune_contiguous_input = True
+            hooked += 1
+    return hooked
 
 
 class TunedModel:
@@ -97,14 +99,11 @@ class TunedModel:
         self.stop_ids = stop_token_ids(tokenizer, family)
         self.merged_adapter: str | None = None  # set while `merged` holds an adapter in the base weights
         self.model.eval()
-        # The inference side of the precision policy, also for a model handed over straight from training:
-        # fp32 base weights on CPU (4-bit ones stay packed; LoRA weights are fp32 already), and no PEFT input
-        # casts under autocast, as in training.
-        if inference_weight_dtype(precision, self.device.type) == torch.float32:
-            cast_unquantized_(self.model, torch.float32)
+        # The inference side of the precision policy (hardware.weight_dtype): base weights as training keeps them,
+        # and no PEFT input casts under autocast, as in training.
         if autocast_dtype(precision) is not None and adapters:
             skip_input_casts(self.model)
-        contiguous_head_input(self.model)
+        contiguous_linear_inputs(self.model)
 
     @property
     def default_adapter(self) -> str:
@@ -244,7 +243,7 @@ class TunedModel:
 
     def autocast(self):
         """The autocast of training (hardware.autocast_dtype), on CPU and GPU alike: LoRA weights are fp32 and
-        base weights bf16 (GPU) or fp32 (CPU, see hardware.inference_weight_dtype); autocast makes them meet."""
+        base weights in the compute dtype (hardware.weight_dtype); autocast makes them meet."""
         dtype = autocast_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 

@@ -118,16 +118,3 @@ def keep_4bit_layout(model: torch.nn.Module) -> int:
     for layer in layers:
         keep_training_layout(layer)
     return len(layers)
-
-
-def cast_unquantized_(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast every floating parameter and buffer to `dtype` except 4-bit weights (their bytes are packed
-    nf4 in a float container: a cast would corrupt them)."""
-    packed = {id(layer.weight) for layer in quantized_layers(model)}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) not in packed and param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-        for key, buf in module.named_buffers(recurse=False):
-            if buf.is_floating_point() and buf.dtype != dtype:
-                setattr(module, key, buf.to(dtype))

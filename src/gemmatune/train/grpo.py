@@ -138,13 +138,13 @@ class GRPOTrainer(GemmatuneTrainer):
 def build_grpo_trainer(cfg: Config, args, model, tokenizer, data: Prepared, run_dir: Path, callbacks: list,
                        stop_ids: list[int]) -> GRPOTrainer:
     """The GRPOTrainer for `cfg` (train.method grpo). `args`: the TrainingArguments `recipe.build_trainer` made."""
-    from gemmatune.infer.model import contiguous_head_input
+    from gemmatune.infer.model import contiguous_linear_inputs
 
     t = cfg.train
     prompts = data.train.examples
     # Sampling asks the LM head for the last position only, a strided slice: on CPU with 16-bit weights that takes a
     # slow matmul kernel (the embedded 270M, 8 answers of 24 tokens: 9.5 s, 3.3 s with the hook), as in generate.
-    contiguous_head_input(model)
+    contiguous_linear_inputs(model)
     return GRPOTrainer(
         run_dir=run_dir, packing=False, on_nonfinite=t.on_nonfinite, keep_checkpoints=t.save_total_limit,
         model=model, args=args, train_dataset=PromptDataset(prompts),
