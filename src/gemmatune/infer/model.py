@@ -208,18 +208,24 @@ class TunedModel:
         pad = self.tokenizer.pad_token_id
         input_ids, mask = pad_rows(batch, pad, left=True)
         width = input_ids.shape[1]
+        # Sampling is drawn by infer.sampling (the same distribution as transformers', from the candidate tokens
+        # only) and handed to generate's greedy pick.
         kwargs = {"max_new_tokens": settings.max_new_tokens, "eos_token_id": self.stop_ids, "pad_token_id": pad,
-                  "use_cache": True, "do_sample": not settings.greedy}
-        if settings.greedy:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+                  "use_cache": True, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        processors = list(logits_processor or [])
+        if not settings.greedy:
+            from gemmatune.infer.sampling import SampleRows
+
+            row = (settings.temperature, settings.top_p, settings.top_k, None)
+            processors.append(SampleRows(lambda i, device: row))
+        if processors:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         if streamer is not None:
             kwargs["streamer"] = streamer
         if stopping_criteria is not None:
             kwargs["stopping_criteria"] = stopping_criteria
-        if logits_processor is not None:
-            kwargs["logits_processor"] = logits_processor
         device = self.device
         if media:  # the prompt's soft tokens, marked as in training (Gemma 4's prefill attends within an image)
             from gemmatune.data.media import token_types

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from gemmatune.infer.model import TunedModel, generation_order
+from gemmatune.infer.sampling import SampleRows, Settings
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +141,12 @@ class _RowsOver(StoppingCriteria):
                             device=input_ids.device)
 
 
-class _RowSampler(LogitsProcessor):
-    """Each sampled row's next token, drawn with its own request's temperature, top_p and torch.Generator; the
-    row's scores then allow that token alone, so generate's greedy pick takes it. Greedy rows pass unchanged.
-
-    The arithmetic is float64 and relative to the row's largest score: a temperature of 1e-300 divides finite
-    differences (0 for the best token), so no inf - inf becomes NaN. The draw uses the row's generator alone, so
-    it depends on nothing but the row and its seed."""
+class _RowSampler(SampleRows):
+    """Each sampled row's next token, drawn with its own request's temperature and top_p (no top_k in the API) and
+    its own torch.Generator, so it depends on nothing but the row and its seed. Greedy rows pass unchanged."""
 
     def __init__(self, jobs: list[Job]):
+        super().__init__(self.row_settings)
         self.jobs = jobs
         self.generators: dict[int, torch.Generator] = {}
 
@@ -160,29 +158,9 @@ class _RowSampler(LogitsProcessor):
             self.generators[i] = g
         return self.generators[i]
 
-    def __call__(self, input_ids, scores):
-        for i, job in enumerate(self.jobs):
-            if job.greedy:
-                continue
-            token = self.sample(scores[i], job, self.generator(i, scores.device))
-            row = torch.full_like(scores[i], float("-inf"))
-            row[token] = 0.0
-            scores[i] = row
-        return scores
-
-    @staticmethod
-    def sample(scores: torch.Tensor, job: Job, generator: torch.Generator) -> int:
-        logits = scores.double()
-        probs = torch.softmax((logits - logits.max()) / job.temperature, dim=-1)
-        if job.top_p >= 1:  # no nucleus: no sort of the whole vocabulary (262,144 for Gemma) per token
-            return int(torch.multinomial(probs, 1, generator=generator).item())
-        probs, order = probs.sort(descending=True)
-        # Nucleus: the likeliest tokens until their mass reaches top_p (the first is always kept).
-        probs = probs * ((probs.cumsum(0) - probs) < job.top_p)
-        cumulative = probs.cumsum(0)
-        u = torch.rand((1,), generator=generator, device=scores.device, dtype=torch.float64) * cumulative[-1]
-        k = torch.searchsorted(cumulative, u, right=True).clamp(max=len(cumulative) - 1)
-        return int(order[k].item())
+    def row_settings(self, i: int, device: torch.device) -> Settings | None:
+        job = self.jobs[i]
+        return None if job.greedy else (job.temperature, job.top_p, 0, self.generator(i, device))
 
 
 class Batcher:

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 from gemmatune.config import Config
 from gemmatune.data.examples import Prepared
 from gemmatune.data.prompts import Prompt, PromptCollator, PromptDataset
 from gemmatune.infer.log_probs import token_log_probs
 from gemmatune.infer.rewards import load_reward_functions, score
+from gemmatune.infer.sampling import SampleRows
 from gemmatune.models.loss import IGNORE, causal_lm_parts
 from gemmatune.runs.folder import GRPO_METRICS, reward_metric
 from gemmatune.train.trainer import GemmatuneTrainer
@@ -69,9 +71,13 @@ class GRPOTrainer(GemmatuneTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()  # no dropout while sampling
+        # Sampled at the temperature from the whole vocabulary with torch's generator (a checkpoint restores it), by
+        # infer.sampling: one random number per row instead of multinomial's one per vocabulary token.
+        row = (self.settings.temperature, 1.0, 0, None)
         with torch.no_grad(), self.accelerator.autocast():
-            out = unwrapped.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                                     temperature=self.settings.temperature, top_p=1.0, top_k=0,
+            out = unwrapped.generate(input_ids=ids, attention_mask=mask, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, logits_processor=LogitsProcessorList(
+                                         [SampleRows(lambda i, device: row)]),
                                      max_new_tokens=self.settings.max_completion_length, use_cache=True,
                                      eos_token_id=self.stop_ids, pad_token_id=self.processing_class.pad_token_id)
         unwrapped.train(was_training)
