@@ -16,7 +16,7 @@ from gemmatune.data import examples
 from gemmatune.durations import format_duration, parse_duration
 from gemmatune.errors import GemmatuneError
 from gemmatune.runs.folder import read_metrics
-from gemmatune.stopping.budget import Costs, steps_that_fit
+from gemmatune.stopping.budget import Costs, replannable, steps_that_fit
 from gemmatune.stopping.early_stopping import StopWhenLearnt
 from gemmatune.train import train
 from tests.conftest import ALPACA_ROWS, tiny_config, write_jsonl
@@ -131,6 +131,41 @@ def test_time_budget_ends_the_run_on_time_with_a_whole_schedule_and_a_complete_f
     assert reached <= 0.25 * steps, (reached, steps)
     eval_report = json.loads((result.run_dir / "eval.json").read_text())
     assert [v["name"] for v in eval_report["variants"]] == ["base", "run"]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_a_replanned_schedule_goes_on_from_its_rate_and_ends_at_the_new_total(kind, tmp_path):
+    # On a machine that got faster mid-run the plan grows; rebuilding the schedule for the longer total raised the
+    # rate back towards the peak, and a plan cut again near the end then stopped with the rate at 11% of the peak
+    # (the time-budget run above, in CI beside the multimodal tests).
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    args = TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type=kind, warmup_steps=0.1, report_to="none")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=10, num_training_steps=100)
+    schedule = replannable(scheduler, args, 100)
+    rates = []
+
+    def run_to(step: int) -> None:
+        while scheduler.last_epoch < step:
+            optimizer.step()
+            scheduler.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+
+    run_to(40)
+    before = schedule.rate(40)
+    schedule.set_total(160, 40)  # after warmup: the steps left stretch over what is left of the schedule
+    assert schedule.rate(40) == pytest.approx(before)
+    run_to(100)
+    assert all(b <= a + 1e-12 for a, b in zip(rates[39:], rates[40:], strict=False))  # never back up
+    schedule.set_total(130, 100)  # cut short: ends at the new total all the same
+    run_to(130)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9) and rates[-2] > 0
+    early = replannable(get_scheduler(kind, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                      num_warmup_steps=10, num_training_steps=100), args, 100)
+    early.set_total(200, 5)  # during warmup the schedule is rebuilt for the new total
+    assert early.rate(5) == pytest.approx(5 / 20) and early.rate(200) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_a_budget_longer_than_the_run_changes_nothing(tiny_gemma3, tmp_path):

@@ -84,27 +84,49 @@ def steps_that_fit(remaining: float, costs: Costs, step: int, eval_every: int | 
 
 class _Schedule:
     """The Trainer's learning-rate function for a total that can change: the same schedule type, warmup rule and
-    kwargs, built for `total` steps by transformers' own get_scheduler on a throwaway optimizer."""
+    kwargs, built by transformers' own get_scheduler on a throwaway optimizer.
+
+    During warmup a new total rebuilds the schedule for it. After warmup the schedule built last is kept and the
+    steps left are mapped onto the part of it not yet run: the rate goes on from where it is (a longer plan on a
+    machine that got faster must not raise it back towards the peak) and reaches the schedule's end at the new
+    total, whenever the plan moved (a cosine still decays to ~0 at the last step)."""
 
     def __init__(self, args, total: int):
         self.args = args
-        self.total = 0
+        self.total = 0  # the steps the schedule ends at
         self.fn = None
+        self.built = 0  # the total `fn` was built for
+        self.anchor = (0, 0.0)  # (step, position in `fn`'s steps) where the current mapping starts
         self.set_total(total)
 
-    def set_total(self, total: int) -> None:
+    def position(self, step: float) -> float:
+        """Where `step` falls in the steps of the schedule built last."""
+        start, at = self.anchor
+        if self.total <= start:
+            return float(self.built)
+        return at + (step - start) * (self.built - at) / (self.total - start)
+
+    def rate(self, step: int) -> float:
+        return self.fn(self.position(step))
+
+    def set_total(self, total: int, step: int = 0) -> None:
         import torch
         from transformers import get_scheduler
 
         total = max(1, total)
         if total == self.total:
             return
+        if self.fn is not None and step >= self.args.get_warmup_steps(self.built) and step < total:
+            self.anchor = (step, self.position(step))
+            self.total = total
+            return
         dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         stock = get_scheduler(self.args.lr_scheduler_type, optimizer=dummy,
                               num_warmup_steps=self.args.get_warmup_steps(total), num_training_steps=total,
                               scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
         self.fn = stock.lr_lambdas[0]
-        self.total = total
+        self.total = self.built = total
+        self.anchor = (0, 0.0)
 
 
 def replannable(lr_scheduler, args, total: int) -> _Schedule | None:
@@ -123,7 +145,7 @@ def replannable(lr_scheduler, args, total: int) -> _Schedule | None:
     # A plain function, not an object: LambdaLR.state_dict leaves functions out of scheduler.pt, so a resumed run
     # builds its own (the total is re-planned there anyway).
     def lr_lambda(step: int) -> float:
-        return schedule.fn(step)
+        return schedule.rate(step)
 
     # One function per parameter group (the Trainer makes two: with and without weight decay), all the same one.
     lr_scheduler.lr_lambdas = [lr_lambda] * len(lr_scheduler.lr_lambdas)
@@ -253,7 +275,7 @@ class TimeBudget(TrainerCallback, ExportableState):
             self.cut = fit < self.limit
             state.max_steps = max(fit, state.global_step)
             if self.schedule is not None:
-                self.schedule.set_total(max(fit, 1))
+                self.schedule.set_total(max(fit, 1), state.global_step)
             if self.progress is not None and self.progress.training_bar is not None:
                 self.progress.training_bar.total = state.max_steps
                 self.progress.training_bar.refresh()
