@@ -233,6 +233,7 @@ class TimeBudget(TrainerCallback, ExportableState):
         self._replan(state)
         if state.global_step >= (self.planned if self.planned is not None else self.limit):
             control.should_training_stop = True
+            control.should_log = True  # the last step's loss and rate (the schedule's end) in metrics.jsonl
             if args.save_strategy == "steps":
                 control.should_save = True  # the last step is saved, as the Trainer's own last step is
             if not self.picks_best:
