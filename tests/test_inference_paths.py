@@ -159,3 +159,24 @@ def test_lora_on_a_tied_lm_head_is_not_merged(tiny_gemma3, tmp_path):
     # merging W + BA into a head that shares its weight with the input embedding would change the embedding
     assert tuned.model.get_output_embeddings().get_base_layer().weight is tuned.model.get_input_embeddings().weight
     assert not tuned.can_merge("head")
+
+
+def test_a_linear_layer_inside_the_body_gets_a_contiguous_input_too():
+    # Not only the head: any model may hand a linear layer a strided input (here a transposed one).
+    from gemmatune.infer.model import contiguous_linear_inputs
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return self.inner(x.transpose(0, 1))
+
+    body = Body()
+    assert contiguous_linear_inputs(body) == 1 and contiguous_linear_inputs(body) == 0  # hooked once
+    seen = []
+    body.inner.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    x = torch.randn(8, 3)
+    out = body(x)
+    assert seen == [True] and torch.allclose(out, x.t() @ body.inner.weight.t(), atol=1e-6)
