@@ -91,7 +91,7 @@ def test_eval_batches_respect_the_token_budget_and_run_the_head_only_on_response
         tiny_gemma3, adapters_by_model, packing, monkeypatch):
     tuned = _tuned(tiny_gemma3, adapters_by_model["tiny_gemma3"], packing)
     parts = causal_lm_parts(tuned.model, any_head=True)
-    monkeypatch.setattr(loss, "LOGITS_PER_CHUNK", 7 * parts.head.out_features)  # chunks of at most 7 rows
+    monkeypatch.setattr(loss, "chunk_rows", lambda vocab, dtype: 7)  # chunks of at most 7 rows
     body_tokens = []
     parts.body.register_forward_hook(lambda mod, args, kwargs, out: body_tokens.append(kwargs["input_ids"].shape),
                                      with_kwargs=True)

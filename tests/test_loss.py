@@ -102,7 +102,8 @@ def test_bf16_chunked_loss_keeps_a_confident_tokens_gradient(softcap, monkeypatc
 
     gen = torch.Generator().manual_seed(0)
     vocab, dim, n = 512, 32, 12
-    monkeypatch.setattr(loss, "LOGITS_PER_FP32_BLOCK", 3 * vocab)  # fp32 blocks of 3 rows in chunks of 4
+    monkeypatch.setattr(loss, "LOGITS_PER_FP32_BLOCK", 3 * vocab)  # fp32 blocks of 3 rows in chunks of 5
+    monkeypatch.setattr(loss, "GRADIENT_ROWS", 2)  # each chunk's gradient product in pieces of 2, 2 and 1 rows
     head = torch.nn.Linear(dim, vocab, bias=False, dtype=torch.bfloat16).requires_grad_(False)  # frozen, as in LoRA
     head.weight.copy_(torch.randn(vocab, dim, generator=gen))
     targets = torch.randint(0, vocab, (n,), generator=gen)
@@ -195,3 +196,12 @@ def test_chunked_loss_writes_every_chunk_into_one_logits_buffer(monkeypatch):
     assert torch.allclose(got, want, rtol=1e-5)
     assert torch.allclose(got_grads[0], hidden.grad, atol=1e-5)
     assert torch.allclose(got_grads[1], head.weight.grad, atol=1e-5)
+
+
+def test_a_chunk_holds_the_same_bytes_of_logits_whatever_their_dtype():
+    """Gemma's vocabulary: 512 rows of bf16 logits or 256 of fp32 (256 MiB), and never fewer than one row."""
+    from gemmatune.models.loss import LOGITS_BYTES_PER_CHUNK, chunk_rows
+
+    assert chunk_rows(262144, torch.bfloat16) == 512
+    assert chunk_rows(262144, torch.float32) == chunk_rows(262144, None) == 256
+    assert chunk_rows(LOGITS_BYTES_PER_CHUNK, torch.float32) == 1

@@ -9,7 +9,7 @@ import torch
 import torch.utils.checkpoint
 
 from gemmatune.errors import GemmatuneError
-from gemmatune.models.loss import IGNORE, LOGITS_PER_CHUNK, CausalLMParts, causal_lm_parts
+from gemmatune.models.loss import IGNORE, CausalLMParts, causal_lm_parts, chunk_rows
 
 
 def _chunk_log_probs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
@@ -25,7 +25,7 @@ def token_log_probs(hidden: torch.Tensor, targets: torch.Tensor, parts: CausalLM
     gradients, each chunk's logits are recomputed in backward (torch.utils.checkpoint), so no [n, vocab] tensor is
     ever kept; the LM head may be any module."""
     vocab = getattr(parts.head, "out_features", None) or parts.head.weight.shape[0]
-    chunk = max(1, LOGITS_PER_CHUNK // vocab)
+    chunk = chunk_rows(vocab, None)  # any head module: its logits' dtype is not known, fp32 assumed
     grad = torch.is_grad_enabled() and hidden.requires_grad
     out = []
     for start in range(0, hidden.shape[0], chunk):

@@ -22,9 +22,14 @@ import torch.nn.functional as F
 IGNORE = -100  # the label of a position outside the loss (cross-entropy's ignore_index)
 
 
-# Rows per LM-head matmul: about 2**26 logits (128 MiB in bf16) whatever the vocabulary size. Fewer rows make
-# the matmul slower per row on a CPU (128 rows: 335 GFLOP/s, 256: 375, bf16 on 2 cores), more cost memory.
-LOGITS_PER_CHUNK = 1 << 26
+# Rows per LM-head matmul: as many as 256 MiB of logits hold (Gemma's 262,144-token vocabulary: 512 rows in bf16,
+# 256 in fp32). Fewer rows make the matmul slower per row on a CPU (2-core Xeon with AMX, bf16 [n, 640] x [640,
+# 262144]: 1,200 GFLOP/s at 256 rows, 2,000-2,100 at 384-512; AVX512 without AMX: 335 at 128, 375 at 256), more
+# cost memory.
+LOGITS_BYTES_PER_CHUNK = 1 << 28
+# Rows per gradient product [rows, vocab] x [vocab, d] inside a chunk: oneDNN's kernel for 512 rows runs at 1,030
+# GFLOP/s where two of 256 run at 1,700 (bf16, 2-core Xeon with AMX); 256 rows are enough elsewhere too.
+GRADIENT_ROWS = 256
 # Rows per fp32 softmax pass inside a chunk: 2**22 logits (16 MiB) stays in a CPU's last-level cache.
 LOGITS_PER_FP32_BLOCK = 1 << 22
 
@@ -109,9 +114,9 @@ def _softcapped_cross_entropy_and_grad_(logits: torch.Tensor, x: torch.Tensor, r
     return -target_log_probs.sum()
 
 
-def _chunked_sum(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None, chunk: int,
+def _chunked_sum(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None, chunk: int | None,
                  on_gradient=None) -> torch.Tensor:
-    """Sum of cross-entropy over the rows of `hidden`, `chunk` rows of logits at a time.
+    """Sum of cross-entropy over the rows of `hidden`, `chunk` rows of logits at a time (None: `chunk_rows`).
 
     `head` maps [rows, d] to [rows, vocab] logits. With `on_gradient`, each chunk's logits are overwritten
     with d(sum)/d(logits) and passed on as `on_gradient(start, grad_logits, hidden_rows)`; without it no
@@ -119,8 +124,10 @@ def _chunked_sum(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: flo
     """
     n = hidden.shape[0]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    chunk = -(-n // -(-n // chunk))  # equal chunks: 566 rows at most 256 -> 3 x 189, not 256 + 256 + 54
     logits_of, logits_dtype = _head_matmul(head, hidden)
+    if chunk is None:
+        chunk = chunk_rows(_vocab(head), logits_dtype)
+    chunk = -(-n // -(-n // chunk))  # equal chunks: 566 rows at most 256 -> 3 x 189, not 256 + 256 + 54
     # One logits buffer for every chunk: a fresh [256, 262144] fp32 output per chunk is 256 MiB of new pages to
     # fault in (glibc maps blocks over 32 MiB anew each time): 150 vs 196 GFLOP/s on a 2-core Xeon.
     buffer = None if logits_dtype is None else torch.empty((min(chunk, n), _vocab(head)), dtype=logits_dtype,
@@ -148,6 +155,12 @@ def _chunked_sum(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: flo
 
 def _vocab(head: torch.nn.Module) -> int:
     return getattr(head, "out_features", None) or head.weight.shape[0]
+
+
+def chunk_rows(vocab: int, logits_dtype: torch.dtype | None) -> int:
+    """Rows of logits per LM-head chunk: `LOGITS_BYTES_PER_CHUNK` of them, in `logits_dtype` (None: fp32)."""
+    size = torch.finfo(logits_dtype).bits // 8 if logits_dtype is not None else 4
+    return max(1, LOGITS_BYTES_PER_CHUNK // (vocab * size))
 
 
 def _head_matmul(head, hidden: torch.Tensor):
@@ -193,7 +206,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         def accumulate(start: int, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
             g = grad_logits.to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + h.shape[0]] = (g @ w).to(hidden.dtype)
+                for piece in range(0, g.shape[0], GRADIENT_ROWS):
+                    rows = slice(start + piece, start + min(piece + GRADIENT_ROWS, g.shape[0]))
+                    grad_hidden[rows] = (g[piece:piece + GRADIENT_ROWS] @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.add_((g.T @ h.to(g.dtype)).float())
 
@@ -225,8 +240,6 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, parts
     head must be a plain nn.Linear.
     """
     head = parts.head
-    if chunk is None:
-        chunk = max(1, LOGITS_PER_CHUNK // _vocab(head))
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     if not _needs_grad(hidden, head):

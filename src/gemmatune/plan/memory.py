@@ -69,7 +69,7 @@ CPU_FULL_LOGITS = PathMemory("full logits", hidden_bytes=59, stream_bytes=17.6, 
 CUDA_FULL_LOGITS = replace(CPU_FULL_LOGITS, overhead_bytes=0.5 * GIB)
 
 # The label-only chunked loss (loss.py; single-process runs, packed or padded): the LM head runs only on label
-# positions, in chunks of LOGITS_PER_CHUNK logits, so the loss holds at most one chunk's vocab-wide tensors
+# positions, in chunks of LOGITS_BYTES_PER_CHUNK of logits, so the loss holds at most one chunk's vocab-wide tensors
 # (chunk_logits=True) instead of [tokens, vocab]: the bf16 logits, overwritten in place by their gradient, plus a
 # 16 MiB fp32 block (logits_bytes=2.5). Per-layer factors measured with benchmarks/activation_bytes.py on the
 # body gemmatune trains (bf16 frozen weights, lean RMSNorms, no PEFT input casts): 50,452 bytes per layer per
@@ -158,9 +158,12 @@ def _tower_bytes(s: Settings) -> float:
 
 
 def _loss_rows(tokens: int, vocab: int, path: PathMemory) -> int:
-    from gemmatune.models.loss import LOGITS_PER_CHUNK
+    import torch
 
-    return min(tokens, max(1, LOGITS_PER_CHUNK // vocab)) if path.chunk_logits else tokens
+    from gemmatune.models.loss import chunk_rows
+
+    # bf16 logits, as logits_bytes counts them (fp32 logits come in chunks of half the rows)
+    return min(tokens, chunk_rows(vocab, torch.bfloat16)) if path.chunk_logits else tokens
 
 
 def parse_size(text: str) -> int:
