@@ -127,7 +127,7 @@ def _chunked_sum(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: flo
     logits_of, logits_dtype = _head_matmul(head, hidden)
     if chunk is None:
         chunk = chunk_rows(_vocab(head), logits_dtype)
-    chunk = -(-n // -(-n // chunk))  # equal chunks: 566 rows at most 256 -> 3 x 189, not 256 + 256 + 54
+    chunk = -(-n // -(-n // chunk))  # equal chunks: 1,100 rows at most 512 -> 3 x 367, not 512 + 512 + 76
     # One logits buffer for every chunk: a fresh [256, 262144] fp32 output per chunk is 256 MiB of new pages to
     # fault in (glibc maps blocks over 32 MiB anew each time): 150 vs 196 GFLOP/s on a 2-core Xeon.
     buffer = None if logits_dtype is None else torch.empty((min(chunk, n), _vocab(head)), dtype=logits_dtype,
